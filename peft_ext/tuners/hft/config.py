@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft_ext.tuners.config_base import PeftExtConfig
+
+STRATEGIES = ("matrix", "param", "layer", "explicit")
+RESELECT = ("stage", "epoch", "never")
+SAVE_FORMATS = ("delta", "full")
+
+
+@dataclass
+class HftConfig(PeftExtConfig):
+    """Half Fine-Tuning (Hui et al., 2024, arXiv 2404.18466): train a random half of the model, freeze the rest.
+
+    The frozen half keeps what the model knew; the trained half learns the new task. No architecture change:
+    each selected module trains an adapter-owned copy of its weights (`hft_weight`) that its forward uses in
+    place of the frozen base weights, one matmul as in full fine-tuning. `merge_and_unload()` gives the
+    fine-tuned dense model, `unload()` the exact base, `disable_adapter()` the base outputs.
+
+    Args:
+        target_modules: the pool that the half is drawn from: a list of module-name suffixes, a regex, or
+            "all-linear". `None` (default) takes every linear layer (nn.Linear or GPT-2's Conv1D) inside the
+            transformer blocks, which is what the paper does; the output head and the embeddings stay frozen
+            (put them in `modules_to_save` to train them fully).
+        exclude_modules: names or regex that are never selected.
+        ratio: the fraction of each group to train, in (0, 1]. Paper: 0.5.
+        strategy: how the fraction is drawn.
+            "matrix" (paper, default): per block and role (attention, feed-forward, norms), `ratio` of the
+            matrices; an odd group alternates across blocks (MLP gate/up/down: 2, 1, 2, 1, ...) so the total
+            is `ratio` of the matrices.
+            "param": every target trains a random `ratio` of its output rows (finer grain; costs one
+            weight-sized `index_copy` per forward).
+            "layer": `ratio` of the blocks train all their targets.
+            "explicit": exactly `selected_modules`.
+        seed: the seed of the draw; the drawn set is written to `selected_modules`, so a saved adapter is
+            self-describing and reloads the same selection.
+        train_norms: also draw `ratio` of each block's norm layers (paper: yes).
+        selected_modules: the modules trained now (full names). Filled in by the draw; give it yourself with
+            strategy="explicit".
+        trained_modules: every module that holds trained weights (the union over re-selection stages); filled in.
+        reselect: when the training callback re-draws the selection: "stage" (each `trainer.train()` after the
+            first, for continual learning; paper), "epoch", or "never".
+        stage: how many re-selections this adapter has been through (the draw of stage s uses seed + s).
+        save_format: "delta" (default) saves W_ft - W_0 of the selected tensors (in fp32 for 16-bit weights);
+            "full" saves their values. A tensor whose delta would not reconstruct W_ft bit for bit is saved full.
+        init_weights: True starts every copy equal to the base weights (outputs equal the base at init).
+            False adds small noise, for tests that need a non-identity adapter.
+        modules_to_save: modules trained in full and saved whole (e.g. a classifier head).
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Pool of modules the selection is drawn from (default: linear layers in blocks)."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Never selected."})
+    ratio: float = field(default=0.5, metadata={"help": "Fraction trained, in (0, 1]."})
+    strategy: Literal["matrix", "param", "layer", "explicit"] = field(default="matrix")
+    seed: int = field(default=0, metadata={"help": "Seed of the random selection."})
+    train_norms: bool = field(default=True, metadata={"help": "Also select half of each block's norms."})
+    selected_modules: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained now (filled in)."})
+    trained_modules: Optional[list[str]] = field(default=None, metadata={"help": "Modules holding trained weights."})
+    reselect: Literal["stage", "epoch", "never"] = field(default="stage")
+    stage: int = field(default=0, metadata={"help": "Number of re-selections so far."})
+    save_format: Literal["delta", "full"] = field(default="delta")
+    init_weights: bool = field(default=True, metadata={"help": "Start equal to the base (True) or perturbed."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained and saved whole."})
+    # read by PEFT's target matching; kept so that `check_target_module_exists` works as for LoRA
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None)
+
+    def __post_init__(self):
+        super().__post_init__()
+        from peft_ext.tuners.hft import PEFT_TYPE  # registered on import of peft_ext.tuners.hft
+
+        self.peft_type = PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = sorted(set(self.target_modules))
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
+        if not isinstance(self.ratio, (int, float)) or not 0.0 < float(self.ratio) <= 1.0:
+            raise ValueError(
+                f"HftConfig.ratio must be in (0, 1] (the fraction of the model to train; the paper uses 0.5), "
+                f"got {self.ratio!r}."
+            )
+        self.ratio = float(self.ratio)
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("reselect", self.reselect, RESELECT)
+        _check_choice("save_format", self.save_format, SAVE_FORMATS)
+        if self.strategy == "explicit" and not self.selected_modules:
+            raise ValueError(
+                'HftConfig.strategy="explicit" needs HftConfig.selected_modules: the full names of the modules to '
+                'train (e.g. ["model.layers.0.self_attn.q_proj"]); or pick strategy="matrix" to draw them.'
+            )
+        if self.selected_modules is not None:
+            self.selected_modules = sorted(set(self.selected_modules))
+        if self.trained_modules is not None:
+            self.trained_modules = sorted(set(self.trained_modules))
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"HftConfig.{name} must be one of {list(choices)}, got {value!r}.")

@@ -1,0 +1,179 @@
+from __future__ import annotations
+
+import zlib
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+
+class HftLayer(nn.Module, BaseTunerLayer):
+    """Wraps one selected module. Each adapter owns trainable copies of the module's own parameters
+    (`hft_weight[adapter]["weight"]`, `["bias"]`), used in place of the frozen base parameters: one matmul,
+    as in full fine-tuning. The base module stays untouched, so disabling, unloading and several adapters
+    are exact. With strategy="param" the adapter owns only some output rows (`hft_index[adapter]["rows"]`).
+    """
+
+    adapter_layer_names = ("hft_weight", "hft_index")
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.hft_weight = nn.ModuleDict()
+        self.hft_index = nn.ModuleDict()
+        # PEFT's own switch for copies that stay frozen: modules trained in an earlier stage only
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._unmerged_base: dict[str, torch.Tensor] = {}  # base values while an adapter is merged in
+        self._active_adapter = adapter_name
+        self.kwargs = kwargs
+
+    # ----------------------------------------------------------------------------------------------- state
+    def update_layer(
+        self, adapter_name: str, trainable: bool, row_fraction: Optional[float], seed: int, name: str, init_weights=True
+    ) -> None:
+        """Create the adapter's copies of this module's parameters (or of `row_fraction` of its output rows)."""
+        base = self.get_base_layer()
+        rows = None
+        if row_fraction is not None:
+            n_out = self._n_out(base)
+            k = min(n_out, max(1, int(row_fraction * n_out + 0.5)))
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            rows = torch.randperm(n_out, generator=generator)[:k].sort().values.to(base.weight.device)
+            self.hft_index[adapter_name] = BufferDict({"rows": rows}, persistent=True)
+        copies = nn.ParameterDict()
+        for pname, p in base.named_parameters(recurse=False):
+            if not p.is_floating_point():
+                continue
+            value = p.detach() if rows is None else p.detach().index_select(self._row_dim(pname, p), rows)
+            value = value.clone()
+            if not init_weights:  # a non-identity start, for tests
+                generator = torch.Generator().manual_seed(seed + zlib.crc32(f"{name}.{pname}".encode()))
+                noise = torch.randn(value.shape, generator=generator).to(value)
+                value += noise * (0.1 * value.float().std().nan_to_num(0.0).clamp(min=1e-2)).to(value.dtype)
+            copies[pname] = nn.Parameter(value, requires_grad=trainable)
+        if not len(copies):
+            raise ValueError(f"{name} ({type(base).__name__}) has no floating-point parameters for HFT to train.")
+        self.hft_weight[adapter_name] = copies
+        self.set_trainable(adapter_name, trainable)
+
+    def set_trainable(self, adapter_name: str, trainable: bool) -> None:
+        """Freeze (an earlier stage's selection) or unfreeze this module's copies for `adapter_name`."""
+        frozen = {k: v for k, v in self.frozen_peft_weight_names.items() if k != adapter_name}
+        if not trainable:
+            frozen[adapter_name] = ("hft_weight",)
+        self.frozen_peft_weight_names = frozen
+        self.set_adapter(self.active_adapters)
+
+    def is_trainable(self, adapter_name: str) -> bool:
+        return adapter_name in self.hft_weight and adapter_name not in self.frozen_peft_weight_names
+
+    def _n_out(self, base: nn.Module) -> int:
+        return base.weight.shape[self._row_dim("weight", base.weight)]
+
+    def _row_dim(self, pname: str, p: torch.Tensor) -> int:
+        # output rows: dim 0 everywhere except Conv1D's (in, out) weight
+        return 1 if pname == "weight" and p.dim() == 2 and type(self.get_base_layer()).__name__ == "Conv1D" else 0
+
+    def adapted_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The tensors the module computes with under `adapter_name` (name -> tensor, autograd-connected)."""
+        copies = self.hft_weight[adapter_name]
+        if adapter_name not in self.hft_index:
+            return dict(copies.items())
+        base = self.get_base_layer()
+        rows = self.hft_index[adapter_name]["rows"]
+        out = {}
+        for pname, value in copies.items():
+            original = getattr(base, pname)
+            out[pname] = original.index_copy(self._row_dim(pname, original), rows, value.to(original.dtype))
+        return out
+
+    def get_delta_weight(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """W_adapter - W_base for each trained parameter of this module."""
+        base = self.get_base_layer()
+        base_values = self._unmerged_base or {n: getattr(base, n) for n in self.hft_weight[adapter_name]}
+        return {n: (t - base_values[n]).detach() for n, t in self.adapted_parameters(adapter_name).items()}
+
+    # --------------------------------------------------------------------------------------------- forward
+    def _call_with(self, params: dict[str, torch.Tensor], x: torch.Tensor, *args: Any, **kwargs: Any):
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear) and not args and not kwargs:  # the hot path: one matmul
+            return F.linear(x, params.get("weight", base.weight), params.get("bias", base.bias))
+        return torch.func.functional_call(base, params, (x, *args), kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.hft_weight]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        if len(active) > 1:
+            raise ValueError(
+                f"HFT runs one adapter at a time, but {active} are active on {type(self.get_base_layer()).__name__}: "
+                f"call model.set_adapter(name) with one name, or pass adapter_names= per row for mixed batches."
+            )
+        return self._call_with(self.adapted_parameters(active[0]), x, *args, **kwargs)
+
+    def _mixed_batch_forward(self, x, *args, adapter_names: list[str], **kwargs):
+        """Rows of one batch under different adapters: one call per adapter on its rows."""
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows.")
+        result = None
+        for name in dict.fromkeys(adapter_names):
+            rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=x.device)
+            if name in self.hft_weight:
+                out = self._call_with(self.adapted_parameters(name), x[rows], *args, **kwargs)
+            else:  # "__base__", or an adapter that left this module frozen
+                out = self.base_layer(x[rows], *args, **kwargs)
+            if result is None:
+                result = out.new_empty((x.shape[0], *out.shape[1:]))
+            result[rows] = out
+        return result
+
+    # ----------------------------------------------------------------------------------------------- merge
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write the adapter's weights into the base module. The first merge replaces the base values exactly;
+        a further adapter adds its delta. `unmerge` restores the original values bit for bit."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.hft_weight:
+                continue
+            with torch.no_grad():
+                new = {n: t.detach() for n, t in self.adapted_parameters(name).items()}
+                if self.merged_adapters:  # stack: W0 + sum of deltas
+                    new = {n: getattr(base, n) + (t - self._unmerged_base[n]) for n, t in new.items()}
+                if safe_merge and not all(torch.isfinite(t).all() for t in new.values()):
+                    raise ValueError(
+                        f"NaNs detected in the merged weights. The adapter {name} seems to be broken: its weights "
+                        f"in {type(base).__name__} hold NaN or inf."
+                    )
+                for n, t in new.items():
+                    p = getattr(base, n)
+                    if n not in self._unmerged_base:
+                        self._unmerged_base[n] = p.data
+                    p.data = t.to(p.dtype).clone()
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        base = self.get_base_layer()
+        for n, original in self._unmerged_base.items():
+            getattr(base, n).data = original
+        self._unmerged_base = {}
+        self.merged_adapters = []
+
+    def __repr__(self) -> str:
+        return "hft." + super().__repr__()
+

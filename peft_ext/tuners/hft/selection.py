@@ -1,0 +1,185 @@
+"""Which modules HFT trains: the candidate pool and the seeded draw of "half" of it.
+
+A candidate is a module whose own parameters HFT can replace: nn.Linear, GPT-2's Conv1D, nn.Embedding,
+and norm layers (any module whose class name contains "Norm" and that owns a `weight`). Candidates are
+grouped by transformer block (the first integer in the module path: `layers.3.`, `h.3.`, `layer.3.`) and
+by role (norm, attention, feed-forward), and each group trains `ratio` of its members.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Optional
+
+from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from peft.utils import AuxiliaryTrainingWrapper
+from torch import nn
+
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    block: Optional[int]  # None outside the repeated blocks
+    role: str  # "norm", "attention", "mlp", "embedding"
+
+
+def is_norm(module: nn.Module) -> bool:
+    return "Norm" in type(module).__name__ and isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def is_supported(module: nn.Module) -> bool:
+    return is_linear_like(module) or is_norm(module) or isinstance(module, nn.Embedding)
+
+
+def quantized_kind(module: nn.Module) -> Optional[str]:
+    """The kind of a bitsandbytes-quantised weight ("Params4bit", "Int8Params"), else None."""
+    weight = getattr(module, "weight", None)
+    kind = type(weight).__name__
+    return kind if kind in ("Params4bit", "Int8Params") else None
+
+
+def role_of(name: str, module: nn.Module) -> str:
+    if is_norm(module):
+        return "norm"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    parts = name.lower().split(".")
+    return "attention" if any("attn" in p or "attention" in p for p in parts) else "mlp"
+
+
+def block_of(name: str) -> Optional[int]:
+    match = _BLOCK_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+def named_base_modules(model: nn.Module):
+    """(name, module) of the model as the user sees it: an HFT-wrapped module counts as its base layer, and the
+    internals of tuner layers and of `modules_to_save` wrappers are skipped."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(s) for s in skip):
+            continue
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            skip.append(name + ".")
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                continue
+            module = module.get_base_layer()
+        yield name, module
+
+
+def find_candidates(model: nn.Module, config) -> list[Candidate]:
+    """The pool `config.target_modules` names (or the default pool), plus block norms if `train_norms`."""
+    modules = dict(named_base_modules(model))
+    output_head = _output_head_names(model, modules)
+    saved = set(config.modules_to_save or [])
+
+    def excluded(name: str) -> bool:
+        return name in output_head or name.split(".")[-1] in saved or name in saved
+
+    if config.target_modules is None or config.target_modules == "all-linear":
+        in_blocks = [n for n, m in modules.items() if is_linear_like(m) and block_of(n) is not None]
+        pool = in_blocks or [n for n, m in modules.items() if is_linear_like(m)]
+        pool = [n for n in pool if not excluded(n) and not _is_excluded_by_config(config, n)]
+    else:
+        pool = [n for n in modules if not excluded(n) and _matches(config, n)]
+        unsupported = [f"{n} ({type(modules[n]).__name__})" for n in pool if not is_supported(modules[n])]
+        if unsupported:
+            raise ValueError(
+                f"HftConfig.target_modules={config.target_modules!r} matches modules HFT cannot train: "
+                f"{', '.join(unsupported[:5])}. HFT trains nn.Linear, Conv1D, nn.Embedding and norm layers; "
+                f"name those (e.g. the projections q_proj, v_proj) instead of their containers."
+            )
+    if not pool:
+        examples = sorted({n.split(".")[-1] for n, m in modules.items() if is_supported(m)})
+        raise ValueError(
+            f"HftConfig.target_modules={config.target_modules!r} matches no module of {type(model).__name__}. "
+            f"Modules HFT can train here are named like: {', '.join(examples[:12]) or 'none'}. Set "
+            f"target_modules to some of these, or leave it None for every linear layer in the blocks."
+        )
+    names = set(pool)
+    if config.train_norms:
+        names |= {n for n, m in modules.items() if is_norm(m) and block_of(n) is not None and not excluded(n)}
+    quantized = [f"{n} ({quantized_kind(modules[n])})" for n in sorted(names) if quantized_kind(modules[n])]
+    if quantized:
+        raise ValueError(
+            f"HFT cannot train bitsandbytes-quantised layers ({', '.join(quantized[:3])}, ...): it trains the "
+            f"selected weights themselves, and a 4/8-bit weight has no full-precision values to train. Load the "
+            f"model in bf16 or fp32 for HFT, or use LoRA (QLoRA) on a quantised model."
+        )
+    order = {n: i for i, n in enumerate(modules)}
+    return [Candidate(n, block_of(n), role_of(n, modules[n])) for n in sorted(names, key=order.__getitem__)]
+
+
+def draw(candidates: list[Candidate], strategy: str, ratio: float, seed: int) -> list[str]:
+    """The seeded selection: full names of the modules to train."""
+    rng = random.Random(seed)
+    if strategy == "param":
+        return [c.name for c in candidates]
+    if strategy == "layer":
+        blocks = sorted({c.block for c in candidates if c.block is not None})
+        chosen = set(rng.sample(blocks, _round_half_up(ratio * len(blocks)))) if blocks else set()
+        outside = _draw_by_group([c for c in candidates if c.block is None], ratio, rng)
+        return [c.name for c in candidates if c.block in chosen] + outside
+    if strategy == "matrix":
+        return _draw_by_group(candidates, ratio, rng)
+    raise ValueError(f"strategy {strategy!r} does not draw a selection")
+
+
+def _draw_by_group(candidates: list[Candidate], ratio: float, rng: random.Random) -> list[str]:
+    """`ratio` of each (block, role) group; odd groups alternate round-up/round-down across blocks per role."""
+    groups: dict[tuple, list[str]] = {}
+    for c in candidates:
+        groups.setdefault((c.role, -1 if c.block is None else c.block), []).append(c.name)
+    seen: dict[str, int] = {}  # per role: members so far
+    taken: dict[str, int] = {}  # per role: selected so far
+    selected = []
+    for (role, _), names in sorted(groups.items()):
+        seen[role] = seen.get(role, 0) + len(names)
+        k = min(len(names), max(0, _round_half_up(ratio * seen[role]) - taken.get(role, 0)))
+        taken[role] = taken.get(role, 0) + k
+        selected += rng.sample(sorted(names), k)
+    return selected
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5 + 1e-9))
+
+
+def _match_result(config, name: str, target_modules):
+    # PEFT's own matcher (suffixes, regex, exclude_modules, layers_to_transform), on the fields it reads
+    view = SimpleNamespace(
+        target_modules=target_modules,
+        target_parameters=None,
+        exclude_modules=config.exclude_modules,
+        modules_to_save=None,
+        layers_to_transform=config.layers_to_transform,
+        layers_pattern=config.layers_pattern,
+    )
+    return check_target_module_exists(view, name)
+
+
+def _matches(config, name: str) -> bool:
+    result = _match_result(config, name, config.target_modules)
+    return bool(result) and not isinstance(result, _ExcludedModule)
+
+
+def _is_excluded_by_config(config, name: str) -> bool:
+    return isinstance(_match_result(config, name, []), _ExcludedModule)
+
+
+def _output_head_names(model: nn.Module, modules: dict) -> set[str]:
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        return set()
+    return {n for n, m in modules.items() if m is head or getattr(m, "base_layer", None) is head}

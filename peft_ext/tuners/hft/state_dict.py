@@ -1,0 +1,95 @@
+"""HFT's adapter files hold deltas: W_ft - W_0 of the trained tensors, relative to the base they were trained on.
+
+Saving turns each `<module>.hft_weight.<adapter>.<param>` into `<module>.hft_delta.<adapter>.<param>`; loading
+adds the base tensor back. A delta is kept only if it reconstructs the trained tensor bit for bit (16-bit
+weights: delta in fp32, exact in practice; fp32 weights: checked per tensor); any other tensor is saved with its
+full values under its `hft_weight` key, so a save/load round trip is always exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layer import HftLayer
+
+WEIGHT, DELTA, INDEX = ".hft_weight.", ".hft_delta.", ".hft_index."
+_PEFT_PREFIX = "base_model.model."
+
+
+def deltas_from_weights(model: torch.nn.Module, weights: dict, adapter_name: str) -> dict:
+    out = {}
+    for key, value in weights.items():
+        if WEIGHT not in key:
+            out[key] = value
+            continue
+        module_path, _, rest = key.partition(WEIGHT)
+        base = _base_values(_layer(model, module_path), rest.rpartition(".")[2], adapter_name)
+        delta, exact = _delta(value, base)
+        out[module_path + DELTA + rest if exact else key] = delta if exact else value
+    return out
+
+
+def weights_from_deltas(model: torch.nn.Module, config, state_dict: dict, adapter_name: str) -> dict:
+    """Checkpoint keys (no adapter name) -> full values, with every shape checked against this model."""
+    out = {}
+    for key, value in state_dict.items():
+        kind = DELTA if DELTA in key else WEIGHT if WEIGHT in key else None
+        if kind is None:
+            out[key] = value
+            continue
+        module_path, _, pname = key.partition(kind)
+        layer = _layer(model, module_path)
+        expected = layer.hft_weight[adapter_name][pname]
+        if tuple(value.shape) != tuple(expected.shape):
+            raise ValueError(
+                f"The adapter file's tensor {key} has shape {tuple(value.shape)}, but {module_path.removeprefix(_PEFT_PREFIX)} "
+                f"of this base model needs {tuple(expected.shape)}: the adapter was trained on another base model. "
+                f"Load it onto the model it was trained on."
+            )
+        if kind == DELTA:
+            base = _base_values(layer, pname, adapter_name, rows=state_dict.get(module_path + INDEX + "rows"))
+            value = (base.to(value.dtype) + value.to(base.device)).to(base.dtype)
+        out[module_path + WEIGHT + pname] = value
+    _check_complete(config, out)
+    return out
+
+
+def _delta(value: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    wide = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
+    delta = value.to(wide) - base.to(wide)
+    return delta, torch.equal((base.to(wide) + delta).to(value.dtype), value)
+
+
+def _base_values(layer: HftLayer, pname: str, adapter_name: str, rows=None) -> torch.Tensor:
+    base_layer = layer.get_base_layer()
+    original = layer._unmerged_base.get(pname, getattr(base_layer, pname)).detach()
+    if rows is None and adapter_name in layer.hft_index:
+        rows = layer.hft_index[adapter_name]["rows"]
+    if rows is None:
+        return original
+    return original.index_select(layer._row_dim(pname, original), rows.to(original.device))
+
+
+def _layer(model: torch.nn.Module, module_path: str) -> HftLayer:
+    for path in (module_path, module_path.removeprefix(_PEFT_PREFIX)):
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(module, HftLayer):
+            return module
+    raise ValueError(
+        f"The adapter file has HFT tensors for {module_path.removeprefix(_PEFT_PREFIX)}, which this model does not "
+        f"train under the adapter's config (selected/trained_modules): the file and adapter_config.json do not match. "
+        f"Save the adapter again, or load the folder it came from."
+    )
+
+
+def _check_complete(config, weights: dict) -> None:
+    present = {k.partition(WEIGHT)[0].removeprefix(_PEFT_PREFIX) for k in weights if WEIGHT in k}
+    missing = sorted(set(config.trained_modules or ()) - present)
+    if missing:
+        raise ValueError(
+            f"The adapter file lacks the trained tensors of {missing[:5]}{' ...' if len(missing) > 5 else ''}, which "
+            f"its adapter_config.json lists in trained_modules: the file is incomplete or from another adapter."
+        )
