@@ -73,5 +73,5 @@ def register_method(name: str, config_cls: type, model_cls: type, prefix: str) -
 def registered_methods() -> dict[str, type]:
     """The peft-ext methods PEFT now knows: peft type name -> config class."""
     return {
-        str(t): cfg for t, cfg in PEFT_TYPE_TO_CONFIG_MAPPING.items() if cfg.__module__.startswith("peft_ext.")
+        t.value: cfg for t, cfg in PEFT_TYPE_TO_CONFIG_MAPPING.items() if cfg.__module__.startswith("peft_ext.")
     }

@@ -43,6 +43,8 @@ class HftConfig(PeftExtConfig):
         reselect: when the training callback re-draws the selection: "stage" (each `trainer.train()` after the
             first, for continual learning; paper), "epoch", or "never".
         stage: how many re-selections this adapter has been through (the draw of stage s uses seed + s).
+        trained_stages: how many training runs (`trainer.train()` calls) this adapter has finished; the callback
+            re-draws at the start of a run when a finished run used the current selection.
         save_format: "delta" (default) saves W_ft - W_0 of the selected tensors (in fp32 for 16-bit weights);
             "full" saves their values. A tensor whose delta would not reconstruct W_ft bit for bit is saved full.
         init_weights: True starts every copy equal to the base weights (outputs equal the base at init).
@@ -62,6 +64,7 @@ class HftConfig(PeftExtConfig):
     trained_modules: Optional[list[str]] = field(default=None, metadata={"help": "Modules holding trained weights."})
     reselect: Literal["stage", "epoch", "never"] = field(default="stage")
     stage: int = field(default=0, metadata={"help": "Number of re-selections so far."})
+    trained_stages: int = field(default=0, metadata={"help": "Number of finished training runs."})
     save_format: Literal["delta", "full"] = field(default="delta")
     init_weights: bool = field(default=True, metadata={"help": "Start equal to the base (True) or perturbed."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained and saved whole."})

@@ -83,8 +83,8 @@ class HftModel(BaseTuner):
             if isinstance(module, HftLayer) and (adapter_name is None or adapter_name in module.hft_weight):
                 yield name, module
 
-    def reselect(self, adapter_name: Optional[str] = None, seed: Optional[int] = None) -> tuple[list, list]:
-        """Start a new stage: draw a new selection, keep what earlier stages trained (frozen from now on).
+    def reselect(self, adapter_name: Optional[str] = None) -> tuple[list, list]:
+        """Start a new stage: draw a new selection (seed + stage), keep what earlier stages trained, frozen.
 
         Returns `(newly_trainable, newly_frozen)` parameter lists, for an optimizer that already exists
         (`peft_ext.training.HftReselectCallback` updates a Trainer's optimizer with them).
@@ -99,7 +99,6 @@ class HftModel(BaseTuner):
         before = {id(p): p for p in self._trainable_copies(adapter_name)}
         config.stage += 1
         config.selected_modules = None
-        config.seed = config.seed if seed is None else seed - config.stage
         self._prepare_model(config, self.model)
         selected = set(config.selected_modules)
         layers = dict(self.hft_layers())
@@ -110,6 +109,7 @@ class HftModel(BaseTuner):
                 parent_name, _, target_name = key.rpartition(".")
                 parent = self.model.get_submodule(parent_name) if parent_name else self.model
                 self._create_and_replace(config, adapter_name, getattr(parent, target_name), target_name, parent, key)
+                self.targeted_module_names.append(key)
                 layers = dict(self.hft_layers())
         after = {id(p): p for p in self._trainable_copies(adapter_name)}
         return [p for i, p in after.items() if i not in before], [p for i, p in before.items() if i not in after]

@@ -28,7 +28,8 @@ def reset_fraction(
       tensor that differs from it is a candidate (the paper's "half-reset" of Llama-2-Chat towards Llama-2).
 
     granularity="matrix" resets whole tensors (the paper's category-level reset); "element" resets a random
-    `fraction` of the entries of every candidate tensor. Returns the names of the tensors that were touched.
+    `fraction` of the entries of every candidate tensor. Returns the names of the tensors that were touched
+    (as in the base model: `model.layers.0.mlp.up_proj.weight`).
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"reset_fraction: fraction must be in [0, 1], got {fraction!r}.")
@@ -70,7 +71,7 @@ def _hft_pairs(model: nn.Module, adapter_name: Optional[str]) -> dict:
             original = layer._unmerged_base.get(pname, getattr(base, pname))
             if rows is not None:
                 original = original.index_select(layer._row_dim(pname, original), rows)
-            pairs[f"{module_name}.{pname}"] = (trained, original)
+            pairs[f"{module_name.removeprefix('base_model.model.')}.{pname}"] = (trained, original)
     return pairs
 
 

@@ -1,0 +1,252 @@
+"""Helpers shared by the scripts in benchmarks/: timing, peak memory, the environment header, markdown tables.
+
+Scripts run as `.venv/bin/python benchmarks/<name>.py` from the repository root, so benchmarks/ is sys.path[0]
+and `from common import ...` finds this file. Importing it also takes the repository root off sys.path: the
+root's kernels/ folder is the package `peft_ext.kernels`, and as a top-level `kernels` it would shadow Hugging
+Face's `kernels` package, which transformers probes for on import.
+
+How to measure (design/perf.md): every variant in one run on the same device, warm-up first, then the median
+of several timed repetitions; CUDA events on a GPU (time.perf_counter elsewhere); peak memory from the CUDA
+caching allocator (`torch.cuda.max_memory_allocated`, reset before the warm-up), "n/a" off CUDA.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import importlib.metadata
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GIB = 2**30
+NA = "n/a"
+
+
+def _drop_repo_root_from_sys_path() -> None:
+    def is_root(entry: str) -> bool:
+        try:
+            return Path(entry or os.getcwd()).resolve() == REPO_ROOT
+        except OSError:
+            return False
+
+    sys.path[:] = [entry for entry in sys.path if not is_root(entry)]
+
+
+_drop_repo_root_from_sys_path()
+
+import torch  # noqa: E402  (after the sys.path fix above)
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+class Measurement(NamedTuple):
+    median_ms: float
+    peak_gib: Optional[float]  # None where not measured (any device but CUDA)
+    times_ms: tuple[float, ...]  # every timed repetition, in order
+
+
+def synchronize(device: torch.device | str) -> None:
+    device = torch.device(device)
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and backend is not None and hasattr(backend, "synchronize"):
+        backend.synchronize(device)
+
+
+def measure(fn: Callable[[], Any], warmup: int, reps: int, device: torch.device | str) -> Measurement:
+    """Run `fn` `warmup` times, then time `reps` calls one by one; return the median, the peak memory, all times.
+
+    On CUDA each call is timed with a pair of CUDA events on the current stream and the peak is
+    `torch.cuda.max_memory_allocated` since the start of the warm-up (so it counts everything alive during the
+    calls — weights, gradients, optimizer state created lazily by the first step, activations — and nothing
+    freed before). Elsewhere each call is timed with time.perf_counter around a device synchronize, and the
+    peak is None (print it as "n/a").
+    """
+    if reps < 1:
+        raise ValueError(f"measure() needs reps >= 1, got {reps}.")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(reps):
+        if cuda:
+            with torch.cuda.device(device):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated(device) / GIB if cuda else None
+    return Measurement(statistics.median(times), peak, tuple(times))
+
+
+def free_memory(device: torch.device | str) -> None:
+    """Between variants: collect garbage, return cached blocks to the driver, reset the peak counter."""
+    gc.collect()
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ------------------------------------------------------------------------------------------- environment
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return NA
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"{torch.cuda.get_device_name(index)} (CUDA {torch.version.cuda})"
+    if device.type == "cpu":
+        model = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        return f"CPU {model}, {torch.get_num_threads()} threads"
+    return str(device)
+
+
+def git_revision() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return NA
+    return f"{sha}{' + uncommitted changes' if dirty else ''}" if sha else NA
+
+
+def command_line() -> str:
+    """The command that started this process, as typed from the current directory."""
+    exe = Path(sys.executable)
+    try:
+        rel = os.path.relpath(exe)
+        exe_text = rel if not rel.startswith("..") else str(exe)
+    except ValueError:
+        exe_text = str(exe)
+    return shlex.join([exe_text, *sys.argv])
+
+
+def env_header(device: torch.device | str, command: Optional[str] = None) -> str:
+    """Two markdown lines: date, device, versions; then the exact command."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    versions = ", ".join(
+        f"{name} {_version(dist)}"
+        for name, dist in (
+            ("torch", "torch"),
+            ("triton", "triton"),
+            ("peft", "peft"),
+            ("transformers", "transformers"),
+            ("peft-ext", "peft-ext"),
+        )
+    )
+    return (
+        f"{now} · {device_name(device)} · {versions} · git {git_revision()}\n\n"
+        f"Command: `{command or command_line()}`"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def fmt_ms(value: Optional[float]) -> str:
+    if value is None:
+        return NA
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}" if value >= 1 else f"{value:.3f}"
+
+
+def fmt_gib(value: Optional[float]) -> str:
+    return NA if value is None else f"{value:.2f}"
+
+
+def fmt_int(value: Optional[int]) -> str:
+    return NA if value is None else f"{value:,}"
+
+
+def fmt_ratio(value: Optional[float]) -> str:
+    return NA if value is None else f"{value:.2f}"
+
+
+def ratio(rows: Sequence[dict], row: dict, key: str, ref_name: str) -> Optional[float]:
+    """row[key] / (the row named `ref_name`)[key]; None when either is missing, failed or zero."""
+    ref = next((r for r in rows if r.get("name") == ref_name), None)
+    if ref is None or row.get("error") or ref.get("error"):
+        return None
+    num, den = row.get(key), ref.get(key)
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def markdown_table(
+    rows: Sequence[dict],
+    columns: Sequence[tuple[str, str, Callable[[Any], str]]],
+    ratio_to: Sequence[tuple[str, str, str]] = (),
+    label_key: str = "label",
+) -> str:
+    """A markdown table, one line per row.
+
+    rows: dicts with "name" (a short key that `ratio_to` refers to), `label_key` (the first column's text),
+        the values that `columns` and `ratio_to` read, and optionally "error" (e.g. "OOM": every other cell of
+        that row shows it).
+    columns: (header, key, formatter) for each plain column after the first.
+    ratio_to: (header, key, reference row name) for each ratio column: row[key] / reference[key], 2 decimals,
+        "n/a" when either side is missing.
+    """
+    headers = ["variant", *(c[0] for c in columns), *(r[0] for r in ratio_to)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        cells = [str(row.get(label_key, row.get("name", "?")))]
+        if row.get("error"):
+            cells += [str(row["error"])] * (len(headers) - 1)
+        else:
+            cells += [fmt(row.get(key)) for _, key, fmt in columns]
+            cells += [fmt_ratio(ratio(rows, row, key, ref)) for _, key, ref in ratio_to]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def append_markdown(path: str | os.PathLike, text: str) -> None:
+    """Append `text` to `path` as its own block (a blank line before it), creating the file if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = path.read_text() if path.exists() else ""
+    with path.open("a") as f:
+        if previous and not previous.endswith("\n\n"):
+            f.write("\n" if previous.endswith("\n") else "\n\n")
+        f.write(text.rstrip("\n") + "\n")

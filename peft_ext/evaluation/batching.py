@@ -1,0 +1,43 @@
+"""Right-padded batches of token ids for scoring a causal LM (padding after the text never changes its logits)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (batch, longest)."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def pad_id_of(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0  # masked out anyway
+
+
+@contextmanager
+def scoring(model):
+    """Eval mode and no autograd for the duration; the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
+
+
+def token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log p(token t | tokens < t) for t = 1..T-1: shape (batch, T-1), in fp32."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)

@@ -1,0 +1,102 @@
+"""Shared driving code for the contract tests: wrap a tiny model, train one step, snapshot and compare tensors."""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from .methods import METHODS, MethodEntry, modules_to_save_names
+from .models import MODEL_KINDS, MODELS, ModelSpec
+
+CASES = [pytest.param(entry, MODELS[kind], id=f"{entry.name}-{kind}") for entry in METHODS for kind in MODEL_KINDS]
+METHOD_CASES = [pytest.param(entry, id=entry.name) for entry in METHODS]
+LR = 1e-2
+WEIGHT_DECAY = 0.1
+
+
+def peft_model(entry: MethodEntry, spec: ModelSpec, seed: int = 0, dtype=torch.float32, adapter_name="default", **overrides):
+    """(peft model, its config) for a fresh base built from `seed`."""
+    config = entry.make_config(spec.kind, **overrides)
+    model = get_peft_model(spec.make(seed, dtype), config, adapter_name=adapter_name)
+    return model, model.peft_config[adapter_name]
+
+
+def train_step(spec: ModelSpec, model: nn.Module, seed: int = 7) -> torch.Tensor:
+    """One AdamW step (weight decay > 0) on one batch; returns the loss. Leaves the model in eval mode."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params, "nothing to train"
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    loss = spec.loss(model, spec.batch_with_labels(seed=seed))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+    return loss.detach()
+
+
+def trained_peft_model(entry: MethodEntry, spec: ModelSpec, seed: int = 0, **overrides):
+    model, config = peft_model(entry, spec, seed=seed, **overrides)
+    train_step(spec, model)
+    return model, config
+
+
+@torch.no_grad()
+def output(spec: ModelSpec, model: nn.Module, inputs: Optional[dict] = None, **kwargs) -> torch.Tensor:
+    return spec.run(model, {**(inputs or spec.inputs()), **kwargs})
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Bit-identical (NaN never equals)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (what, actual.shape, expected.shape)
+    if not torch.equal(actual, expected):
+        diff = (actual.float() - expected.float()).abs().max().item()
+        raise AssertionError(f"{what}: not bit-identical (max abs diff {diff:.3g})")
+
+
+def assert_state_equal(model: nn.Module, reference: nn.Module, what: str = "") -> None:
+    """Same parameter/buffer names and bit-identical values."""
+    a, b = model.state_dict(), reference.state_dict()
+    assert sorted(a) == sorted(b), f"{what}: keys differ: {sorted(set(a) ^ set(b))[:5]}"
+    for key in a:
+        assert_equal(a[key], b[key], f"{what}: {key}")
+
+
+def module_of_param(param_name: str, prefix: str) -> str:
+    """The base-model module that an adapter parameter (or a modules_to_save copy) belongs to."""
+    name = param_name.removeprefix("base_model.model.")
+    if ".modules_to_save." in name:
+        return name.partition(".modules_to_save.")[0]
+    match = re.search(r"\." + re.escape(prefix), name)
+    return name[: match.start()] if match else name
+
+
+def adapter_param_names(model: nn.Module, entry: MethodEntry, adapter: str = "default") -> list[str]:
+    """Parameters that belong to `adapter`: the method's prefixed tensors and the modules_to_save copies."""
+    out = []
+    for name, _ in model.named_parameters():
+        if f".modules_to_save.{adapter}." in name:
+            out.append(name)
+        elif "." + entry.prefix in name and re.search(rf"\.{re.escape(adapter)}(\.|$)", name):
+            out.append(name)
+    return out
+
+
+def expected_trained_modules(entry: MethodEntry, base: nn.Module, config) -> set[str]:
+    return set(entry.trained_modules(config)) | set(modules_to_save_names(base, config.modules_to_save))
+
+
+__all__ = [
+    "CASES", "METHOD_CASES", "PeftModel", "adapter_param_names", "assert_equal", "assert_state_equal",
+    "expected_trained_modules", "module_of_param", "output", "peft_model", "snapshot", "train_step",
+    "trained_peft_model",
+]

@@ -1,0 +1,30 @@
+"""Package layout guarantees: kernels/ is peft_ext.kernels, never a usable top-level `kernels`."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_kernels_folder_is_inert_as_a_top_level_module():
+    code = (
+        "from transformers.utils import is_kernels_available\n"
+        "assert not is_kernels_available(), 'the repo folder posed as HF kernels'\n"
+        "try:\n"
+        "    from kernels import get_kernel\n"
+        "    raise SystemExit('kernels.get_kernel importable')\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "import peft_ext.kernels\n"
+        "print('ok')\n"
+    )
+    # cwd = repository root puts the folder on sys.path as `kernels`
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_peft_ext_kernels_is_the_repository_folder():
+    import peft_ext.kernels
+
+    assert Path(peft_ext.kernels.__file__).resolve() == REPO / "kernels" / "__init__.py" or "site-packages" in peft_ext.kernels.__file__
