@@ -281,6 +281,7 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.device is None:
         args.device = "cpu" if args.tiny else default_device()
+    args.dtype = str(DTYPES[args.dtype]).removeprefix("torch.")  # one spelling: bf16 -> bfloat16
     args.variants = list(LABELS) if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in LABELS]
     if unknown:

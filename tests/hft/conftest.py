@@ -3,12 +3,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 
-def tiny_llama(layers: int = 4, seed: int = 0, hidden: int = 32) -> LlamaForCausalLM:
+def tiny_llama(layers: int = 4, seed: int = 0, hidden: int = 32, intermediate: int = 48) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=64,
         hidden_size=hidden,
-        intermediate_size=48,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -22,7 +22,7 @@ def test_quantized_base_is_refused_with_the_fix(llama, tmp_path, quantization):
 
 
 def test_norms_of_a_quantised_base_can_still_be_trained(llama, tmp_path):
-    llama(layers=2).save_pretrained(tmp_path)
+    llama(layers=2, hidden=64, intermediate=128).save_pretrained(tmp_path)  # bnb's CPU 4-bit matmul needs >= 64
     model = AutoModelForCausalLM.from_pretrained(
         tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map="cpu", dtype=torch.float32
     )
