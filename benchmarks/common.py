@@ -112,11 +112,14 @@ def default_device() -> str:
 
 
 # ------------------------------------------------------------------------------------------- environment
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return NA
+def _version(*dists: str) -> str:
+    """The installed version of the first of `dists` found (e.g. triton ships as "triton" or "pytorch-triton")."""
+    for dist in dists:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return NA
 
 
 def device_name(device: torch.device | str) -> str:
@@ -168,10 +171,10 @@ def env_header(device: torch.device | str, command: Optional[str] = None) -> str
     """Two markdown lines: date, device, versions; then the exact command."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     versions = ", ".join(
-        f"{name} {_version(dist)}"
-        for name, dist in (
+        f"{name} {_version(*dists)}"
+        for name, *dists in (
             ("torch", "torch"),
-            ("triton", "triton"),
+            ("triton", "triton", "pytorch-triton"),
             ("peft", "peft"),
             ("transformers", "transformers"),
             ("peft-ext", "peft-ext"),

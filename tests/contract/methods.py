@@ -13,16 +13,26 @@ Contract item keys used in `documented_errors` (optionally suffixed with ":<mode
     "bf16", "fp16"    a model in that dtype                 "autocast"       CPU bf16 autocast
     "gradient_checkpointing"                                "compile"        torch.compile
     "trl_sft", "trl_dpo"                                    TRL trainers with peft_config=
+
+Adding a method, e.g. FineGates, whose pruned model cannot be unloaded to the base:
+
+    FINEGATES_ENTRY = MethodEntry(
+        name="finegates", peft_type="FINEGATES", config_cls=peft_ext.FineGatesConfig, prefix="gates_",
+        make_config=lambda kind, **o: peft_ext.FineGatesConfig(**{"task_type": MODELS[kind].task_type, **o}),
+        expected_trainable=..., trained_modules=lambda config: ...,
+        bad_configs=(BadConfig("rank_zero", {"r": 0}, ValueError, r"\br\b"),),
+        documented_errors={"unload": DocumentedError(ValueError, r"pruned", "a pruned model has no base to return")},
+    )
+    METHODS = [HFT_ENTRY, FINEGATES_ENTRY]
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
-import torch
 from peft import PeftConfig
 from torch import nn
 
@@ -86,6 +96,14 @@ class MethodEntry:
     def supports(self, item: str, model_kind: Optional[str] = None) -> bool:
         return self.documented_error(item, model_kind) is None
 
+    @property
+    def supports_mixed_batch(self) -> bool:
+        return self.supports("mixed_batch")
+
+    @property
+    def trainable(self) -> bool:
+        return self.supports("train")
+
     def __str__(self) -> str:
         return self.name
 
@@ -115,9 +133,23 @@ def _hft_config(model_kind: str, **overrides) -> PeftConfig:
 
 
 def _hft_expected_trainable(base: nn.Module, config) -> int:
-    """HFT spec: every floating parameter (weight and bias) of each selected module, plus modules_to_save copies."""
-    selected = sum(floating_numel(base.get_submodule(n), recurse=False) for n in config.selected_modules)
-    return selected + modules_to_save_numel(base, config.modules_to_save)
+    """HFT spec, strategy "matrix": every floating parameter (weight and bias) of each selected module, plus the
+    modules_to_save copies. Strategy "param": of every selected module, `ratio` of its output rows (rounded half
+    up, at least one) of each floating parameter."""
+    total = modules_to_save_numel(base, config.modules_to_save)
+    for name in config.selected_modules:
+        module = base.get_submodule(name)
+        if config.strategy != "param":
+            total += floating_numel(module, recurse=False)
+            continue
+        conv1d = type(module).__name__ == "Conv1D"  # GPT-2's Conv1D stores its weight as (in, out)
+        n_out = module.weight.shape[1 if conv1d else 0]
+        rows = min(n_out, max(1, int(config.ratio * n_out + 0.5)))
+        for pname, p in module.named_parameters(recurse=False):
+            if p.is_floating_point():
+                row_dim = 1 if (conv1d and pname == "weight") else 0
+                total += p.numel() // p.shape[row_dim] * rows
+    return total
 
 
 def _round_half_up(x: float) -> int:
@@ -140,7 +172,7 @@ def _hft_check_structure(model_kind: str, base: nn.Module, config) -> None:
     """The "matrix" strategy: per block and role, `ratio` of the group; odd groups alternate across blocks, so
     that the running total per role is round_half_up(ratio * members so far). Names are classified here on
     their own (not with peft_ext's selection code)."""
-    if config.strategy != "matrix":
+    if config.strategy not in ("matrix", "param"):
         return
     groups: dict[tuple[str, int], list[str]] = {}
     for name, module in base.named_modules():
@@ -157,7 +189,11 @@ def _hft_check_structure(model_kind: str, base: nn.Module, config) -> None:
         if role != "norm" or config.train_norms:
             groups.setdefault((role, block), []).append(name)
     selected = set(config.selected_modules)
-    assert selected <= {n for names in groups.values() for n in names}, "selected a module outside the pool"
+    pool = {n for names in groups.values() for n in names}
+    assert selected <= pool, f"selected modules outside the pool: {sorted(selected - pool)[:5]}"
+    if config.strategy == "param":  # every module of the pool trains some of its rows
+        assert selected == pool, sorted(pool - selected)[:5]
+        return
     per_role: dict[str, list[int]] = {}
     for role in sorted({r for r, _ in groups}):
         blocks = sorted(b for r, b in groups if r == role)
@@ -200,4 +236,14 @@ HFT_ENTRY = MethodEntry(
     documented_errors={},
 )
 
+
+def variant(entry: MethodEntry, label: str, **fixed) -> MethodEntry:
+    """The same method with some config fields fixed (another strategy, say): runs the per-model contract items."""
+    make = entry.make_config
+    return replace(entry, name=f"{entry.name}[{label}]", make_config=lambda kind, **o: make(kind, **{**fixed, **o}))
+
+
+# One entry per method: the whole suite (per-model items, TRL, bad inputs, compile) runs on each.
 METHODS: list[MethodEntry] = [HFT_ENTRY]
+# Config variants of a method: the per-model items (1 to 6, without compile) run on each as well.
+VARIANTS: list[MethodEntry] = [variant(HFT_ENTRY, "param", strategy="param")]

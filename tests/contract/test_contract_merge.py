@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
 
-from .harness import CASES, adapter_param_names, assert_equal, assert_state_equal, output, peft_model, trained_peft_model
+from .harness import CASES, adapter_param_names, assert_equal, assert_state_equal, output, trained_peft_model
+from .methods import modules_to_save_names
 
 MERGE_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 MERGE_ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
@@ -20,9 +22,7 @@ def _no_tuner_layers(model: torch.nn.Module) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("entry, spec", CASES)
 def test_merge_and_unload_matches_unmerged(entry, spec, dtype):
-    model, _ = trained_peft_model(entry, spec) if dtype == torch.float32 else peft_model(
-        entry, spec, dtype=dtype, **entry.nonidentity_overrides
-    )
+    model, _ = trained_peft_model(entry, spec, dtype=dtype)
     inputs = spec.inputs(dtype=dtype)
     unmerged = output(spec, model, inputs)
     assert not torch.equal(unmerged, output(spec, spec.make(0, dtype), inputs)), "adapter is trivial"
@@ -49,10 +49,25 @@ def test_unload_returns_exact_base(entry, spec):
         with pytest.raises(doc.error, match=doc.match):
             model.unload()
         return
+    # PEFT's documented unload() keeps the active adapter's trained copy of each modules_to_save module (the
+    # classifier of SEQ_CLS): "Unloading in case of ModulesToSave means to simply return the wrapped module"
+    # (peft.utils.other.ModulesToSaveWrapper). Everything else must be the exact base.
+    kept = {
+        name.removeprefix("base_model.model."): {k: v.clone() for k, v in m.modules_to_save[m.active_adapter].state_dict().items()}
+        for name, m in model.named_modules()
+        if isinstance(m, ModulesToSaveWrapper)
+    }
+    assert sorted(kept) == modules_to_save_names(base, model.peft_config["default"].modules_to_save)
     unloaded = model.unload()
     _no_tuner_layers(unloaded)
-    assert_state_equal(unloaded, base, "unload() vs base")
-    assert_equal(output(spec, unloaded), output(spec, base), "unload() output vs base")
+    reference = spec.make(0)
+    for name, state in kept.items():
+        reference.get_submodule(name).load_state_dict(state)
+    assert_state_equal(unloaded, reference, "unload() vs base")
+    assert_equal(output(spec, unloaded), output(spec, reference), "unload() output vs base")
+    if not kept:
+        assert_state_equal(unloaded, base, "unload() vs base")
+        assert_equal(output(spec, unloaded), output(spec, base), "unload() output vs base")
 
 
 @pytest.mark.parametrize("entry, spec", CASES)

@@ -102,6 +102,8 @@ class HftLayer(nn.Module, BaseTunerLayer):
     # --------------------------------------------------------------------------------------------- forward
     def _call_with(self, params: dict[str, torch.Tensor], x: torch.Tensor, *args: Any, **kwargs: Any):
         base = self.get_base_layer()
+        # fp32 masters of an fp16 base compute in fp16 (a no-op cast otherwise)
+        params = {n: t.to(getattr(base, n).dtype) for n, t in params.items()}
         if isinstance(base, nn.Linear) and not args and not kwargs:  # the hot path: one matmul
             return F.linear(x, params.get("weight", base.weight), params.get("bias", base.bias))
         return torch.func.functional_call(base, params, (x, *args), kwargs)

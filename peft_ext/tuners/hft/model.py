@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import AuxiliaryTrainingWrapper
 
 from .config import HftConfig
 from .layer import HftLayer
@@ -72,9 +73,16 @@ class HftModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        # PEFT upcasts 16-bit adapter weights to fp32. HFT's copies are half the model, so they stay in the base
-        # weights' dtype, as full fine-tuning would keep them (train in fp32 by loading the model in fp32).
-        return None
+        """fp16 copies become fp32 masters (as PEFT does for adapters): fp16 weights cannot be trained with a
+        GradScaler, which is what `Trainer(fp16=True)` uses. bf16 and fp32 copies keep the base weights' dtype, as
+        full fine-tuning would (HFT's copies are half the model: upcasting bf16 would double their memory); load
+        the model in fp32 for fp32 masters."""
+        if not autocast_adapter_dtype:
+            return
+        for _, layer in self.hft_layers(adapter_name):
+            for p in layer.hft_weight[adapter_name].values():
+                if p.dtype == torch.float16:
+                    p.data = p.data.float()
 
     # ------------------------------------------------------------------------------------ stages and reset
     def hft_layers(self, adapter_name: Optional[str] = None):
@@ -132,9 +140,19 @@ class HftModel(BaseTuner):
                 f"adapter_names= names unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)} "
                 f"(and '__base__' for the base model)."
             )
+        if any(layer.merged for _, layer in self.hft_layers()):
+            raise ValueError(
+                "adapter_names= cannot run while an adapter is merged into the base weights (every row would see "
+                "it): call model.unmerge_adapter() first."
+            )
+        if kwargs.get("num_beams", 1) > 1:  # generate() repeats each row once per beam
+            adapter_names = [name for name in adapter_names for _ in range(kwargs["num_beams"])]
+        # HFT layers and modules_to_save copies (e.g. a classifier head) both route rows by adapter
+        hook = partial(_inject_adapter_names, adapter_names=adapter_names)
         handles = [
-            module.register_forward_pre_hook(partial(_inject_adapter_names, adapter_names=adapter_names), with_kwargs=True)
-            for _, module in self.hft_layers()
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+            for module in self.model.modules()
+            if isinstance(module, (HftLayer, AuxiliaryTrainingWrapper))
         ]
         try:
             yield
@@ -179,7 +197,10 @@ def _check_names_exist(model: torch.nn.Module, names, field: str) -> None:
 
 
 def _tag_model(model: torch.nn.Module) -> None:
-    # the model card PEFT writes lists the base model's tags: say which method and package made the adapter
+    # the model card PEFT writes lists the base model's `model_tags`: say which method and package made the adapter
+    tags = ["peft-ext", "hft"]
     add_tags = getattr(model, "add_model_tags", None)
     if callable(add_tags):
-        add_tags(["peft-ext", "hft"])
+        add_tags(tags)
+    else:  # a plain nn.Module: PEFT reads the attribute all the same
+        model.model_tags = [*(getattr(model, "model_tags", None) or []), *(t for t in tags if t not in (getattr(model, "model_tags", None) or []))]

@@ -48,7 +48,7 @@ def weights_from_deltas(model: torch.nn.Module, config, state_dict: dict, adapte
             )
         if kind == DELTA:
             base = _base_values(layer, pname, adapter_name, rows=state_dict.get(module_path + INDEX + "rows"))
-            value = (base.to(value.dtype) + value.to(base.device)).to(base.dtype)
+            value = (base.to(value.dtype) + value.to(base.device)).to(expected.dtype)
         out[module_path + WEIGHT + pname] = value
     _check_complete(config, out)
     return out
