@@ -1,0 +1,317 @@
+"""Micro-benchmark of the fused low-rank kernels (peft_ext.kernels) at the anchor model's linear layers.
+
+One layer y = x W^T (+ s (x A^T) B^T), bf16 x and W, tokens 8192 (perf.md anchor: batch 4 x 2048), shapes
+(out x in) 2048x2048 (q/o proj), 5632x2048 (gate/up), 2048x5632 (down), ranks 16 and 64. Every variant is
+timed in this one run with triton.testing.do_bench (median, L2 flushed between calls; CUDA) on the same
+random inputs (never zeros: B is random, not PEFT's zero init).
+
+Training table (forward with autograd on, and forward + backward = dx, dA, dB; W frozen):
+    base            frozen base: F.linear(x, W), backward computes dx only
+    peft fp32       PEFT LoRA's unfused math with its default fp32 adapter weights: x upcast to fp32,
+                    lora_B(lora_A(x)) * s added to the bf16 base output, cast back (peft/tuners/lora/layer.py)
+    peft bf16       the same with bf16 adapter weights (autocast_adapter_dtype=False)
+    ours fp32       peft_ext.kernels.lowrank_linear, fp32 adapter weights (tiles cast in the kernel)
+    ours bf16       the same with bf16 adapter weights
+  columns: ms, peak extra MiB over the inputs (CUDA), ratios to the base row of the same shape, and for
+  ours the relative error of the output against a float64 reference.
+Inference table (torch.no_grad, --infer-tokens, default 4096 = 8 x 512 as perf.md's forward anchor):
+    base, ours / PEFT-style with one adapter, and mixed batches of --adapters adapters (one per sequence of
+    512 tokens, sequences spread evenly over the adapters): ours (lowrank_linear_gathered, with a plan built
+    once per forward as a model would, and with the plan built inside the call) vs PEFT's mixed-batch loop
+    (per adapter: select its rows, upcast, two matmuls, add back; index lists precomputed, in PEFT's favour).
+
+Goals (perf.md, whole model): training step <= 1.10x frozen base at r=16; one unmerged adapter forward <= 1.1x,
+mixed 4-16 adapters <= 1.3x the no-adapter forward. The per-layer ratios printed here are what those rest on.
+
+    .venv/bin/python benchmarks/lowrank_kernels.py                              # anchor shapes, needs a GPU
+    .venv/bin/python benchmarks/lowrank_kernels.py --out benchmarks/RESULTS.md  # also append the tables there
+    .venv/bin/python benchmarks/lowrank_kernels.py --tiny                       # CPU smoke test (Triton interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from common import append_markdown, env_header, fmt_ms, fmt_ratio, measure  # noqa: I001  (first: fixes sys.path)
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+ANCHOR = dict(tokens=8192, infer_tokens=4096, seq=512, shapes="2048x2048,5632x2048,2048x5632", ranks="16,64", adapters="4,16")
+TINY = dict(tokens=96, infer_tokens=64, seq=16, shapes="48x40", ranks="4", adapters="2,3")
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in text.split(","):
+        out_f, in_f = (int(v) for v in item.lower().split("x"))
+        shapes.append((out_f, in_f))
+    return shapes
+
+
+# ------------------------------------------------------------------------------------------------ timing
+class Bench:
+    def __init__(self, device: torch.device, rep_ms: int, warmup_ms: int, cpu_reps: int):
+        self.device, self.rep_ms, self.warmup_ms, self.cpu_reps = device, rep_ms, warmup_ms, cpu_reps
+
+    def time_ms(self, fn) -> float:
+        if self.device.type == "cuda":
+            from triton.testing import do_bench
+
+            return do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median")
+        return measure(fn, warmup=1, reps=self.cpu_reps, device=self.device).median_ms
+
+    def peak_extra_mib(self, fn):
+        """Peak memory allocated during one call, above what was allocated before it (CUDA only)."""
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------- variants
+def peft_lora(x, weight, lora_a, lora_b, scale):
+    """PEFT LoRA Linear.forward without dropout: base, input cast to the adapter dtype, two matmuls, add."""
+    result = F.linear(x, weight)
+    out_dtype = result.dtype
+    xa = F.linear(x.to(lora_a.dtype), lora_a)
+    result = result + F.linear(xa, lora_b) * scale
+    return result.to(out_dtype)
+
+
+def peft_mixed(x3, weight, a_stack, b_stack, scales, seq_rows):
+    """PEFT's LoRA _mixed_batch_forward: per adapter, select its sequences, upcast, lora, add back."""
+    result = F.linear(x3, weight)
+    out_dtype = result.dtype
+    for j, rows in enumerate(seq_rows):
+        if rows.numel() == 0:
+            continue
+        sub = x3[rows].to(a_stack.dtype)
+        lora = F.linear(F.linear(sub, a_stack[j]), b_stack[j]) * scales[j]
+        result[rows] += lora.to(out_dtype)
+    return result
+
+
+def training_rows(bench: Bench, args, dtype) -> list[dict]:
+    from peft_ext.kernels import lowrank_linear, reference_lowrank_linear
+
+    rows = []
+    g = torch.Generator(device=bench.device).manual_seed(0)
+    for out_f, in_f in parse_shapes(args.shapes):
+        for r in (int(v) for v in args.ranks.split(",")):
+            M, s = args.tokens, 2.0
+            x = torch.randn(M, in_f, device=bench.device, generator=g, dtype=dtype).requires_grad_()
+            w = torch.randn(out_f, in_f, device=bench.device, generator=g, dtype=dtype) / in_f**0.5
+            a32 = (torch.randn(r, in_f, device=bench.device, generator=g) / in_f**0.5).requires_grad_()
+            b32 = (torch.randn(out_f, r, device=bench.device, generator=g) / r**0.5).requires_grad_()
+            a16, b16 = (t.detach().to(dtype).requires_grad_() for t in (a32, b32))
+            dy = torch.randn(M, out_f, device=bench.device, generator=g, dtype=dtype)
+            variants = [
+                ("base", "frozen base x W^T", lambda: F.linear(x, w), (x,)),
+                ("peft32", "PEFT LoRA math, fp32 adapter (default)", lambda: peft_lora(x, w, a32, b32, s), (x, a32, b32)),
+                ("peft16", "PEFT LoRA math, bf16 adapter", lambda: peft_lora(x, w, a16, b16, s), (x, a16, b16)),
+                ("ours32", "ours, fp32 adapter", lambda: lowrank_linear(x, w, None, a32, b32, s), (x, a32, b32)),
+                ("ours16", "ours, bf16 adapter", lambda: lowrank_linear(x, w, None, a16, b16, s), (x, a16, b16)),
+            ]
+            ref = reference_lowrank_linear(x.detach().double(), w.double(), None, a32.detach().double(), b32.detach().double(), s)
+            base = None
+            for name, label, fwd, inputs in variants:
+                def step(fwd=fwd, inputs=inputs):
+                    return torch.autograd.grad(fwd(), inputs, dy)
+
+                row = dict(name=name, label=label, shape=f"{out_f}x{in_f}", r=r)
+                try:
+                    row["fwd_ms"] = bench.time_ms(fwd)
+                    row["step_ms"] = bench.time_ms(step)
+                    row["mem_mib"] = bench.peak_extra_mib(step)
+                    if name.startswith("ours"):
+                        with torch.no_grad():
+                            row["err"] = rel_err(fwd(), ref)
+                except torch.cuda.OutOfMemoryError:
+                    row["error"] = "OOM"
+                if name == "base":
+                    base = row
+                elif base and not base.get("error") and not row.get("error"):
+                    row["fwd_x"] = row["fwd_ms"] / base["fwd_ms"]
+                    row["step_x"] = row["step_ms"] / base["step_ms"]
+                    if row["mem_mib"] is not None and base["mem_mib"]:
+                        row["mem_x"] = row["mem_mib"] / base["mem_mib"]
+                rows.append(row)
+                print(f"[train {row['shape']} r={r}] {label}: {row}", file=sys.stderr, flush=True)
+            del x, w, a32, b32, a16, b16, dy, ref
+    return rows
+
+
+def inference_rows(bench: Bench, args, dtype) -> list[dict]:
+    from peft_ext.kernels import (
+        lowrank_linear,
+        lowrank_linear_gathered,
+        plan_adapter_segments,
+        reference_lowrank_linear_gathered,
+    )
+
+    rows = []
+    g = torch.Generator(device=bench.device).manual_seed(1)
+    n_seq = args.infer_tokens // args.seq
+    for out_f, in_f in parse_shapes(args.shapes):
+        for r in (int(v) for v in args.ranks.split(",")):
+            max_l = max(int(v) for v in args.adapters.split(","))
+            x3 = torch.randn(n_seq, args.seq, in_f, device=bench.device, generator=g, dtype=dtype)
+            w = torch.randn(out_f, in_f, device=bench.device, generator=g, dtype=dtype) / in_f**0.5
+            a_all = torch.randn(max_l, r, in_f, device=bench.device, generator=g) / in_f**0.5
+            b_all = torch.randn(max_l, out_f, r, device=bench.device, generator=g) / r**0.5
+            variants = [
+                ("base", "no adapter x W^T", lambda: F.linear(x3, w)),
+                ("peft1", "PEFT LoRA math, one adapter (fp32)", lambda: peft_lora(x3, w, a_all[0], b_all[0], 2.0)),
+                ("ours1", "ours, one adapter (fp32)", lambda: lowrank_linear(x3, w, None, a_all[0], b_all[0], 2.0)),
+            ]
+            checks = {}
+            for n_ad in (int(v) for v in args.adapters.split(",")):
+                a, b = a_all[:n_ad].contiguous(), b_all[:n_ad].contiguous()
+                scales = torch.full((n_ad,), 2.0, device=bench.device)
+                index = torch.arange(n_seq, device=bench.device) % n_ad  # one adapter per sequence
+                plan = plan_adapter_segments(index, n_ad, x3.shape, device=bench.device)
+                seq_rows = [(index == j).nonzero().flatten() for j in range(n_ad)]
+                scale_list = [2.0] * n_ad
+                variants += [
+                    (f"peft{n_ad}", f"PEFT mixed batch, {n_ad} adapters (fp32)",
+                     lambda a=a, b=b, sr=seq_rows, sl=scale_list: peft_mixed(x3, w, a, b, sl, sr)),
+                    (f"ours{n_ad}", f"ours gathered, {n_ad} adapters, plan reused",
+                     lambda a=a, b=b, sc=scales, p=plan: lowrank_linear_gathered(x3, w, None, a, b, sc, p)),
+                    (f"ours{n_ad}p", f"ours gathered, {n_ad} adapters, plan per call",
+                     lambda a=a, b=b, sc=scales, i=index: lowrank_linear_gathered(x3, w, None, a, b, sc, i, check_index=False)),
+                ]  # fmt: skip
+                checks[f"ours{n_ad}"] = (a, b, scale_list, index)
+            base = None
+            for name, label, fwd in variants:
+                row = dict(name=name, label=label, shape=f"{out_f}x{in_f}", r=r)
+                with torch.no_grad():
+                    try:
+                        row["fwd_ms"] = bench.time_ms(fwd)
+                        if name in checks:
+                            a, b, sl, index = checks[name]
+                            ref = reference_lowrank_linear_gathered(x3.double(), w.double(), None, a.double(), b.double(), sl, index)
+                            row["err"] = rel_err(fwd(), ref)
+                    except torch.cuda.OutOfMemoryError:
+                        row["error"] = "OOM"
+                if name == "base":
+                    base = row
+                elif base and not base.get("error") and not row.get("error"):
+                    row["fwd_x"] = row["fwd_ms"] / base["fwd_ms"]
+                rows.append(row)
+                print(f"[infer {row['shape']} r={r}] {label}: {row}", file=sys.stderr, flush=True)
+            del x3, w, a_all, b_all
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ output
+def table(rows: list[dict], columns: list[tuple[str, str, object]]) -> str:
+    headers = ["variant", "shape (out x in)", "r", *(c[0] for c in columns)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        cells = [row["label"], row["shape"], str(row["r"])]
+        if row.get("error"):
+            cells += [row["error"]] * len(columns)
+        else:
+            cells += [fmt(row.get(key)) for _, key, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fmt_mib(v):
+    return "n/a" if v is None else f"{v:.0f}"
+
+
+def fmt_err(v):
+    return "" if v is None else f"{v:.1e}"
+
+
+def fmt_x(v):
+    return "" if v is None else fmt_ratio(v)
+
+
+def goals(train: list[dict], infer: list[dict], anchor: bool) -> str:
+    lines = ["Per-layer ratios behind perf.md's goals" + ("" if anchor else " (not the anchor shape: a test of the script)") + ":"]
+    for row in train:
+        if row["name"] == "ours32" and row.get("step_x") is not None:
+            lines.append(f"- training fwd+bwd, ours fp32 adapter, {row['shape']} r={row['r']}: {row['step_x']:.2f}x frozen base "
+                         f"(goal for the whole step at r=16: <= 1.10x)")  # fmt: skip
+    for row in infer:
+        if row["name"] == "ours1" and row.get("fwd_x") is not None:
+            lines.append(f"- one adapter forward, {row['shape']} r={row['r']}: {row['fwd_x']:.2f}x no adapter (goal <= 1.1x)")
+        elif row["name"].startswith("ours") and not row["name"].endswith("p") and row.get("fwd_x") is not None:
+            lines.append(f"- {row['label']}, {row['shape']} r={row['r']}: {row['fwd_x']:.2f}x no adapter (goal <= 1.3x)")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU with the Triton interpreter (smoke test)")
+    p.add_argument("--tokens", type=int, default=None, help=f"rows of x in the training table (default {ANCHOR['tokens']})")
+    p.add_argument("--infer-tokens", type=int, default=None, help=f"rows in the inference table (default {ANCHOR['infer_tokens']})")
+    p.add_argument("--seq", type=int, default=None, help=f"tokens per sequence in mixed batches (default {ANCHOR['seq']})")
+    p.add_argument("--shapes", default=None, help=f"comma-separated OUTxIN (default {ANCHOR['shapes']})")
+    p.add_argument("--ranks", default=None, help=f"comma-separated ranks (default {ANCHOR['ranks']})")
+    p.add_argument("--adapters", default=None, help=f"adapters per mixed batch, comma-separated (default {ANCHOR['adapters']})")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per variant (CUDA)")
+    p.add_argument("--warmup-ms", type=int, default=50, help="do_bench warm-up time per variant (CUDA)")
+    p.add_argument("--cpu-reps", type=int, default=2, help="timed calls per variant off CUDA")
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-infer", action="store_true")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu (needs --tiny)")
+    p.add_argument("--out", default=None, help="also append the header and tables to this markdown file")
+    args = p.parse_args(argv)
+    preset = TINY if args.tiny else ANCHOR
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        if not args.tiny:
+            sys.exit("lowrank_kernels.py measures CUDA kernels: run it on a GPU, or pass --tiny for a CPU smoke test.")
+        os.environ["TRITON_INTERPRET"] = "1"  # the kernels compile lazily, so this still applies
+    bench = Bench(device, args.rep_ms, args.warmup_ms, args.cpu_reps)
+    dtype = DTYPES[args.dtype]
+    anchor = device.type == "cuda" and not args.tiny and args.tokens == ANCHOR["tokens"] and args.dtype == "bfloat16"
+
+    parts = [env_header(device)]
+    train = [] if args.skip_train else training_rows(bench, args, dtype)
+    infer = [] if args.skip_infer else inference_rows(bench, args, dtype)
+    if train:
+        parts.append(f"Training, one layer, {args.tokens} tokens, {args.dtype} (W frozen; backward = dx, dA, dB):\n\n" + table(train, [
+            ("fwd ms", "fwd_ms", fmt_ms), ("fwd+bwd ms", "step_ms", fmt_ms), ("peak extra MiB", "mem_mib", fmt_mib),
+            ("fwd vs base", "fwd_x", fmt_x), ("fwd+bwd vs base", "step_x", fmt_x), ("memory vs base", "mem_x", fmt_x),
+            ("rel err vs fp64", "err", fmt_err),
+        ]))  # fmt: skip
+    if infer:
+        parts.append(f"Inference, one layer, {args.infer_tokens} tokens ({args.infer_tokens // args.seq} sequences of {args.seq}), "
+                     f"{args.dtype}, no grad:\n\n" + table(infer, [
+            ("fwd ms", "fwd_ms", fmt_ms), ("fwd vs base", "fwd_x", fmt_x), ("rel err vs fp64", "err", fmt_err),
+        ]))  # fmt: skip
+    parts.append(goals(train, infer, anchor))
+    text = "\n\n".join(parts) + "\n"
+    print(text, end="", flush=True)
+    if args.out:
+        append_markdown(args.out, text)
+        print(f"(appended to {args.out})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

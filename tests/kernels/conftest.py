@@ -1,0 +1,58 @@
+"""Kernel tests: Triton's interpreter on the CPU; `gpu`-marked tests run the compiled kernels on CUDA.
+
+TRITON_INTERPRET=1 is set before anything else here, when the variable is unset, no CUDA device is present
+and triton has not been imported yet (e.g. `pytest tests/kernels`): then triton itself starts in interpreter
+mode. That is not required by peft_ext.kernels, which wraps its kernels with triton.jit lazily at their first
+launch in each mode and uses Triton builtins only (see kernels/dispatch.py), so the variable only has to be
+set before a launch. In a whole-suite run triton is usually imported earlier (`import peft` imports it), so
+the autouse fixture below is what makes every test of this folder run on the interpreter: it sets the
+variable for each non-`gpu` test and clears it for `gpu` tests, and monkeypatch restores it afterwards, so
+test folders collected in the same session keep their own setting. Works with --import-mode=importlib:
+pytest imports this conftest before the test modules of this folder.
+"""
+
+import os
+import sys
+
+if "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _triton_mode(request, monkeypatch):
+    if request.node.get_closest_marker("gpu") is not None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # compiled kernels on CUDA
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+@pytest.fixture
+def compile_sm90():
+    """Compile a peft_ext.kernels LazyKernel for an H100 (sm_90) with Triton's ahead-of-time path: Triton IR,
+    PTX and ptxas, no GPU needed. Catches what the interpreter cannot (constexpr / type errors of the GPU
+    compiler, shared memory over the limit). Returns the compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    def compile_kernel(lazy_kernel, pointer_types, constexprs, num_warps=4, num_stages=3, float_args=()):
+        fn = JITFunction(lazy_kernel.fn)  # not triton.jit: that gives the interpreter's wrapper here
+        signature = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in pointer_types:
+                signature[name] = "*" + pointer_types[name]
+            else:
+                signature[name] = "fp32" if name in float_args else "i32"
+        src = ASTSource(fn, signature, dict(constexprs))
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+    return compile_kernel

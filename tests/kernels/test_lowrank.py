@@ -1,0 +1,414 @@
+"""lowrank_linear: Triton kernels (interpreter here, CUDA in the `gpu` tests) against the plain-PyTorch reference.
+
+Ground truth = the reference evaluated in float64 on the same inputs; errors are ||out - ref|| / ||ref||
+(design/perf.md: <= 1e-2 for bf16 operands, <= 1e-4 for fp32). Shapes are tiny and odd on purpose: the
+interpreter's cost grows with programs x loop steps.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peft_ext.kernels import (
+    LowRankLinearFunction,
+    choose_backend,
+    dropout_keep_mask,
+    lowrank_linear,
+    reference_lowrank_linear,
+)
+from peft_ext.kernels import dispatch
+from peft_ext.kernels import lowrank as lowrank_module
+from peft_ext.kernels.lowrank import lowrank_weight_grad, shrink_expand
+
+BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+TOL = {FP32: 1e-4, FP16: 3e-3, BF16: 1e-2}
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double(), ref.detach().double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_layer(lead, K, N, R, dtype, adapter_dtype, bias=True, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
+
+    return dict(
+        x=rnd(*lead, K),
+        weight=rnd(N, K, scale=K**-0.5),
+        bias=rnd(N) if bias else None,
+        lora_a=rnd(R, K, scale=K**-0.5, dt=adapter_dtype),
+        lora_b=rnd(N, R, scale=R**-0.5, dt=adapter_dtype),
+    )
+
+
+def fp64(layer):
+    return {k: (None if v is None else v.detach().double()) for k, v in layer.items()}
+
+
+def run(layer, grads, dy=None, **kw):
+    """Output and gradients (for the names in `grads`) of lowrank_linear on `layer`."""
+    leaves = {k: v.detach().clone().requires_grad_(k in grads) if v is not None else None for k, v in layer.items()}
+    fn = kw.pop("fn", lowrank_linear)
+    y = fn(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_a"], leaves["lora_b"], **kw)
+    if not grads:
+        return y, {}
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y) if dy is None else dy
+    y.backward(dy)
+    return y, {k: leaves[k].grad for k in grads}
+
+
+# ------------------------------------------------------------------------------------------- forward
+FORWARD_CASES = [
+    # lead shape, K, N, r, x/weight dtype, adapter dtype, bias
+    ((37,), 45, 29, 1, FP32, FP32, True),
+    ((37,), 45, 29, 8, BF16, BF16, False),
+    ((37,), 45, 29, 16, BF16, FP32, True),  # fp32 adapter masters with bf16 activations
+    ((2, 19), 45, 29, 16, FP16, FP32, True),  # 3-D x
+    ((100,), 150, 70, 8, FP32, FP32, True),  # 2 row blocks, 3 K steps, 2 N steps
+    ((20,), 130, 129, 128, BF16, FP32, True),  # rank 128
+]
+
+
+@pytest.mark.parametrize("lead,K,N,R,dtype,adapter_dtype,bias", FORWARD_CASES)
+def test_forward_matches_reference(lead, K, N, R, dtype, adapter_dtype, bias):
+    layer = make_layer(lead, K, N, R, dtype, adapter_dtype, bias)
+    assert choose_backend(layer["x"], R) == "triton"
+    y = lowrank_linear(**layer, scale=0.75)
+    ref = reference_lowrank_linear(**fp64(layer), scale=0.75)
+    assert y.shape == (*lead, N) and y.dtype == dtype
+    assert rel_err(y, ref) <= TOL[dtype]
+    # the low-rank term itself is right (not hidden by the base product)
+    delta = y.double() - F.linear(*[fp64(layer)[k] for k in ("x", "weight", "bias")])
+    delta_ref = ref - F.linear(*[fp64(layer)[k] for k in ("x", "weight", "bias")])
+    assert rel_err(delta, delta_ref) <= 5 * TOL[dtype]
+
+
+def test_forward_strided_inputs():
+    """Non-contiguous x (last-dim stride 2) and transposed views as adapter weights."""
+    layer = make_layer((23,), 40, 33, 8, FP32, FP32)
+    wide = torch.randn(23, 80)
+    layer["x"] = wide[:, ::2]
+    layer["lora_a"] = layer["lora_a"].t().contiguous().t()  # (r, K) with strides (1, r)
+    layer["lora_b"] = layer["lora_b"].t().contiguous().t()
+    y = lowrank_linear(**layer, scale=2.0)
+    assert rel_err(y, reference_lowrank_linear(**fp64(layer), scale=2.0)) <= TOL[FP32]
+
+
+def test_empty_batch():
+    layer = make_layer((0,), 45, 29, 4, FP32, FP32)
+    y, g = run(layer, ("x", "lora_a", "lora_b"), scale=1.0)
+    assert y.shape == (0, 29)
+    assert g["x"].shape == (0, 45) and torch.count_nonzero(g["lora_a"]) == 0 and torch.count_nonzero(g["lora_b"]) == 0
+
+
+def random_case(seed):
+    """An odd random shape: M in [1, 150], K and N in [r, 200], rank from 1..128 (mostly small)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    R = [1, 2, 3, 8, 16, 17, 32, 64, 128][int(torch.randint(0, 9, (1,), generator=g))]
+    M = int(torch.randint(1, 151, (1,), generator=g))
+    K, N = (int(torch.randint(R, max(R, 200) + 1, (1,), generator=g)) for _ in range(2))
+    dtype, adapter_dtype = [(FP32, FP32), (BF16, FP32), (BF16, BF16), (FP16, FP32)][seed % 4]
+    return M, K, N, R, dtype, adapter_dtype
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_shapes_forward_backward(seed):
+    M, K, N, R, dtype, adapter_dtype = random_case(seed)
+    layer = make_layer((M,), K, N, R, dtype, adapter_dtype, bias=seed % 3 != 0, seed=seed)
+    names = ("x", "lora_a", "lora_b")
+    y, g = run(layer, names, scale=16.0 / R)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y)
+    y_ref, g_ref = run(fp64(layer), names, dy=dy.double(), scale=16.0 / R, fn=reference_lowrank_linear)
+    assert rel_err(y, y_ref) <= TOL[dtype], (M, K, N, R, dtype)
+    for name in names:
+        assert rel_err(g[name], g_ref[name]) <= TOL[dtype], (name, M, K, N, R, dtype)
+
+
+# ------------------------------------------------------------------------------------------ backward
+BACKWARD_CASES = [
+    ((37,), 45, 29, 1, FP32, FP32),
+    ((37,), 45, 29, 16, BF16, FP32),
+    ((3, 13), 45, 29, 8, FP16, FP16),
+    ((70,), 100, 90, 16, FP32, FP32),  # 2 row blocks; dA / dB split over M
+    ((20,), 130, 129, 128, BF16, FP32),
+]
+
+
+@pytest.mark.parametrize("lead,K,N,R,dtype,adapter_dtype", BACKWARD_CASES)
+def test_backward_matches_reference(lead, K, N, R, dtype, adapter_dtype):
+    layer = make_layer(lead, K, N, R, dtype, adapter_dtype)
+    names = ("x", "lora_a", "lora_b")
+    y, g = run(layer, names, scale=0.5)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y)
+    _, g_ref = run(fp64(layer), names, dy=dy.double(), scale=0.5, fn=reference_lowrank_linear)
+    for name in names:
+        assert g[name].dtype == layer[name].dtype and g[name].shape == layer[name].shape
+        assert rel_err(g[name], g_ref[name]) <= TOL[dtype], name
+
+
+@pytest.mark.parametrize(
+    "names",
+    [("x",), ("lora_a", "lora_b"), ("lora_b",), ("lora_a",), ("x", "weight", "bias", "lora_a", "lora_b")],
+    ids=["x-only", "adapter-only", "B-only", "A-only", "everything"],
+)
+def test_backward_subsets(names):
+    """Only the gradients asked for are computed; a trainable base weight / bias also gets a gradient."""
+    layer = make_layer((37,), 45, 29, 8, FP32, FP32)
+    y, g = run(layer, names, scale=1.5)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+    _, g_ref = run(fp64(layer), names, dy=dy.double(), scale=1.5, fn=reference_lowrank_linear)
+    for name in names:
+        assert rel_err(g[name], g_ref[name]) <= TOL[FP32], name
+
+
+def test_reference_gradcheck_fp64():
+    g = torch.Generator().manual_seed(3)
+    args = [torch.randn(*s, generator=g, dtype=FP64, requires_grad=True) for s in ((2, 3, 6), (4, 6), (4,), (2, 6), (4, 2))]
+    assert torch.autograd.gradcheck(lambda *t: reference_lowrank_linear(*t, scale=0.7), args)
+    keep = dropout_keep_mask(args[0], 0.4, torch.Generator().manual_seed(1))
+    assert torch.autograd.gradcheck(
+        lambda *t: reference_lowrank_linear(*t, scale=0.7, dropout_p=0.4, training=True, dropout_mask=keep), args
+    )
+
+
+# ------------------------------------------------------------------------------------------- dropout
+def test_dropout_matches_reference_with_same_generator():
+    layer = make_layer((37,), 45, 29, 8, BF16, FP32)
+    names = ("x", "lora_a", "lora_b")
+    kw = dict(scale=1.0, dropout_p=0.3, training=True)
+    y, g = run(layer, names, generator=torch.Generator().manual_seed(11), **kw)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y)
+    keep = dropout_keep_mask(layer["x"], 0.3, torch.Generator().manual_seed(11))
+    assert 0 < keep.sum() < keep.numel()
+    y_ref, g_ref = run(fp64(layer), names, dy=dy.double(), dropout_mask=keep, fn=reference_lowrank_linear, **kw)
+    assert rel_err(y, y_ref) <= TOL[BF16]
+    for name in names:
+        assert rel_err(g[name], g_ref[name]) <= TOL[BF16], name
+    y_nodrop = reference_lowrank_linear(**fp64(layer), scale=1.0)
+    assert rel_err(y_ref, y_nodrop) > 10 * TOL[BF16]  # the mask did something
+
+
+def test_dropout_is_deterministic_given_a_generator():
+    layer = make_layer((37,), 45, 29, 8, FP32, FP32)
+    kw = dict(scale=1.0, dropout_p=0.5, training=True)
+    y1 = lowrank_linear(**layer, generator=torch.Generator().manual_seed(5), **kw)
+    y2 = lowrank_linear(**layer, generator=torch.Generator().manual_seed(5), **kw)
+    y3 = lowrank_linear(**layer, generator=torch.Generator().manual_seed(6), **kw)
+    assert torch.equal(y1, y2)
+    assert not torch.equal(y1, y3)
+    # eval mode: no dropout, no RNG draw
+    gen = torch.Generator().manual_seed(5)
+    state = gen.get_state()
+    y_eval = lowrank_linear(**layer, scale=1.0, dropout_p=0.5, training=False, generator=gen)
+    assert torch.equal(gen.get_state(), state)
+    assert torch.equal(y_eval, lowrank_linear(**layer, scale=1.0))
+
+
+def test_dropout_only_touches_the_lowrank_branch():
+    layer = make_layer((37,), 45, 29, 8, FP32, FP32)
+    layer["lora_b"] = torch.zeros_like(layer["lora_b"])
+    y = lowrank_linear(**layer, scale=1.0, dropout_p=0.9, training=True, generator=torch.Generator().manual_seed(0))
+    assert rel_err(y, F.linear(layer["x"], layer["weight"], layer["bias"])) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------- launchers
+@pytest.mark.parametrize("keep_mode", [None, "input", "output"])
+def test_shrink_expand_writes_every_output(keep_mode):
+    """Poisoned (NaN) output buffers are entirely overwritten with the right values."""
+    g = torch.Generator().manual_seed(0)
+    M, K, N, R, p = 41, 70, 66, 5, 0.25
+    x, A, B, b = (torch.randn(*s, generator=g) for s in ((M, K), (R, K), (N, R), (N,)))
+    keep = None
+    if keep_mode:
+        keep = torch.rand(M, N if keep_mode == "output" else K, generator=g) > p
+    out, mid = torch.full((M, N), float("nan")), torch.full((M, R), float("nan"))
+    shrink_expand(x, A, B, 0.3, bias=b, keep=keep, keep_on_output=keep_mode == "output", dropout_p=p, out=out, mid=mid)
+    xd = x.double() * keep.double() / (1 - p) if keep_mode == "input" else x.double()
+    mid_ref = xd @ A.double().T
+    out_ref = 0.3 * mid_ref @ B.double().T + b.double()
+    if keep_mode == "output":
+        out_ref = out_ref * keep.double() / (1 - p)
+    assert rel_err(mid, mid_ref) <= 1e-5 and rel_err(out, out_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_weight_grad_splits(splits, transpose):
+    g = torch.Generator().manual_seed(0)
+    M, C, R, p = 75, 70, 6, 0.5
+    left, right = torch.randn(M, R, generator=g), torch.randn(M, C, generator=g)
+    keep = torch.rand(M, C, generator=g) > p
+    out = lowrank_weight_grad(left, right, 0.5, keep=keep, dropout_p=p, transpose=transpose, splits=splits)
+    ref = 0.5 * left.double().T @ (right.double() * keep.double() / (1 - p))
+    assert out.dtype == FP32
+    assert rel_err(out, ref.T if transpose else ref) <= 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("dtype,R", [(BF16, 16), (BF16, 64), (BF16, 128), (FP32, 16)])
+def test_kernels_compile_for_h100(compile_sm90, monkeypatch, R, dtype):
+    """The GPU tile configs compile for sm_90 (PTX + ptxas, no GPU needed) and fit in shared memory."""
+    monkeypatch.setattr(lowrank_module, "target_programs", lambda device, per_sm=1: 132 * per_sm)
+    monkeypatch.setattr(lowrank_module, "interpret_mode", lambda: False)
+    cuda = torch.device("cuda")
+    t = {BF16: "bf16", FP32: "fp32"}[dtype]
+    tl_dtype = {BF16: dispatch.tl.bfloat16, FP32: dispatch.tl.float32}[dtype]
+    precision = dispatch.dot_precision(dtype)
+    cfg = lowrank_module._shrink_expand_config(8192, R, cuda)
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    pointers = dict(X=t, A="fp32", B="fp32", BIAS=t, KEEP="u8", MID=t, Y=t)
+    for flags in (
+        dict(HAS_BIAS=True, KEEP_MODE=0, STORE_MID=True, DO_EXPAND=True),  # forward
+        dict(HAS_BIAS=False, KEEP_MODE=1, STORE_MID=True, DO_EXPAND=True),  # forward with dropout
+        dict(HAS_BIAS=False, KEEP_MODE=2, STORE_MID=True, DO_EXPAND=True),  # backward dy -> dyb, dx_low
+        dict(HAS_BIAS=False, KEEP_MODE=0, STORE_MID=True, DO_EXPAND=False),  # backward, x needs no grad
+    ):
+        kernel = compile_sm90(
+            lowrank_module._shrink_expand_kernel, pointers,
+            dict(cfg, **flags, COMPUTE=tl_dtype, DOT_PRECISION=precision),
+            num_warps=warps, num_stages=stages, float_args=("scale", "keep_scale"),
+        )
+        assert kernel.metadata.shared <= 227 * 1024
+    cfg, *_ = lowrank_module._wgrad_config(8192, 2048, R, cuda, None)
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    for has_keep in (False, True):
+        kernel = compile_sm90(
+            lowrank_module._wgrad_kernel, dict(L=t, T=t, KEEP="u8", P="fp32"),
+            dict(cfg, HAS_KEEP=has_keep, COMPUTE=tl_dtype, DOT_PRECISION=precision),
+            num_warps=warps, num_stages=stages, float_args=("scale", "keep_scale"),
+        )
+        assert kernel.metadata.shared <= 227 * 1024
+
+
+# ------------------------------------------------------------------------------------------ autocast
+def test_autocast_bf16_fp32_layer():
+    """Under autocast, x / weight / bias are cast like F.linear; fp32 adapters keep fp32 gradients."""
+    layer = make_layer((37,), 45, 29, 8, FP32, FP32)
+    names = ("x", "lora_a", "lora_b")
+    with torch.autocast("cpu", dtype=BF16):
+        y, g = run(layer, names, scale=1.0)
+    assert y.dtype == BF16
+    cast = {k: v.to(BF16) if k in ("x", "weight", "bias") else v for k, v in layer.items()}
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y)
+    y_ref, g_ref = run(fp64(cast), names, dy=dy.double(), scale=1.0, fn=reference_lowrank_linear)
+    assert rel_err(y, y_ref) <= TOL[BF16]
+    for name in names:
+        assert g[name].dtype == FP32 and rel_err(g[name], g_ref[name]) <= TOL[BF16], name
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layer = make_layer((37,), 45, 29, 8, FP32, FP32)
+    assert choose_backend(layer["x"], 8) == "reference"
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the Triton path must not run")
+
+    monkeypatch.setattr(LowRankLinearFunction, "apply", boom)
+    y, g = run(layer, ("x", "lora_a"), scale=0.5)
+    y_ref, g_ref = run(layer, ("x", "lora_a"), scale=0.5, fn=reference_lowrank_linear)
+    assert torch.equal(y, y_ref) and torch.equal(g["lora_a"], g_ref["lora_a"])
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        lowrank_linear(**layer, scale=0.5, backend="triton")
+
+
+def test_interpreter_uses_the_kernels(monkeypatch):
+    layer = make_layer((37,), 45, 29, 8, FP32, FP32)
+    assert dispatch.interpret_mode() and choose_backend(layer["x"], 8) == "triton"
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the reference must not run")
+
+    monkeypatch.setattr(lowrank_module, "reference_lowrank_linear", boom)
+    lowrank_linear(**layer, scale=0.5)
+    with pytest.raises(AssertionError, match="reference must not run"):
+        lowrank_linear(**layer, scale=0.5, backend="reference")
+
+
+def test_float64_and_large_rank_go_to_the_reference():
+    layer = make_layer((5,), 140, 135, 8, FP64, FP64)
+    assert choose_backend(layer["x"], 8) == "reference"
+    assert torch.equal(lowrank_linear(**layer, scale=1.0), reference_lowrank_linear(**layer, scale=1.0))
+    big = make_layer((5,), 140, 135, dispatch.MAX_TRITON_RANK + 1, FP32, FP32)
+    assert choose_backend(big["x"], dispatch.MAX_TRITON_RANK + 1) == "reference"
+    assert torch.equal(lowrank_linear(**big, scale=1.0), reference_lowrank_linear(**big, scale=1.0))
+
+
+# -------------------------------------------------------------------------------------------- errors
+def test_rank_larger_than_layer():
+    layer = make_layer((4,), 45, 29, 30, FP32, FP32)
+    with pytest.raises(ValueError, match=r"rank r=30 is larger than the layer allows.*min\(45, 29\)"):
+        lowrank_linear(**layer, scale=1.0)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(x=torch.randn(4, 44)), ValueError, "last dimension must be in_features=45"),
+        (dict(lora_a=torch.randn(8, 44)), ValueError, "lora_a must have shape"),
+        (dict(lora_b=torch.randn(29, 7)), ValueError, "lora_b must have shape"),
+        (dict(lora_b=torch.randn(28, 8)), ValueError, "lora_b must have shape"),
+        (dict(bias=torch.randn(28)), ValueError, "bias must have shape"),
+        (dict(weight=torch.randn(29, 45, 1)), ValueError, "weight must be 2-D"),
+        (dict(lora_a=torch.randn(0, 45), lora_b=torch.randn(29, 0)), ValueError, "rank must be >= 1"),
+        (dict(x=torch.randint(0, 5, (4, 45))), TypeError, "x has dtype torch.int64"),
+        (dict(lora_a=torch.randint(0, 5, (8, 45), dtype=torch.int32)), TypeError, "lora_a has dtype torch.int32"),
+        (dict(weight=torch.randn(29, 45, dtype=BF16)), TypeError, "must have one dtype"),
+        (dict(bias=torch.randn(29, dtype=FP16)), TypeError, "must have one dtype"),
+        (dict(lora_a=torch.randn(8, 45, device="meta")), ValueError, "one device"),
+    ],
+)
+def test_bad_inputs(change, error, match):
+    layer = make_layer((4,), 45, 29, 8, FP32, FP32)
+    layer.update(change)
+    with pytest.raises(error, match=match):
+        lowrank_linear(**layer, scale=1.0)
+
+
+def test_bad_scalars():
+    layer = make_layer((4,), 45, 29, 8, FP32, FP32)
+    for p in (1.0, -0.1):
+        with pytest.raises(ValueError, match="dropout_p"):
+            lowrank_linear(**layer, scale=1.0, dropout_p=p, training=True)
+    with pytest.raises(TypeError, match="scale must be a Python number"):
+        lowrank_linear(**layer, scale=torch.tensor(1.0))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        lowrank_linear(**layer, scale=1.0, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("R", [1, 16, 64, 128])
+@pytest.mark.parametrize("dtype,adapter_dtype", [(BF16, FP32), (BF16, BF16), (FP16, FP32), (FP32, FP32)])
+def test_gpu_matches_reference(R, dtype, adapter_dtype):
+    layer = make_layer((3, 341), 520, 392, R, dtype, adapter_dtype, device="cuda")
+    assert choose_backend(layer["x"], R) == "triton"
+    names = ("x", "lora_a", "lora_b")
+    y, g = run(layer, names, scale=0.5)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y)
+    y_ref, g_ref = run(fp64(layer), names, dy=dy.double(), scale=0.5, fn=reference_lowrank_linear)
+    tol = 2e-3 if dtype == FP32 else TOL[dtype]  # fp32 base GEMM may use TF32 on the GPU
+    assert rel_err(y, y_ref) <= tol
+    for name in names:
+        assert rel_err(g[name], g_ref[name]) <= tol, name
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_dropout_matches_reference():
+    layer = make_layer((1000,), 512, 384, 16, BF16, FP32, device="cuda")
+    names = ("x", "lora_a", "lora_b")
+    kw = dict(scale=2.0, dropout_p=0.1, training=True)
+    y, g = run(layer, names, generator=torch.Generator("cuda").manual_seed(3), **kw)
+    keep = dropout_keep_mask(layer["x"], 0.1, torch.Generator("cuda").manual_seed(3))
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y)
+    y_ref, g_ref = run(fp64(layer), names, dy=dy.double(), dropout_mask=keep, fn=reference_lowrank_linear, **kw)
+    assert rel_err(y, y_ref) <= TOL[BF16]
+    for name in names:
+        assert rel_err(g[name], g_ref[name]) <= TOL[BF16], name
