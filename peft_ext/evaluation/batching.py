@@ -1,4 +1,4 @@
-"""Right-padded batches of token ids for scoring a causal LM (padding after the text never changes its logits)."""
+"""Padded batches of token ids for scoring a causal LM, and the scoring context (eval mode, no autograd)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,12 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
     return ids, mask
+
+
+def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with the padding first, so that every sequence ends in the last column."""
+    ids, mask = pad_right([s[::-1] for s in sequences], pad_id)
+    return ids.flip(1), mask.flip(1)
 
 
 def pad_id_of(tokenizer) -> int:

@@ -1,6 +1,7 @@
 """Trainer callbacks that drive peft-ext methods over time; usable with any transformers/TRL Trainer."""
 
+from .cola_chain import ColaChainCallback
 from .hft_reselect import HftReselectCallback
-from .optimizer_params import swap_optimizer_params
+from .optimizer_params import reset_optimizer_state, swap_optimizer_params
 
-__all__ = ["HftReselectCallback", "swap_optimizer_params"]
+__all__ = ["ColaChainCallback", "HftReselectCallback", "reset_optimizer_state", "swap_optimizer_params"]

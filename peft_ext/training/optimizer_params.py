@@ -39,3 +39,17 @@ def swap_optimizer_params(
     lambdas = getattr(lr_scheduler, "lr_lambdas", None)
     if lambdas is not None and len(lambdas) == len(optimizer.param_groups) - 1:
         lambdas.append(lambdas[0])
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter]) -> int:
+    """Forget the optimizer state (Adam moments, step count, momentum buffers) of `params`, which stay in their
+    param groups: their next step starts fresh, as for new parameters. For parameters re-initialised in place (COLA's
+    next link), this keeps the optimizer's group layout, so a Trainer checkpoint of it still loads. Works through
+    accelerate's AcceleratedOptimizer (its `state` is the wrapped optimizer's). Returns how many states were dropped."""
+    state = optimizer.state
+    dropped = 0
+    for p in params:
+        if p in state:
+            del state[p]
+            dropped += 1
+    return dropped

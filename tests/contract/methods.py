@@ -237,6 +237,67 @@ HFT_ENTRY = MethodEntry(
 )
 
 
+# -------------------------------------------------------------------------------------------------- COLA
+def _cola_config(model_kind: str, **overrides) -> PeftConfig:
+    kwargs = {
+        "task_type": MODELS[model_kind].task_type,
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": "all-linear",
+        "chain_length": 3,
+    }
+    kwargs.update(overrides)
+    return peft_ext.ColaConfig(**kwargs)
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    if type(module).__name__ == "Conv1D":  # GPT-2's Conv1D stores its weight as (in, out)
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def _cola_expected_trainable(base: nn.Module, config) -> int:
+    """COLA spec: only the link being trained trains, a LoRA of that link's rank r_k on each targeted module:
+    r_k * (in + out) per module (the merged links are frozen factors), plus the modules_to_save copies."""
+    total = modules_to_save_numel(base, config.modules_to_save)
+    for name in config.target_modules:
+        n_in, n_out = _in_out(base.get_submodule(name))
+        rank = config.link_ranks[config.current_link] if config.link_ranks else config.r
+        total += rank * (n_in + n_out)
+    return total
+
+
+COLA_ENTRY = MethodEntry(
+    name="cola",
+    peft_type="COLA",
+    config_cls=peft_ext.ColaConfig,
+    prefix="lora_",
+    make_config=_cola_config,
+    expected_trainable=_cola_expected_trainable,
+    trained_modules=lambda config: list(config.target_modules),  # "all-linear", expanded to full names on injection
+    nonidentity_overrides={"init_lora_weights": False},
+    seed_overrides=lambda seed: {"seed": seed},
+    bad_configs=(
+        BadConfig("rank_zero", {"r": 0}, ValueError, r"\br\b"),
+        BadConfig("chain_length_zero", {"chain_length": 0}, ValueError, r"chain_length"),
+        BadConfig("steps_per_link_length", {"steps_per_link": [10, 10]}, ValueError, r"steps_per_link"),
+        BadConfig("steps_per_link_zero", {"steps_per_link": 0}, ValueError, r"steps_per_link"),
+        BadConfig("merge_every_past_end", {"merge_every": 0.6}, ValueError, r"merge_every"),
+        BadConfig("two_schedules", {"steps_per_link": 5, "merge_every": 0.2}, ValueError, r"not both"),
+        BadConfig("link_ranks_length", {"link_ranks": [4]}, ValueError, r"link_ranks"),
+        BadConfig("dora", {"use_dora": True}, ValueError, r"use_dora"),
+        BadConfig("pissa_init", {"init_lora_weights": "pissa"}, ValueError, r"init_lora_weights"),
+        BadConfig("rank_larger_than_layer", {"r": 64}, ValueError, r"larger than", "inject"),
+    ),
+    nothing_trainable=BadConfig(
+        "nothing_trainable", {"target_modules": ["q_proj"], "exclude_modules": ["q_proj"]}, ValueError, r"matches no", "inject"
+    ),
+    card_terms=("cola", "peft-ext"),
+    init_atol=0.0,
+    documented_errors={},
+)
+
+
 def variant(entry: MethodEntry, label: str, **fixed) -> MethodEntry:
     """The same method with some config fields fixed (another strategy, say): runs the per-model contract items."""
     make = entry.make_config
@@ -244,6 +305,6 @@ def variant(entry: MethodEntry, label: str, **fixed) -> MethodEntry:
 
 
 # One entry per method: the whole suite (per-model items, TRL, bad inputs, compile) runs on each.
-METHODS: list[MethodEntry] = [HFT_ENTRY]
+METHODS: list[MethodEntry] = [HFT_ENTRY, COLA_ENTRY]
 # Config variants of a method: the per-model items (1 to 6, without compile) run on each as well.
 VARIANTS: list[MethodEntry] = [variant(HFT_ENTRY, "param", strategy="param")]

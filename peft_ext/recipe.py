@@ -1,0 +1,140 @@
+"""YAML recipes: one file names the model, the data, the method, the TRL trainer and its arguments.
+
+    model: smollm2-135m-instruct     # or tiny-llama (tests), a local folder, a Hub id
+    data: fictional-facts            # a built-in dataset (peft_ext.data.tasks) or a .json/.jsonl file
+    method:                          # any PEFT method, built through PEFT's own registry; omit for full FT
+      peft_type: HFT
+      ratio: 0.5
+    trainer: sft                     # sft | dpo
+    trainer_args:                    # passed to trl.SFTConfig / trl.DPOConfig
+      max_steps: 30
+      learning_rate: 1e-4
+    output_dir: outputs/hft_sft      # the trained adapter (or full model) is saved here
+    adapter: null                    # optional: a saved adapter to train further (a new stage), instead of `method`
+
+Run it with `peft-ext train RECIPE.yaml [--set trainer_args.max_steps=2 ...]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import PeftConfig, PeftModel
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+import peft_ext  # noqa: F401  (registers peft-ext's methods with PEFT)
+from peft_ext.data import load_model, load_training_data
+from peft_ext.overrides import apply_overrides, load_yaml
+from peft_ext.trainer_defaults import device_defaults, quiet_defaults
+from peft_ext.training import ColaChainCallback, HftReselectCallback
+from peft_ext.tuners.cola import ColaConfig
+from peft_ext.tuners.hft import HftConfig
+
+TRAINERS = {"sft": (SFTTrainer, SFTConfig), "dpo": (DPOTrainer, DPOConfig)}
+
+
+@dataclass
+class Recipe:
+    model: str
+    data: str
+    method: dict | None = None
+    trainer: str = "sft"
+    trainer_args: dict = field(default_factory=dict)
+    output_dir: str = "outputs/recipe"
+    adapter: str | None = None
+
+    def __post_init__(self):
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"recipe trainer must be one of {sorted(TRAINERS)}, got {self.trainer!r}")
+        if self.method is not None and self.adapter is not None:
+            raise ValueError("a recipe gives either `method` (a new adapter) or `adapter` (train a saved one), not both")
+        if self.method is not None and "peft_type" not in self.method:
+            raise ValueError("recipe `method` needs a peft_type, e.g. {peft_type: HFT, ratio: 0.5} or {peft_type: LORA, r: 8}")
+
+    @classmethod
+    def from_yaml(cls, path: str, overrides: list[str] | None = None) -> "Recipe":
+        data = apply_overrides(load_yaml(path), overrides)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{path}: unknown recipe key(s) {unknown}; known keys: {sorted(names)}")
+        missing = sorted(n for n in ("model", "data") if n not in data)
+        if missing:
+            raise ValueError(f"{path}: the recipe needs {missing}")
+        return cls(**data)
+
+
+def build_peft_config(method: dict) -> PeftConfig:
+    """{peft_type: ..., **fields} -> that method's config class, looked up in PEFT's registry (LORA, HFT, ...)."""
+    fields = dict(method)
+    peft_type = str(fields.pop("peft_type")).upper()
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+    if config_cls is None:
+        known = ", ".join(sorted(str(t) for t in PEFT_TYPE_TO_CONFIG_MAPPING))
+        raise ValueError(f"unknown peft_type {peft_type!r}; PEFT knows: {known}")
+    fields.setdefault("task_type", "CAUSAL_LM")
+    try:
+        return config_cls(**fields)
+    except TypeError as error:  # an unknown field: name the method, not the dataclass internals
+        raise ValueError(f"method {peft_type}: {error}") from None
+
+
+def method_callbacks(peft_config: PeftConfig | None) -> list:
+    """The callbacks that drive the method over the run: HFT's re-selection, COLA's chain of links."""
+    callbacks = [HftReselectCallback()] if wants_reselect(peft_config) else []
+    if isinstance(peft_config, ColaConfig):
+        callbacks.append(ColaChainCallback())
+    return callbacks
+
+
+def wants_reselect(peft_config: PeftConfig | None) -> bool:
+    return isinstance(peft_config, HftConfig) and peft_config.reselect != "never"
+
+
+def build_trainer(recipe: Recipe):
+    """The TRL trainer of `recipe`, with the model, data, method and callbacks in place (not yet trained)."""
+    model, tokenizer = load_model(recipe.model)
+    torch.manual_seed(recipe.trainer_args.get("seed", 42))  # a new adapter's random init, before TRL seeds
+    peft_config = None
+    if recipe.adapter is not None:
+        model = PeftModel.from_pretrained(model, recipe.adapter, is_trainable=True)
+        adapter_config = model.peft_config[model.active_adapter]
+    elif recipe.method is not None:
+        peft_config = adapter_config = build_peft_config(recipe.method)
+    else:
+        adapter_config = None
+    trainer_cls, args_cls = TRAINERS[recipe.trainer]
+    args = args_cls(output_dir=recipe.output_dir, **{**device_defaults(), **quiet_defaults(), **recipe.trainer_args})
+    extra = {}
+    if recipe.trainer == "dpo" and adapter_config is None:
+        # full-FT DPO needs a frozen reference copy; TRL would re-download it from the model's name
+        extra["ref_model"] = load_model(recipe.model)[0]
+    return trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=load_training_data(recipe.data),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=method_callbacks(adapter_config) or None,
+        **extra,
+    )
+
+
+def run_recipe(recipe: Recipe):
+    """Train, then save the adapter (or, without a method, the full model) and the tokenizer to output_dir."""
+    trainer = build_trainer(recipe)
+    trainer.train()
+    output_dir = Path(recipe.output_dir)
+    if isinstance(trainer.model, PeftModel):
+        trainer.model.save_pretrained(output_dir)
+        what = "adapter"
+    else:
+        trainer.save_model(str(output_dir))
+        what = "model"
+    trainer.processing_class.save_pretrained(output_dir)
+    print(f"Saved the trained {what} to {output_dir.resolve()}")
+    return trainer

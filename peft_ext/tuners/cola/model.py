@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+from peft.tuners.lora import LoraModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.error import NoMatchingPeftModuleError
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .bnb import ColaLinear4bit, is_bnb_4bit
+from .config import ColaConfig
+from .layer import ColaChain, ColaLinear, link_seed
+
+
+class ColaModel(LoraModel):
+    """COLA as a PEFT tuner: LoRA's model with `ColaLinear` layers (see `ColaConfig`). Everything LoRA's tuner
+    does (targeting, rank/alpha patterns, modules_to_save, several adapters, mixed batches) applies.
+
+    Example:
+        >>> import peft_ext
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, peft_ext.ColaConfig(r=8, chain_length=3, target_modules="all-linear"))
+        >>> trainer = SFTTrainer(model, ..., callbacks=[peft_ext.training.ColaChainCallback()])
+        >>> peft_ext.export_as_lora(model, "out/lora")  # one rank-3*8 LoRA that plain PEFT loads
+    """
+
+    prefix: str = "lora_"
+
+    # ------------------------------------------------------------------------------------------- injection
+    def _check_new_adapter_config(self, config) -> None:
+        if not isinstance(config, ColaConfig):
+            raise TypeError(f"a COLA model takes ColaConfig adapters, got {type(config).__name__}.")
+        super()._check_new_adapter_config(config)
+
+    def _prepare_model(self, peft_config: ColaConfig, model: nn.Module) -> None:
+        super()._prepare_model(peft_config, model)
+        _tag_model(model)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        config = self.peft_config[adapter_name]
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except NoMatchingPeftModuleError as err:
+            raise NoMatchingPeftModuleError(
+                f"ColaConfig(target_modules={config.target_modules!r}, exclude_modules={config.exclude_modules!r}) "
+                f"matches no nn.Linear / Conv1D module of {type(model).__name__}: check target_modules. ({err})"
+            ) from err
+        for name in ("target_modules", "exclude_modules"):  # "all-linear" was expanded into a set of names
+            value = getattr(config, name)
+            if isinstance(value, (set, frozenset)):
+                setattr(config, name, sorted(value))
+
+    @staticmethod
+    def _create_new_module(lora_config: ColaConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        name = kwargs.get("target_name") or type(base).__name__
+        if kwargs.pop("parameter_name", None) is not None:
+            raise ValueError("COLA wraps modules, not parameters: leave target_parameters unset.")
+        if type(base) is nn.Linear:
+            if lora_config.fan_in_fan_out:
+                warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting it to False.")
+                lora_config.fan_in_fan_out = False
+            return ColaLinear(target, adapter_name, config=lora_config, **kwargs)
+        if isinstance(base, Conv1D):
+            if not lora_config.fan_in_fan_out:
+                warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting it to True.")
+                lora_config.fan_in_fan_out = True
+            return ColaLinear(target, adapter_name, config=lora_config, is_target_conv_1d_layer=True, **kwargs)
+        if is_bnb_4bit(base):  # merged links stay frozen factors: the 4-bit weight is never requantized
+            return ColaLinear4bit(target, adapter_name, config=lora_config, **kwargs)
+        if "bitsandbytes" in type(base).__module__ or hasattr(getattr(base, "weight", None), "quant_state"):
+            raise ValueError(
+                f"COLA does not support the quantized layer {name} ({type(base).__name__}): it wraps nn.Linear, "
+                f"Conv1D and bitsandbytes 4-bit layers. Load the base model in 4, 16 or 32 bits."
+            )
+        raise ValueError(
+            f"COLA wraps nn.Linear and transformers' Conv1D layers; {name} is {type(base).__name__}. Leave it out of "
+            f"target_modules (use exclude_modules) or train it with modules_to_save."
+        )
+
+    # ------------------------------------------------------------------------------------------- the chain
+    def cola_layers(self, adapter_name: Optional[str] = None):
+        """(module name, COLA layer) pairs, restricted to those holding `adapter_name` when given."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, ColaChain) and (adapter_name is None or adapter_name in module.lora_A):
+                yield name, module
+
+    def next_link(self, adapter_name: Optional[str] = None) -> list[nn.Parameter]:
+        """Merge the current link of `adapter_name` (default: the active one) into its frozen factors and start the
+        next link (A drawn from the config's seed, B = 0). Returns the parameters whose optimizer state must be
+        reset (the same Parameter objects as before: an optimizer keeps them, see ColaChainCallback)."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        config: ColaConfig = self.peft_config[adapter_name]
+        if config.current_link + 1 >= config.chain_length:
+            raise ValueError(
+                f"COLA adapter {adapter_name!r} is on its last link ({config.current_link + 1} of chain_length="
+                f"{config.chain_length}): there is no next link."
+            )
+        if any(layer.merged for _, layer in self.cola_layers(adapter_name)):
+            raise ValueError("cannot start the next COLA link while the adapter is merged: call unmerge_adapter() first.")
+        link = config.current_link + 1
+        params = []
+        for name, layer in self.cola_layers(adapter_name):
+            params += layer.start_next_link(adapter_name, link_seed(config.seed, link, name))
+        config.current_link = link
+        return params
+
+    def add_weighted_adapter(self, *args, **kwargs):
+        """LoRA's adapter arithmetic combines lora_A / lora_B only and would drop the merged links: refused."""
+        raise ValueError(
+            "add_weighted_adapter is not supported for COLA adapters (it would ignore their merged links): export each "
+            "chain with peft_ext.export_as_lora, load the exported LoRAs into a LoRA model and combine those."
+        )
+
+    # ---------------------------------------------------------------------------------------- loading
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Reshape the chain to the checkpoint's before it loads: a Trainer resuming mid-chain loads a checkpoint
+        whose merged factors hold k links into an adapter built at link 0. Sets config.current_link = k."""
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        links = {}
+        for name, layer in model.named_modules():
+            if not isinstance(layer, ColaChain) or adapter_name not in layer.lora_A:
+                continue
+            keys = [f"{name}.cola_merged_A.{adapter_name}.weight", f"{name}.lora_A.{adapter_name}.weight"]
+            keys += [k.removeprefix("base_model.model.") for k in keys] + ["base_model.model." + k for k in keys]
+            merged = next((state_dict[k] for k in keys if ".cola_merged_A." in k and k in state_dict), None)
+            current = next((state_dict[k] for k in keys if ".lora_A." in k and k in state_dict), None)
+            if merged is None or current is None:
+                continue  # missing keys: PEFT's load reports them
+            for t in (merged, current):
+                if t.dim() != 2 or t.shape[1] != layer.in_features:
+                    raise ValueError(
+                        f"The adapter file's COLA factor for {name.removeprefix('base_model.model.')} has shape "
+                        f"{tuple(t.shape)}, but this layer has in_features={layer.in_features}: the adapter was "
+                        f"trained on another base model. Load it onto the model it was trained on."
+                    )
+            links[name] = layer.resize_for(adapter_name, merged.shape[0], current.shape[0])
+        if len(set(links.values())) > 1:
+            raise ValueError(f"the COLA checkpoint's layers are at different links: {sorted(set(links.values()))}.")
+        if links:
+            config.current_link = next(iter(links.values()))
+        return state_dict
+
+
+def _tag_model(model: nn.Module) -> None:
+    # the model card PEFT writes lists the base model's `model_tags`: say which method and package made the adapter
+    tags = ["peft-ext", "cola"]
+    add_tags = getattr(model, "add_model_tags", None)
+    if callable(add_tags):
+        add_tags(tags)
+    else:  # a plain nn.Module: PEFT reads the attribute all the same
+        existing = list(getattr(model, "model_tags", None) or [])
+        model.model_tags = existing + [t for t in tags if t not in existing]
+
+
+__all__ = ["ColaModel"]

@@ -1,0 +1,307 @@
+"""Fused forward for PEFT's own LoRA layers: `accelerate_lora(model)` and its inverse `remove_lora_acceleration`.
+
+Plain `LoraConfig` users keep their model, config and saved adapters; `accelerate_lora(model)` swaps the class of
+each `peft.tuners.lora.layer.Linear` instance for `FusedLoraLinear`, a subclass whose forward computes
+
+    y = x W^T + b + s * (dropout(x) A^T) B^T
+
+with one call of `peft_ext.kernels.lowrank_linear` (Triton on CUDA: the adapter's shrink/expand in one launch that
+reads x once, then the base GEMM accumulating into its output; the plain-PyTorch reference on the CPU), and
+`adapter_names=` mixed batches with one call of `lowrank_linear_gathered` (one launch for every adapter of the
+batch, rows grouped by adapter). Nothing else changes: parameters, state dict, `merge`/`unmerge`,
+`disable_adapter`, `set_adapter`, saving and loading are PEFT's, and `remove_lora_acceleration(model)` (or PEFT's
+own `merge_and_unload`/`unload`) gives plain PEFT layers back. The swap is per instance (`module.__class__`), so
+it survives `deepcopy`, needs no monkey-patching of PEFT, and `isinstance(module, peft.tuners.lora.Linear)` holds.
+
+Which calls take the fused path (anything else runs PEFT's own forward, unchanged):
+  - the base layer is a plain `nn.Linear` or transformers' `Conv1D` (GPT-2; `fan_in_fan_out`), with no forward
+    hooks (e.g. accelerate's offloading hooks) and a floating-point weight;
+  - the adapters involved are vanilla LoRA: no DoRA or other variant, `lora_bias=False`, rank <= min(in, out);
+  - one active adapter (a list of active adapters runs on PEFT's path), or `adapter_names=` (inference);
+  - the adapter is neither merged nor disabled (PEFT's path already is the base layer then);
+  - `lora_dropout` is applied by the kernel (its keep-mask comes from torch's RNG; a different mask than PEFT's
+    nn.Dropout draws, same distribution).
+
+Numerics: the adapter weights (fp32 by PEFT's default) are cast to x's dtype instead of x being upcast to fp32
+(the upcast is most of PEFT's overhead, design/perf.md), so bf16 outputs differ from PEFT's within bf16 rounding;
+fp32 outputs agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora.layer import VARIANT_KWARG_KEYS, LoraLayer
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peft_ext.kernels import (
+    AdapterSegments,
+    lowrank_linear,
+    lowrank_linear_gathered,
+    plan_adapter_segments,
+    reference_lowrank_linear_gathered,
+)
+from peft_ext.kernels.dispatch import BACKENDS, HAS_TRITON, TRITON_DTYPES, autocast_base, interpret_mode
+
+__all__ = ["FusedLoraLinear", "accelerate_lora", "remove_lora_acceleration", "fused_path_report"]
+
+
+class FusedLoraLinear(LoraLinear):
+    """`peft.tuners.lora.layer.Linear` with the fused forward (see the module docstring). Built by class swap
+    (`accelerate_lora`), never constructed directly; COLA's layer (`peft_ext.tuners.cola.ColaLinear`) subclasses it.
+
+    `lowrank_backend`: None (Triton on CUDA, the reference elsewhere), "triton" or "reference" (forced)."""
+
+    lowrank_backend: Optional[str] = None
+
+    # ----------------------------------------------------------------------------------------- factors
+    def adapter_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, s): the adapter's whole update is s * B A."""
+        return self.lora_A[adapter].weight, self.lora_B[adapter].weight, float(self.scaling[adapter])
+
+    def base_weight_and_bias(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The base layer's weight as (out, in) (a transposed view for Conv1D) and its bias."""
+        base = self.get_base_layer()
+        weight = base.weight.t() if isinstance(base, Conv1D) else base.weight
+        return weight, base.bias
+
+    def fused_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(x, W, b) for the kernels, cast to the autocast dtype under torch.autocast (as F.linear would). Done here
+        because the kernels' entry points check that x and W share a dtype before applying autocast themselves."""
+        weight, bias = self.base_weight_and_bias()
+        return autocast_base(x, weight, bias)
+
+    def dropout_p(self, adapter: str) -> float:
+        """The adapter's dropout probability in effect now (0 in eval mode)."""
+        dropout = self.lora_dropout[adapter]
+        return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+    # ------------------------------------------------------------------------------------- eligibility
+    def fused_base_reason(self, x: Any = None, args: tuple = (), kwargs: Optional[dict] = None) -> Optional[str]:
+        """Why the base layer (or this call) cannot take the fused path; None if it can."""
+        if args or any(v is not None for k, v in (kwargs or {}).items() if k != "adapter_names"):
+            return "extra forward arguments"
+        base = self.get_base_layer()
+        if type(base) is not nn.Linear and not isinstance(base, Conv1D):
+            return f"base layer is {type(base).__name__}, not nn.Linear / Conv1D"
+        if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+            return "base layer has forward hooks"
+        if not base.weight.is_floating_point():
+            return f"base weight dtype {base.weight.dtype}"
+        if x is not None:
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                return "input is not a floating-point tensor"
+            autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+            if x.dtype != base.weight.dtype and not autocast:
+                return "input and weight dtypes differ"  # PEFT's path raises its own error
+        return None
+
+    def fused_adapter_reason(self, adapter: str) -> Optional[str]:
+        """Why `adapter` cannot take the fused path in this layer; None if it can."""
+        if adapter in self.lora_variant:
+            return f"adapter {adapter!r} is a LoRA variant ({type(self.lora_variant[adapter]).__name__})"
+        if self.lora_bias.get(adapter, False):
+            return f"adapter {adapter!r} has lora_bias=True"
+        dropout = self.lora_dropout[adapter]
+        if not isinstance(dropout, (nn.Dropout, nn.Identity)):
+            return f"adapter {adapter!r} has dropout {type(dropout).__name__}"
+        rank = self.lora_A[adapter].weight.shape[0]
+        if rank > min(self.in_features, self.out_features):
+            return (
+                f"adapter {adapter!r} has rank {rank} > min(in_features, out_features) = "
+                f"{min(self.in_features, self.out_features)}"
+            )
+        return None
+
+    def _fusable(self, x, args, kwargs) -> bool:
+        if self.disable_adapters or self.merged or self.fused_base_reason(x, args, kwargs) is not None:
+            return False
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            names = [a for a in self.active_adapters if a in self.lora_A]
+            if len(names) != 1:
+                return False
+        else:
+            names = {a for a in adapter_names if a in self.lora_A}
+            if self.training and any(self.dropout_p(a) > 0 for a in names):
+                return False
+        return all(self.fused_adapter_reason(a) is None for a in names)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self._fusable(x, args, kwargs):
+            return super().forward(x, *args, **kwargs)  # PEFT's own path, unchanged
+        self._check_forward_args(x, *args, **kwargs)  # PEFT's errors for bad adapter_names
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is not None:
+            return self.gathered_forward(x, adapter_names)
+        adapter = next(a for a in self.active_adapters if a in self.lora_A)
+        lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        return self.fused_lowrank(x, lora_a, lora_b, float(self.scaling[adapter]), self.dropout_p(adapter))
+
+    def fused_lowrank(self, x, lora_a, lora_b, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+        """x W^T + b + scale * (dropout(x) A^T) B^T through `lowrank_linear`."""
+        x, weight, bias = self.fused_operands(x)
+        if dropout_p > 0.0 and x.dim() > 2:
+            # the Triton path mis-strides the dropout mask of an input with more than 2 dims (kernel bug, see the
+            # report): give it the rows; the mask drawn for them is the same (same RNG stream, same element order)
+            y = lowrank_linear(
+                x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scale, dropout_p=dropout_p, training=True,
+                backend=self.lowrank_backend,
+            )  # fmt: skip
+            return y.view(*x.shape[:-1], y.shape[-1])
+        return lowrank_linear(
+            x, weight, bias, lora_a, lora_b, scale, dropout_p=dropout_p, training=dropout_p > 0.0,
+            backend=self.lowrank_backend,
+        )  # fmt: skip
+
+    def gathered_forward(self, x: torch.Tensor, adapter_names: list) -> torch.Tensor:
+        """Mixed batch: row (sequence) i of x under adapter adapter_names[i] ("__base__" or an adapter this layer
+        does not hold: the base layer alone), all adapters in one gathered kernel call."""
+        names = sorted({a for a in adapter_names if a in self.lora_A})
+        if not names:
+            return self.base_layer(x)
+        factors = [self.adapter_factors(a) for a in names]
+        a_stack, b_stack = _stack([a for a, _, _ in factors], [b for _, b, _ in factors])
+        rank = a_stack.shape[1]
+        plan = segment_plan(adapter_names, names, x)
+        x, weight, bias = self.fused_operands(x)
+        scales = [s for _, _, s in factors]
+        if rank > min(self.in_features, self.out_features):  # only COLA's accumulated chains get here
+            return reference_lowrank_linear_gathered(
+                x, weight, bias, a_stack, b_stack, scales, plan.row_index.view(x.shape[:-1])
+            )
+        return lowrank_linear_gathered(
+            x, weight, bias, a_stack, b_stack, scales, plan, check_index=False, backend=self.lowrank_backend
+        )
+
+
+def _stack(a_list: list, b_list: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, r, in) and (L, out, r) stacks; adapters of smaller rank are zero-padded to the largest (zero rows of A
+    and columns of B add nothing). Equal ranks and dtypes (the usual case) take one copy per stack."""
+    dtype = a_list[0].dtype
+    for t in (*a_list, *b_list):
+        dtype = torch.promote_types(dtype, t.dtype)
+    rank = max(a.shape[0] for a in a_list)
+    if all(a.shape[0] == rank and a.dtype == dtype for a in a_list) and all(b.dtype == dtype for b in b_list):
+        return torch.stack(a_list), torch.stack(b_list)
+    a_stack = torch.stack([F.pad(a.to(dtype), (0, 0, 0, rank - a.shape[0])) for a in a_list])
+    b_stack = torch.stack([F.pad(b.to(dtype), (0, rank - b.shape[1])) for b in b_list])
+    return a_stack, b_stack
+
+
+# ------------------------------------------------------------------------------------ mixed-batch plans
+_PLANS: "OrderedDict[tuple, AdapterSegments]" = OrderedDict()
+_MAX_PLANS = 32
+
+
+def segment_plan(adapter_names: list, stack_names: list, x: torch.Tensor) -> AdapterSegments:
+    """The rows of x grouped by adapter (`plan_adapter_segments`), cached: a plan depends only on its key (the
+    names per row, the stack's order, x's shape and device), so every layer of one forward, and later forwards of
+    the same batch layout, reuse it. The index is built and checked on the CPU (no host sync)."""
+    key = (tuple(adapter_names), tuple(stack_names), tuple(x.shape), str(x.device), interpret_mode())
+    plan = _PLANS.get(key)
+    if plan is not None:
+        _PLANS.move_to_end(key)
+        return plan
+    position = {name: i for i, name in enumerate(stack_names)}
+    index = torch.tensor([position.get(a, -1) for a in adapter_names], dtype=torch.int64)
+    plan = plan_adapter_segments(index, len(stack_names), tuple(x.shape), device=x.device, check_index=True)
+    _PLANS[key] = plan
+    if len(_PLANS) > _MAX_PLANS:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------- public API
+def _check_backend(backend: Optional[str]) -> None:
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None (automatic), 'triton' or 'reference', got {backend!r}.")
+
+
+def _triton_unusable(module: LoraLayer) -> Optional[str]:
+    weight = module.get_base_layer().weight
+    if not HAS_TRITON:
+        return "triton is not installed"
+    if weight.dtype not in TRITON_DTYPES:
+        return f"its weight is {weight.dtype} (the Triton kernels take float16, bfloat16 and float32)"
+    if weight.is_cuda or (weight.device.type == "cpu" and interpret_mode()):
+        return None
+    return f"its weight is on {weight.device} (Triton runs on CUDA, or on the CPU with TRITON_INTERPRET=1)"
+
+
+def fused_path_report(model: nn.Module) -> dict[str, list]:
+    """Which LoRA layers of `model` take the fused path: {"fused": [names], "peft": [(name, reason)]}.
+
+    Static reasons only (base layer type, variants, lora_bias, rank); per-call conditions (merged, disabled,
+    several active adapters, extra arguments) are checked at each forward."""
+    report: dict[str, list] = {"fused": [], "peft": []}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if not isinstance(module, FusedLoraLinear):
+            report["peft"].append((name, f"{type(module).__module__}.{type(module).__name__} is not accelerated"))
+            continue
+        reason = module.fused_base_reason() or next(
+            (r for a in module.lora_A for r in [module.fused_adapter_reason(a)] if r is not None), None
+        )
+        if reason is None:
+            report["fused"].append(name)
+        else:
+            report["peft"].append((name, reason))
+    return report
+
+
+def accelerate_lora(model: nn.Module, backend: Optional[str] = None, warn: bool = True) -> nn.Module:
+    """Give every PEFT LoRA `Linear` layer of `model` the fused forward (in place; returns `model`).
+
+    Args:
+        model: a `PeftModel` (or any module holding PEFT LoRA layers, e.g. after `inject_adapter_in_model`).
+        backend: None (Triton on CUDA, the plain-PyTorch reference elsewhere), "reference", or "triton" (raises
+            here, naming the layer, if some layer's weight is not on a device/dtype the Triton kernels run on).
+        warn: warn about LoRA layers that stay on PEFT's path (other layer types, DoRA and other variants,
+            lora_bias, a rank larger than the layer).
+
+    Idempotent; layers added later (`add_adapter` on new target modules) need another call. Undo with
+    `remove_lora_acceleration(model)`.
+    """
+    _check_backend(backend)
+    layers = [(n, m) for n, m in model.named_modules() if type(m) is LoraLinear or isinstance(m, FusedLoraLinear)]
+    if backend == "triton":
+        for name, module in layers:
+            reason = _triton_unusable(module)
+            if reason:
+                raise RuntimeError(
+                    f"accelerate_lora(backend='triton') cannot run layer {name}: {reason}. Use backend=None to pick "
+                    f"Triton where it runs and the reference elsewhere."
+                )
+    for _, module in layers:
+        if type(module) is LoraLinear:
+            module.__class__ = FusedLoraLinear
+        module.lowrank_backend = backend
+    if warn:
+        stays = fused_path_report(model)["peft"]
+        if stays:
+            listing = "; ".join(f"{n}: {r}" for n, r in stays[:5]) + (" ..." if len(stays) > 5 else "")
+            warnings.warn(f"accelerate_lora: {len(stays)} LoRA layer(s) stay on PEFT's own path ({listing}).", stacklevel=2)
+    return model
+
+
+def remove_lora_acceleration(model: nn.Module) -> nn.Module:
+    """Undo `accelerate_lora`: every `FusedLoraLinear` becomes PEFT's `Linear` again (COLA's layers, which are
+    built fused, are left alone). In place; returns `model`."""
+    for module in model.modules():
+        if type(module) is FusedLoraLinear:
+            module.__class__ = LoraLinear
+            module.__dict__.pop("lowrank_backend", None)
+    return model
+
+
+# re-exported for the COLA layer
+VARIANT_KEYS = tuple(VARIANT_KWARG_KEYS)

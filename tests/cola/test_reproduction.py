@@ -1,0 +1,64 @@
+"""The COLA-vs-LoRA reproduction runner (peft_ext.cola_vs_lora) at a tiny scale, and COLA in `peft-ext train` recipes."""
+
+import json
+import math
+
+import pytest
+import yaml
+
+from peft_ext.cola_vs_lora import Repro, reproduce, teacher_data
+
+TINY = dict(
+    steps=4, batch_size=8, seeds=[0], chain_lengths=[2], methods=["lora", "cola", "fft"], cpu_threads=1,
+    teacher={"hidden": 32, "ffn": 64, "vocab": 32, "seq": 8, "n_train": 32, "n_eval": 16},
+)  # fmt: skip
+
+
+def test_teacher_task_is_out_of_reach_of_the_base():
+    data = teacher_data({**Repro(**TINY).teacher})
+    n = data["n_train"]
+    # the untrained base's error is 1.0 by construction (train split); the held-out split is close to it
+    assert math.isclose(((data["start"][:n] - data["target"][:n]).pow(2).mean() / data["scale"]).item(), 1.0, rel_tol=1e-5)
+    assert data["ids"].shape == (48, 8) and data["target"].shape == (48, 8, 32)
+
+
+def test_reproduction_runs_every_method_and_writes_the_summary(tmp_path):
+    results = reproduce(Repro(**TINY), str(tmp_path), log=lambda *a: None)
+    assert list(results) == ["lora", "cola-M2", "fft"]
+    for run, per_seed in results.items():
+        score = per_seed["0"]["score"]
+        assert 0.0 < score < 1.5 and math.isfinite(per_seed["0"]["train_loss"]), (run, score)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(results)) and saved["recipe"]["r"] == 2
+    text = (tmp_path / "results.md").read_text()
+    assert "| lora |" in text and "| cola-M2 |" in text and "| fft |" in text
+    assert "cola-M2 vs LoRA: below LoRA in" in text
+
+
+def test_recipe_file_is_valid_and_bad_keys_are_named(tmp_path):
+    recipe = Repro.from_yaml("recipes/cola_vs_lora.yaml")
+    assert recipe.task == "teacher" and recipe.runs() == [("lora", None), ("cola-M2", 2), ("cola-M3", 3), ("cola-M4", 4), ("fft", None)]
+    assert Repro.from_yaml("recipes/cola_vs_lora_smollm2.yaml").task == "sft"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"task": "teacher", "rank": 4}))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['rank'\]"):
+        Repro.from_yaml(str(path))
+    with pytest.raises(ValueError, match=r"unknown method\(s\) \['dora'\]"):
+        Repro(methods=["dora"])
+    with pytest.raises(ValueError, match=r"unknown teacher key\(s\) \['width'\]"):
+        Repro(teacher={"width": 3})
+
+
+def test_peft_ext_train_recipe_with_cola_gets_the_chain_callback(tmp_path):
+    from peft_ext.recipe import Recipe, build_trainer, run_recipe
+    from peft_ext.training import ColaChainCallback
+
+    recipe = Recipe(
+        model="tiny-llama", data="fictional-facts", output_dir=str(tmp_path),
+        method={"peft_type": "COLA", "r": 4, "chain_length": 2, "target_modules": "all-linear"},
+        trainer_args={"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "max_length": 32},
+    )  # fmt: skip
+    assert any(isinstance(cb, ColaChainCallback) for cb in build_trainer(recipe).callback_handler.callbacks)
+    trainer = run_recipe(recipe)
+    assert trainer.model.peft_config["default"].current_link == 1
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["current_link"] == 1

@@ -1,0 +1,99 @@
+"""YAML recipes on the tiny model: SFT and DPO, HFT and LoRA (and full FT), 2 steps; saved adapters reload exactly."""
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, PeftModel
+
+import peft_ext
+from peft_ext.data.tiny_model import tiny_llama
+from peft_ext.recipe import Recipe, build_peft_config, build_trainer, run_recipe
+from peft_ext.training import HftReselectCallback
+from transformers import AutoModelForCausalLM
+
+PROBE_TEXT = "The capital of the province of Drelmor is Kastavin."
+TRAINER_ARGS = {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "max_length": 64}
+
+
+def write_recipe(tmp_path, name="recipe.yaml", **keys) -> str:
+    recipe = {"model": "tiny-llama", "data": "fictional-facts", "trainer": "sft", "trainer_args": dict(TRAINER_ARGS)}
+    recipe.update({"output_dir": str(tmp_path / "out"), **keys})
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def logits(model) -> torch.Tensor:
+    _, tokenizer = tiny_llama()
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokenizer(PROBE_TEXT).input_ids])).logits
+
+
+@pytest.mark.parametrize(
+    "trainer, data, method",
+    [
+        ("sft", "fictional-facts", {"peft_type": "HFT", "ratio": 0.5}),
+        ("sft", "fictional-facts-qa", {"peft_type": "LORA", "r": 4, "target_modules": "all-linear"}),
+        ("dpo", "addition-preferences", {"peft_type": "HFT", "ratio": 0.5, "reselect": "never"}),
+        ("dpo", "addition-preferences", {"peft_type": "LORA", "r": 4, "target_modules": "all-linear"}),
+    ],
+)
+def test_recipe_trains_saves_and_reloads_the_same_model(tmp_path, trainer, data, method):
+    recipe = Recipe.from_yaml(write_recipe(tmp_path, trainer=trainer, data=data, method=method))
+    trained = run_recipe(recipe)
+    out = tmp_path / "out"
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert trained.state.global_step == 2
+
+    reloaded = PeftModel.from_pretrained(tiny_llama()[0], out)
+    assert reloaded.peft_config["default"].peft_type == method["peft_type"]
+    assert torch.equal(logits(reloaded), logits(trained.model))
+    assert not torch.allclose(logits(reloaded), logits(tiny_llama()[0]), atol=1e-4)  # training changed the model
+
+
+def test_full_fine_tuning_recipe_saves_the_whole_model(tmp_path):
+    trained = run_recipe(Recipe.from_yaml(write_recipe(tmp_path)))  # no method: full fine-tuning
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(logits(reloaded), logits(trained.model))
+
+
+def test_peft_config_comes_from_pefts_registry():
+    hft = build_peft_config({"peft_type": "hft", "ratio": 0.25, "seed": 3})
+    assert isinstance(hft, peft_ext.HftConfig) and hft.ratio == 0.25 and hft.seed == 3
+    lora = build_peft_config({"peft_type": "LORA", "r": 8})
+    assert isinstance(lora, LoraConfig) and lora.r == 8 and lora.task_type == "CAUSAL_LM"
+    with pytest.raises(ValueError, match="unknown peft_type 'NOPE'.*HFT"):
+        build_peft_config({"peft_type": "NOPE"})
+    with pytest.raises(ValueError, match="HFT.*not_a_field"):
+        build_peft_config({"peft_type": "HFT", "not_a_field": 1})
+
+
+def test_overrides_and_bad_keys(tmp_path):
+    path = write_recipe(tmp_path, method={"peft_type": "HFT"})
+    recipe = Recipe.from_yaml(path, ["trainer_args.max_steps=7", "method.ratio=0.25", "trainer_args.learning_rate=3e-4"])
+    assert recipe.trainer_args["max_steps"] == 7 and recipe.method == {"peft_type": "HFT", "ratio": 0.25}
+    assert recipe.trainer_args["learning_rate"] == 3e-4  # YAML's 3e-4 is a float here, not a string
+    with pytest.raises(ValueError, match="unknown recipe key.*'epochs'"):
+        Recipe.from_yaml(path, ["epochs=3"])
+    with pytest.raises(ValueError, match="trainer must be one of"):
+        Recipe.from_yaml(path, ["trainer=ppo"])
+
+
+@pytest.mark.parametrize("reselect, expected", [("stage", True), ("never", False)])
+def test_hft_reselect_callback_is_added_unless_never(tmp_path, reselect, expected):
+    trainer = build_trainer(Recipe.from_yaml(write_recipe(tmp_path, method={"peft_type": "HFT", "reselect": reselect})))
+    assert any(isinstance(c, HftReselectCallback) for c in trainer.callback_handler.callbacks) == expected
+
+
+def test_second_stage_from_a_saved_adapter_draws_a_new_half(tmp_path):
+    run_recipe(Recipe.from_yaml(write_recipe(tmp_path, method={"peft_type": "HFT"})))
+    first = peft_ext.HftConfig.from_pretrained(tmp_path / "out")
+    stage2 = write_recipe(tmp_path, "stage2.yaml", adapter=str(tmp_path / "out"), output_dir=str(tmp_path / "out2"))
+    trained = run_recipe(Recipe.from_yaml(stage2))
+    config = trained.model.peft_config["default"]
+    assert config.stage == first.stage + 1
+    assert config.selected_modules != first.selected_modules
+    assert set(first.selected_modules) <= set(config.trained_modules)  # stage 1's half stays in the model
+    reloaded = PeftModel.from_pretrained(tiny_llama()[0], tmp_path / "out2")
+    assert torch.equal(logits(reloaded), logits(trained.model))
