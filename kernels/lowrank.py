@@ -329,6 +329,7 @@ class LowRankLinearFunction(torch.autograd.Function):
         N, K = weight.shape
         x2d = _rows(x, K)
         need_dx, need_dw, need_db, need_da, need_dbb = ctx.needs_input_grad[:5]
+        keep = None if keep is None else keep.reshape(x2d.shape)  # the kernels index the mask like x2d
         with torch.autocast(x.device.type, enabled=False):
             y, xa = shrink_expand(
                 x2d, lora_a, lora_b, scale, bias=bias, keep=keep, dropout_p=dropout_p, store_mid=need_dbb
@@ -415,10 +416,11 @@ def lowrank_linear(
     comes from torch's RNG (`generator` if given, on x's device). `backend`: None (automatic), "triton" or
     "reference". Raises ValueError / TypeError on bad shapes, ranks, dtypes or devices.
     """
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):  # autocast first, as F.linear: bf16 x, fp32 W
+        x, weight, bias = autocast_base(x, weight, bias)
     rank = check_lowrank_args(x, weight, bias, lora_a, lora_b)
     scale = check_scale("scale", scale)
     dropout_p = check_dropout(dropout_p)
-    x, weight, bias = autocast_base(x, weight, bias)
     check_base(x, weight, bias)
     keep = dropout_keep_mask(x, dropout_p, generator) if training and dropout_p > 0.0 else None
     if choose_backend(x, rank, backend) == "reference":

@@ -251,8 +251,9 @@ def lowrank_linear_gathered(
     x.shape[:-1]) or per sequence (x.shape[0],), -1 = no adapter; or an AdapterSegments plan.
     Raises ValueError / TypeError on bad shapes, ranks, dtypes, devices, or (check_index) an index outside
     [-1, num_adapters)."""
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):  # autocast first, as F.linear
+        x, weight, bias = autocast_base(x, weight, bias)
     L, rank = check_gathered_args(x, weight, bias, lora_a_stack, lora_b_stack, scales)
-    x, weight, bias = autocast_base(x, weight, bias)
     check_base(x, weight, bias)
     M = x.numel() // x.shape[-1]
     plan = adapter_index if isinstance(adapter_index, AdapterSegments) else None

@@ -176,8 +176,9 @@ def test_reference_gradcheck_fp64():
 
 
 # ------------------------------------------------------------------------------------------- dropout
-def test_dropout_matches_reference_with_same_generator():
-    layer = make_layer((37,), 45, 29, 8, BF16, FP32)
+@pytest.mark.parametrize("lead", [(37,), (3, 13)])  # 3-D x: the mask must be indexed like the flattened rows
+def test_dropout_matches_reference_with_same_generator(lead):
+    layer = make_layer(lead, 45, 29, 8, BF16, FP32)
     names = ("x", "lora_a", "lora_b")
     kw = dict(scale=1.0, dropout_p=0.3, training=True)
     y, g = run(layer, names, generator=torch.Generator().manual_seed(11), **kw)
@@ -190,6 +191,17 @@ def test_dropout_matches_reference_with_same_generator():
         assert rel_err(g[name], g_ref[name]) <= TOL[BF16], name
     y_nodrop = reference_lowrank_linear(**fp64(layer), scale=1.0)
     assert rel_err(y_ref, y_nodrop) > 10 * TOL[BF16]  # the mask did something
+
+
+def test_autocast_accepts_bf16_x_with_fp32_base_weights():
+    """Under autocast the base is cast as F.linear would, before any dtype check (bf16 x, fp32 W)."""
+    layer = make_layer((5, 7), 45, 29, 8, FP32, FP32)
+    x_bf16 = layer["x"].to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lowrank_linear(**{**layer, "x": x_bf16}, scale=1.0)
+    assert y.dtype == torch.bfloat16
+    y_ref = reference_lowrank_linear(**fp64({**layer, "x": x_bf16.float()}), scale=1.0)
+    assert rel_err(y, y_ref) <= TOL[BF16]
 
 
 def test_dropout_is_deterministic_given_a_generator():
