@@ -9,7 +9,9 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# pytest-xdist runs one worker per core (-n 2 in pyproject.toml): more OpenMP threads than cores makes some ops
+# orders of magnitude slower on the 2-core CI machine, so each worker computes on one thread.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(autouse=True)
