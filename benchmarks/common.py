@@ -253,3 +253,28 @@ def append_markdown(path: str | os.PathLike, text: str) -> None:
         if previous and not previous.endswith("\n\n"):
             f.write("\n" if previous.endswith("\n") else "\n\n")
         f.write(text.rstrip("\n") + "\n")
+
+
+def build_llama(args, device, dtype, train: bool = True, max_positions: int = 2048):
+    """A random-init Llama of the shape in `args` (vocab, hidden, ffn, layers, heads, kv_heads, seed, attn),
+    built on `device` (fast, and no fp32 copy on the host); untied embeddings, as TinyLlama."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(2048, max_positions),
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=args.attn)
+    return model.to(device).train(train)
+

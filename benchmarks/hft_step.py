@@ -30,6 +30,7 @@ import math
 import sys
 
 from common import (  # noqa: I001  (common must come first: it fixes sys.path before transformers loads)
+    build_llama,
     NA,
     append_markdown,
     default_device,
@@ -70,24 +71,7 @@ GOAL = 0.75
 
 # ---------------------------------------------------------------------------------------------------- model
 def build_model(args, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(2048, args.seq),
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,  # as TinyLlama
-        use_cache=False,
-    )
-    torch.manual_seed(args.seed)
-    with torch.device(device):  # initialise on the device: fast, and no fp32 copy on the host
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=args.attn)
-    return model.to(device).train()
+    return build_llama(args, device, dtype, max_positions=args.seq)
 
 
 def prepare(variant: str, model: torch.nn.Module, args) -> torch.nn.Module:

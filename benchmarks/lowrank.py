@@ -30,6 +30,7 @@ import math
 import sys
 
 from common import (  # noqa: I001  (common must come first: it fixes sys.path before transformers loads)
+    build_llama,
     NA,
     append_markdown,
     default_device,
@@ -68,18 +69,7 @@ STEP_GOAL, ONE_ADAPTER_GOAL, MIXED_GOAL = 1.10, 1.1, 1.3
 
 # ---------------------------------------------------------------------------------------------------- models
 def build_model(args, device: torch.device, dtype: torch.dtype, train: bool = True) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(2048, args.seq, args.fwd_seq), rms_norm_eps=1e-5, tie_word_embeddings=False,
-        use_cache=False,
-    )  # fmt: skip
-    torch.manual_seed(args.seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=args.attn)
-    return model.to(device).train(train)
+    return build_llama(args, device, dtype, train=train, max_positions=max(args.seq, args.fwd_seq))
 
 
 def lora_config(r: int, **kw):
