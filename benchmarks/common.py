@@ -278,3 +278,13 @@ def build_llama(args, device, dtype, train: bool = True, max_positions: int = 20
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=args.attn)
     return model.to(device).train(train)
 
+
+def publish(text: str, out) -> None:
+    """Print a benchmark's report, and append it to `out` (e.g. benchmarks/RESULTS.md) when given."""
+    import sys
+
+    print(text, end="", flush=True)
+    if out:
+        append_markdown(out, text)
+        print(f"(appended to {out})", file=sys.stderr)
+

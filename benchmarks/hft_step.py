@@ -31,8 +31,8 @@ import sys
 
 from common import (  # noqa: I001  (common must come first: it fixes sys.path before transformers loads)
     build_llama,
+    publish,
     NA,
-    append_markdown,
     default_device,
     env_header,
     fmt_gib,
@@ -281,10 +281,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     rows = run(args)
     text = report(args, rows)
-    print(text, end="", flush=True)
-    if args.out:
-        append_markdown(args.out, text)
-        print(f"(appended to {args.out})", file=sys.stderr)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

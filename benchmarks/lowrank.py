@@ -31,8 +31,8 @@ import sys
 
 from common import (  # noqa: I001  (common must come first: it fixes sys.path before transformers loads)
     build_llama,
+    publish,
     NA,
-    append_markdown,
     default_device,
     env_header,
     fmt_gib,
@@ -341,10 +341,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     step_rows, fwd_rows = run(args)
     text = report(args, step_rows, fwd_rows)
-    print(text, end="", flush=True)
-    if args.out:
-        append_markdown(args.out, text)
-        print(f"(appended to {args.out})", file=sys.stderr)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import argparse
 import os
 import sys
 
-from common import append_markdown, env_header, fmt_ms, fmt_ratio, measure  # noqa: I001  (first: fixes sys.path)
+from common import env_header, fmt_ms, fmt_ratio, measure, publish  # noqa: I001  (first: fixes sys.path)
 
 import torch
 import torch.nn.functional as F
@@ -307,10 +307,7 @@ def main(argv=None) -> None:
         ]))  # fmt: skip
     parts.append(goals(train, infer, anchor))
     text = "\n\n".join(parts) + "\n"
-    print(text, end="", flush=True)
-    if args.out:
-        append_markdown(args.out, text)
-        print(f"(appended to {args.out})", file=sys.stderr)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

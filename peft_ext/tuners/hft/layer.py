@@ -93,6 +93,16 @@ class HftLayer(nn.Module, BaseTunerLayer):
             out[pname] = original.index_copy(self._row_dim(pname, original), rows, value.to(original.dtype))
         return out
 
+    def original_values(self, adapter_name: str, pname: str, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The pre-trained values that `hft_weight[adapter_name][pname]` replaces (only its rows for strategy
+        "param"; `rows` overrides the adapter's own, e.g. a checkpoint's), even while an adapter is merged."""
+        original = self._unmerged_base.get(pname, getattr(self.get_base_layer(), pname)).detach()
+        if rows is None and adapter_name in self.hft_index:
+            rows = self.hft_index[adapter_name]["rows"]
+        if rows is None:
+            return original
+        return original.index_select(self._row_dim(pname, original), rows.to(original.device))
+
     def get_delta_weight(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """W_adapter - W_base for each trained parameter of this module."""
         base = self.get_base_layer()

@@ -65,12 +65,8 @@ def _hft_pairs(model: nn.Module, adapter_name: Optional[str]) -> dict:
         name = adapter_name or next((a for a in layer.active_adapters if a in layer.hft_weight), None)
         if name is None or name not in layer.hft_weight:
             continue
-        base = layer.get_base_layer()
-        rows = layer.hft_index[name]["rows"] if name in layer.hft_index else None
         for pname, trained in layer.hft_weight[name].items():
-            original = layer._unmerged_base.get(pname, getattr(base, pname))
-            if rows is not None:
-                original = original.index_select(layer._row_dim(pname, original), rows)
+            original = layer.original_values(name, pname)
             pairs[f"{module_name.removeprefix('base_model.model.')}.{pname}"] = (trained, original)
     return pairs
 

@@ -23,7 +23,7 @@ def deltas_from_weights(model: torch.nn.Module, weights: dict, adapter_name: str
             out[key] = value
             continue
         module_path, _, rest = key.partition(WEIGHT)
-        base = _base_values(_layer(model, module_path), rest.rpartition(".")[2], adapter_name)
+        base = _layer(model, module_path).original_values(adapter_name, rest.rpartition(".")[2])
         delta, exact = _delta(value, base)
         out[module_path + DELTA + rest if exact else key] = delta if exact else value
     return out
@@ -47,7 +47,7 @@ def weights_from_deltas(model: torch.nn.Module, config, state_dict: dict, adapte
                 f"Load it onto the model it was trained on."
             )
         if kind == DELTA:
-            base = _base_values(layer, pname, adapter_name, rows=state_dict.get(module_path + INDEX + "rows"))
+            base = layer.original_values(adapter_name, pname, rows=state_dict.get(module_path + INDEX + "rows"))
             value = (base.to(value.dtype) + value.to(base.device)).to(expected.dtype)
         out[module_path + WEIGHT + pname] = value
     _check_complete(config, out)
@@ -58,16 +58,6 @@ def _delta(value: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, bool]
     wide = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
     delta = value.to(wide) - base.to(wide)
     return delta, torch.equal((base.to(wide) + delta).to(value.dtype), value)
-
-
-def _base_values(layer: HftLayer, pname: str, adapter_name: str, rows=None) -> torch.Tensor:
-    base_layer = layer.get_base_layer()
-    original = layer._unmerged_base.get(pname, getattr(base_layer, pname)).detach()
-    if rows is None and adapter_name in layer.hft_index:
-        rows = layer.hft_index[adapter_name]["rows"]
-    if rows is None:
-        return original
-    return original.index_select(layer._row_dim(pname, original), rows.to(original.device))
 
 
 def _layer(model: torch.nn.Module, module_path: str) -> HftLayer:
