@@ -8,6 +8,7 @@
 from peft_ext.version import __version__
 from peft_ext.tuners.hft import HftConfig, HftLayer, HftModel, reset_fraction
 from peft_ext.tuners.cola import ColaConfig, ColaLinear, ColaModel, export_as_lora
+from peft_ext.tuners.deltacome import DeltaComeConfig, DeltaComeLayer, DeltaComeModel
 from peft_ext.tuners.lora_fused import FusedLoraLinear, accelerate_lora, fused_path_report, remove_lora_acceleration
 from peft_ext.registry import registered_methods
 
@@ -17,6 +18,9 @@ __all__ = [
     "ColaConfig",
     "ColaLinear",
     "ColaModel",
+    "DeltaComeConfig",
+    "DeltaComeLayer",
+    "DeltaComeModel",
     "FusedLoraLinear",
     "HftConfig",
     "HftLayer",

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from functools import partial
 from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
-from peft.utils import AuxiliaryTrainingWrapper
+
+from peft_ext.tuners.mixed_batch import adapter_names_hooks
 
 from .config import HftConfig
 from .layer import HftLayer
@@ -129,36 +129,9 @@ class HftModel(BaseTuner):
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         adapter_names = kwargs.pop("adapter_names", None)
-        if adapter_names is None:
+        merged = any(layer.merged for _, layer in self.hft_layers())
+        with adapter_names_hooks(self, HftLayer, adapter_names, merged, kwargs.get("num_beams", 1)):
             yield
-            return
-        if self.training:
-            raise ValueError("adapter_names= (mixed-adapter batches) is for inference: call model.eval() first.")
-        unknown = sorted({a for a in adapter_names if a != "__base__"} - set(self.peft_config))
-        if unknown:
-            raise ValueError(
-                f"adapter_names= names unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)} "
-                f"(and '__base__' for the base model)."
-            )
-        if any(layer.merged for _, layer in self.hft_layers()):
-            raise ValueError(
-                "adapter_names= cannot run while an adapter is merged into the base weights (every row would see "
-                "it): call model.unmerge_adapter() first."
-            )
-        if kwargs.get("num_beams", 1) > 1:  # generate() repeats each row once per beam
-            adapter_names = [name for name in adapter_names for _ in range(kwargs["num_beams"])]
-        # HFT layers and modules_to_save copies (e.g. a classifier head) both route rows by adapter
-        hook = partial(_inject_adapter_names, adapter_names=adapter_names)
-        handles = [
-            module.register_forward_pre_hook(hook, with_kwargs=True)
-            for module in self.model.modules()
-            if isinstance(module, (HftLayer, AuxiliaryTrainingWrapper))
-        ]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     # ------------------------------------------------------------------------------- saving and loading
     @classmethod
@@ -172,11 +145,6 @@ class HftModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         state_dict = weights_from_deltas(model, config, state_dict, adapter_name)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-
-
-def _inject_adapter_names(module, args, kwargs, adapter_names):
-    kwargs["adapter_names"] = adapter_names
-    return args, kwargs
 
 
 def _check_names_exist(model: torch.nn.Module, names, field: str) -> None:

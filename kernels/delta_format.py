@@ -1,0 +1,262 @@
+"""The storage format of a mixed-precision compressed delta (Delta-CoMe), shared by the compressor and kernels.
+
+A delta dW (out x in) is stored as k singular directions, dW ~= U diag(sigma) V^T with U (out x k) and V (in x k)
+quantised column by column. The directions are split into consecutive *bands* (bits, n_cols), largest singular
+values first, e.g. ((8, 2), (3, 32), (2, 968)): each band's columns are quantised to that many bits.
+
+Per side (V: length d = in_features, U: length d = out_features), for all k columns:
+  - integer codes q in [0, 2^bits - 1], stored as *bit planes*: band b is an int32 array [bits_b, W, n_b] with
+    W = ceil(d / 32) words per column and plane, bit (i % 32) of word (p, i // 32, j) being bit p of q[i, j].
+    Any bit width costs exactly `bits` bits per value (3-bit codes need no 10-in-32 packing with waste), and a
+    kernel dequantises a value with `bits` shift-and-mask steps. The bands' arrays are flattened and concatenated
+    in band order into one int32 vector (`v_words` / `u_words`).
+  - group-wise asymmetric scales: value = q * scale[g, j] + min[g, j] with g = i // group_size; `*_scales` and
+    `*_mins` are fp16 [ceil(d / group_size), k].
+sigma (k,) is kept in fp32. Nothing here ever builds the dense delta except `PackedDelta.dense()` (for merging
+and tests).
+
+`nbytes` is the exact storage of all tensors (padding words included), the figure budgets are matched against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+WORD_BITS = 32
+MAX_BITS = 8
+TENSOR_FIELDS = ("sigma", "v_words", "v_scales", "v_mins", "u_words", "u_scales", "u_mins")
+
+__all__ = ["MAX_BITS", "PackedDelta", "check_bands", "pack_bitplanes", "unpack_bitplanes", "quantize_rtn", "words_per_column"]
+
+
+def words_per_column(d: int) -> int:
+    return -(-d // WORD_BITS)
+
+
+def pack_bitplanes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (d, n) in [0, 2^bits) -> int32 bit planes (bits, ceil(d/32), n)."""
+    d, n = codes.shape
+    words = words_per_column(d)
+    padded = torch.zeros(words * WORD_BITS, n, dtype=torch.int64, device=codes.device)
+    padded[:d] = codes.to(torch.int64)
+    padded = padded.view(words, WORD_BITS, n)
+    shifts = torch.arange(WORD_BITS, device=codes.device, dtype=torch.int64).view(1, WORD_BITS, 1)
+    planes = []
+    for p in range(bits):
+        bit = (padded >> p) & 1
+        word = (bit << shifts).sum(dim=1)  # int64 in [0, 2^32)
+        planes.append(torch.where(word >= 2**31, word - 2**32, word))  # two's complement into int32
+    if not planes:
+        return torch.zeros(0, words, n, dtype=torch.int32, device=codes.device)
+    return torch.stack(planes).to(torch.int32)
+
+
+def unpack_bitplanes(planes: torch.Tensor, d: int) -> torch.Tensor:
+    """Inverse of `pack_bitplanes`: int32 (bits, W, n) -> int64 codes (d, n)."""
+    bits, words, n = planes.shape
+    shifts = torch.arange(WORD_BITS, device=planes.device, dtype=torch.int64).view(1, 1, WORD_BITS, 1)
+    bit_values = (planes.to(torch.int64).unsqueeze(2) >> shifts) & 1  # (bits, W, 32, n)
+    weights = (1 << torch.arange(bits, device=planes.device, dtype=torch.int64)).view(bits, 1, 1, 1)
+    codes = (bit_values * weights).sum(dim=0).reshape(words * WORD_BITS, n)
+    return codes[:d]
+
+
+def quantize_rtn(columns: torch.Tensor, bits: int, group_size: int):
+    """Round-to-nearest group-wise asymmetric quantisation of (d, n) along d.
+
+    Returns (codes int64 (d, n), scales fp16 (G, n), mins fp16 (G, n)); the dequantised value is
+    codes * scales + mins with the fp16 scales/mins (what the kernels read)."""
+    d, n = columns.shape
+    groups = -(-d // group_size)
+    maxq = (1 << bits) - 1
+    padded = torch.zeros(groups * group_size, n, dtype=torch.float32, device=columns.device)
+    padded[:d] = columns.float()
+    grouped = padded.view(groups, group_size, n)
+    if d % group_size:  # the last group's padding must not widen its range
+        valid = torch.arange(groups * group_size, device=columns.device).view(groups, group_size, 1) < d
+        lo = torch.where(valid, grouped, torch.inf).amin(dim=1)
+        hi = torch.where(valid, grouped, -torch.inf).amax(dim=1)
+    else:
+        lo, hi = grouped.amin(dim=1), grouped.amax(dim=1)
+    scales, mins = grid_for_range(lo, hi, bits)
+    codes = codes_on_grid(padded.view(groups, group_size, n), scales.unsqueeze(1), mins.unsqueeze(1), maxq)
+    return codes.reshape(groups * group_size, n)[:d], scales, mins
+
+
+def grid_for_range(lo: torch.Tensor, hi: torch.Tensor, bits: int):
+    """fp16 (scale, min) of the asymmetric grid min + q * scale, q in [0, 2^bits), covering [lo, hi]."""
+    maxq = (1 << bits) - 1
+    scale = ((hi - lo) / maxq).clamp_min(1e-8)
+    return scale.to(torch.float16), lo.to(torch.float16)
+
+
+def codes_on_grid(values: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Nearest code of `values` on the grid given by fp16 scales/mins (broadcast), clamped to [0, maxq]."""
+    scale, low = scales.float(), mins.float()
+    return torch.round((values - low) / scale).clamp_(0, maxq).to(torch.int64)
+
+
+def check_bands(bands: Sequence[Sequence[int]], field_name: str = "bands") -> tuple[tuple[int, int], ...]:
+    """Validates a band schedule ((bits, n_cols), ...) and returns it as a tuple of int pairs."""
+    out = []
+    for i, band in enumerate(bands):
+        if len(band) != 2:
+            raise ValueError(f"{field_name}[{i}] must be a (bits, n_cols) pair, got {band!r}.")
+        bits, n = int(band[0]), int(band[1])
+        if not 1 <= bits <= MAX_BITS:
+            raise ValueError(f"{field_name}[{i}] has bits={bits}; bit widths must be between 1 and {MAX_BITS}.")
+        if n < 0:
+            raise ValueError(f"{field_name}[{i}] has n_cols={n}; column counts must be >= 0.")
+        out.append((bits, n))
+    return tuple(out)
+
+
+@dataclass
+class PackedDelta:
+    """One layer's compressed delta (see the module docstring for the layout)."""
+
+    out_features: int
+    in_features: int
+    group_size: int
+    bands: tuple[tuple[int, int], ...]
+    sigma: torch.Tensor  # fp32 (k,)
+    v_words: torch.Tensor  # int32 (sum_b bits_b * n_b * ceil(in / 32),)
+    v_scales: torch.Tensor  # fp16 (ceil(in / group_size), k)
+    v_mins: torch.Tensor
+    u_words: torch.Tensor  # int32 (sum_b bits_b * n_b * ceil(out / 32),)
+    u_scales: torch.Tensor  # fp16 (ceil(out / group_size), k)
+    u_mins: torch.Tensor
+
+    # ------------------------------------------------------------------------------------------- shape facts
+    @property
+    def rank(self) -> int:
+        return sum(n for _, n in self.bands)
+
+    @property
+    def bit_columns(self) -> int:
+        """sum over bands of bits * n_cols: the planes per word row."""
+        return sum(bits * n for bits, n in self.bands)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sigma.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in TENSOR_FIELDS)
+
+    @staticmethod
+    def expected_shapes(out_features: int, in_features: int, group_size: int, bands) -> dict[str, tuple[int, ...]]:
+        k = sum(n for _, n in bands)
+        plane_cols = sum(bits * n for bits, n in bands)
+        shapes = {"sigma": (k,)}
+        for side, d in (("v", in_features), ("u", out_features)):
+            groups = -(-d // group_size)
+            shapes[f"{side}_words"] = (plane_cols * words_per_column(d),)
+            shapes[f"{side}_scales"] = (groups, k)
+            shapes[f"{side}_mins"] = (groups, k)
+        return shapes
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, group_size: int, bands, device=None) -> "PackedDelta":
+        """All-zero tensors of the right shapes: a zero delta (scales and mins 0), to be filled by a state dict."""
+        bands = check_bands(bands)
+        dtypes = {"sigma": torch.float32, "v_words": torch.int32, "u_words": torch.int32}
+        tensors = {
+            name: torch.zeros(shape, dtype=dtypes.get(name, torch.float16), device=device)
+            for name, shape in cls.expected_shapes(out_features, in_features, group_size, bands).items()
+        }
+        return cls(out_features, in_features, group_size, bands, **tensors)
+
+    @classmethod
+    def from_factors(cls, u: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, bands, group_size: int) -> "PackedDelta":
+        """Round-to-nearest quantisation of given factors u (out, k), v (in, k) band by band."""
+        bands = check_bands(bands)
+        k = sum(n for _, n in bands)
+        if u.shape[1] != k or v.shape[1] != k or sigma.shape != (k,):
+            raise ValueError(f"factors have {u.shape[1]}/{v.shape[1]}/{tuple(sigma.shape)} columns, bands hold {k}.")
+        sides = {}
+        for side, mat in (("v", v), ("u", u)):
+            codes, scales, mins = [], [], []
+            start = 0
+            for bits, n in bands:
+                c, s, m = quantize_rtn(mat[:, start : start + n], bits, group_size)
+                codes.append(pack_bitplanes(c, bits).reshape(-1))
+                scales.append(s)
+                mins.append(m)
+                start += n
+            sides[f"{side}_words"] = torch.cat(codes) if codes else torch.zeros(0, dtype=torch.int32)
+            sides[f"{side}_scales"] = torch.cat(scales, dim=1)
+            sides[f"{side}_mins"] = torch.cat(mins, dim=1)
+        return cls(u.shape[0], v.shape[0], group_size, bands, sigma=sigma.float().contiguous(), **sides)
+
+    @classmethod
+    def random(
+        cls, out_features: int, in_features: int, bands, group_size: int = 128,
+        generator: Optional[torch.Generator] = None, device=None, sigma_scale: float = 1.0,
+    ) -> "PackedDelta":
+        """Random valid contents (random orthonormal-ish factors quantised with RTN): for tests and benchmarks."""
+        bands = check_bands(bands)
+        k = sum(n for _, n in bands)
+        u = torch.randn(out_features, k, generator=generator) / out_features**0.5
+        v = torch.randn(in_features, k, generator=generator) / in_features**0.5
+        sigma = torch.sort(torch.rand(k, generator=generator), descending=True).values * sigma_scale
+        return cls.from_factors(u, sigma, v, bands, group_size).to(device)
+
+    # -------------------------------------------------------------------------------------------- unpacking
+    def band_slices(self, side: str) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+        """(bits, col_start, n_cols, planes (bits, W, n)) per band of one side ("u" or "v")."""
+        d = self.in_features if side == "v" else self.out_features
+        words = words_per_column(d)
+        flat = getattr(self, f"{side}_words")
+        offset = col = 0
+        for bits, n in self.bands:
+            size = bits * words * n
+            yield bits, col, n, flat[offset : offset + size].view(bits, words, n)
+            offset += size
+            col += n
+
+    def factor(self, side: str) -> torch.Tensor:
+        """Dequantised U (out, k) or V (in, k) in fp32, exactly as the kernels compute it."""
+        d = self.in_features if side == "v" else self.out_features
+        codes = torch.zeros(d, self.rank, dtype=torch.float32, device=self.device)
+        for _, col, n, planes in self.band_slices(side):
+            codes[:, col : col + n] = unpack_bitplanes(planes, d).float()
+        group = torch.arange(d, device=self.device) // self.group_size
+        scales = getattr(self, f"{side}_scales").float()[group]
+        mins = getattr(self, f"{side}_mins").float()[group]
+        return codes * scales + mins
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The delta U diag(sigma) V^T (out, in): for merging and tests, never on the serving path."""
+        u, v = self.factor("u"), self.factor("v")
+        return ((u * self.sigma) @ v.T).to(dtype)
+
+    # ---------------------------------------------------------------------------------------------- moving
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in TENSOR_FIELDS}
+
+    def to(self, device=None) -> "PackedDelta":
+        if device is None:
+            return self
+        moved = {name: t.to(device) for name, t in self.tensors().items()}
+        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in TENSOR_FIELDS}
+        return PackedDelta(**meta, **moved)
+
+    def check(self, name: str = "delta") -> None:
+        """Shapes and dtypes against the bands: a mismatched or truncated file fails here, with the field named."""
+        expected = self.expected_shapes(self.out_features, self.in_features, self.group_size, self.bands)
+        want_dtype = {"sigma": torch.float32, "v_words": torch.int32, "u_words": torch.int32}
+        for field_name, shape in expected.items():
+            t = getattr(self, field_name)
+            if tuple(t.shape) != shape:
+                raise ValueError(
+                    f"{name}.{field_name} has shape {tuple(t.shape)}, but bands {list(self.bands)} with group_size "
+                    f"{self.group_size} on a ({self.out_features} x {self.in_features}) layer need {shape}: the "
+                    f"adapter files do not match this config or this base model."
+                )
+            if t.dtype != want_dtype.get(field_name, torch.float16):
+                raise TypeError(f"{name}.{field_name} has dtype {t.dtype}, expected {want_dtype.get(field_name, torch.float16)}.")

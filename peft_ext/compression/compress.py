@@ -1,0 +1,254 @@
+"""`compress_delta(base, finetuned, out_dir)`: a full fine-tune -> a small Delta-CoMe adapter folder on its base.
+
+Layer by layer: read one targeted weight from each model, form the delta in fp32 on the compute device (a GPU
+when present), compress it (compress_layer), keep only the compressed tensors. Weights from folders are read
+through memory maps one tensor at a time, so a 7B pair fits in CPU memory. GPTQ calibration runs the fine-tuned
+model over a small offline text sample, in chunks of layers whose Hessians fit `hessian_memory_gb`.
+
+The folder is a normal PEFT adapter: adapter_config.json + adapter_model.safetensors (loadable with
+`PeftModel.from_pretrained(base, out_dir)` after `import peft_ext`), plus compression_report.json (bytes and
+reconstruction error per layer, totals) and a README.md with the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from peft_ext.tuners.deltacome import DeltaComeConfig
+from peft_ext.tuners.deltacome.compress_layer import compress_layer
+from peft_ext.tuners.deltacome.layer import base_probes
+
+from .calibration import Calibration, calibration_batches, collect_hessians, hessian_chunks
+from .sources import ModelRef, WeightSource
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+REPORT_NAME = "compression_report.json"
+
+
+@dataclass
+class CompressionResult:
+    config: DeltaComeConfig
+    state_dict: dict  # adapter_model.safetensors's tensors, keyed as PEFT saves them
+    layers: list  # one report row per compressed module
+    skipped: list = field(default_factory=list)  # rows for parameters left out (unchanged, or not storable)
+
+    @property
+    def totals(self) -> dict:
+        stored = sum(row["bytes"] for row in self.layers)
+        dense = sum(row["dense_fp16_bytes"] for row in self.layers)
+        extra = sum(t.numel() * t.element_size() for k, t in self.state_dict.items() if ".deltacome_delta." not in k)
+        return {
+            "method": self.config.method, "budget": self.config.budget_fraction, "layers": len(self.layers),
+            "compressed_bytes": stored, "dense_fp16_delta_bytes": dense, "ratio": stored / dense if dense else None,
+            "dense_modules_bytes": extra, "file_bytes": stored + extra,
+            "mean_rel_error": sum(r["rel_error"] for r in self.layers) / max(1, len(self.layers)),
+        }
+
+    def report(self) -> dict:
+        return {"totals": self.totals, "layers": self.layers, "skipped": self.skipped}
+
+    def save(self, out_dir: str | os.PathLike) -> str:
+        from safetensors.torch import save_file
+
+        out_dir = os.fspath(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+        self.config.save_pretrained(out_dir)
+        save_file({k: v.contiguous() for k, v in self.state_dict.items()}, os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(out_dir, REPORT_NAME), "w") as f:
+            json.dump(self.report(), f, indent=1)
+        with open(os.path.join(out_dir, "README.md"), "w") as f:
+            f.write(model_card(self))
+        return out_dir
+
+
+def compress_delta(
+    base: ModelRef,
+    finetuned: ModelRef,
+    out_dir: Optional[str | os.PathLike] = None,
+    *,
+    method: str = "deltacome",
+    budget=1 / 16,
+    bands=None,
+    group_size: int = 128,
+    quantizer: str = "gptq",
+    target_modules="all-linear",
+    exclude_modules=None,
+    dense_modules="changed-norms",
+    tokenizer=None,
+    calibration: Calibration = None,
+    calibration_samples: int = 32,
+    calibration_seq_len: int = 256,
+    hessian_memory_gb: float = 4.0,
+    device: Optional[str | torch.device] = None,
+    progress: bool = True,
+) -> CompressionResult:
+    """Compress `finetuned - base` (nn.Modules, local folders or Hub ids) into a DELTACOME adapter.
+
+    method / budget / bands / group_size / quantizer: as DeltaComeConfig. dense_modules: "changed-norms" (norm
+    layers the fine-tune changed are stored whole, they are tiny), a list of module names to store whole (e.g. a
+    new head), or None. Changed parameters stored neither way are listed in the report's "skipped".
+    calibration (GPTQ only): None (peft-ext's offline English text), a list of strings, or token ids (n, seq_len).
+    Returns a CompressionResult (written to out_dir when given).
+    """
+    config = DeltaComeConfig(
+        method=method, budget=budget, bands=bands if bands is not None else DeltaComeConfig().bands,
+        group_size=group_size, quantizer=quantizer, target_modules=target_modules, exclude_modules=exclude_modules,
+    )
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base_src, ft_src = WeightSource(base, "base"), WeightSource(finetuned, "finetuned")
+    _check_same_architecture(base_src, ft_src)
+    structure = base_src.structure()
+    targets = _targeted_linear_modules(structure, config)
+    deltas_needed = [n for n in targets if _weight_changed(base_src, ft_src, f"{n}.weight")]
+    unchanged = [n for n in targets if n not in deltas_needed]
+    if not deltas_needed:
+        raise ValueError("the fine-tuned model's targeted linear weights equal the base's: there is no delta to compress.")
+
+    ft_model, batches = None, None
+    if method == "deltacome" and quantizer == "gptq":
+        ft_model, tokenizer = _calibration_model(finetuned, ft_src, tokenizer, device)
+        batches = calibration_batches(calibration, tokenizer, calibration_samples, calibration_seq_len)
+
+    state, rows = {}, []
+    chunks = hessian_chunks(ft_model, deltas_needed, int(hessian_memory_gb * 2**30)) if ft_model is not None else [deltas_needed]
+    bar = _progress(len(deltas_needed), progress)
+    for chunk in chunks:
+        hessians = collect_hessians(ft_model, chunk, batches, device) if ft_model is not None else {}
+        for name in chunk:
+            bar.set_postfix_str(name)
+            conv1d = type(structure.get_submodule(name)).__name__ == "Conv1D"
+            w_base = base_src.get(f"{name}.weight").to(device=device, dtype=torch.float32)
+            w_ft = ft_src.get(f"{name}.weight").to(device=device, dtype=torch.float32)
+            if not (torch.isfinite(w_base).all() and torch.isfinite(w_ft).all()):
+                raise ValueError(f"{name}.weight holds NaN or inf in the {'base' if not torch.isfinite(w_base).all() else 'fine-tuned'} model: fix that checkpoint first.")
+            delta = (w_ft - w_base).T if conv1d else w_ft - w_base
+            result = compress_layer(name, delta, method, config.budget_fraction, config.bands, group_size, hessians.pop(name, None))
+            for key, tensor in result.tensors.items():
+                state[f"base_model.model.{name}.deltacome_delta.{key}"] = tensor
+            rows.append(result.row())
+            probe_module = _ProbeView(w_base.T if conv1d else w_base)
+            config.base_probes = {**(config.base_probes or {}), name: base_probes(probe_module)}
+            config.layer_bands = {**(config.layer_bands or {}), name: result.bands}
+            bar.update(1)
+            del w_base, w_ft, delta
+        del hessians
+    bar.close()
+
+    skipped = [{"parameter": f"{n}.weight", "reason": "unchanged by the fine-tune"} for n in unchanged]
+    kept, more_skipped = _dense_modules(structure, base_src, ft_src, set(targets), dense_modules, state)
+    skipped += more_skipped
+    config.target_modules = sorted(deltas_needed)
+    config.exclude_modules = None
+    config.modules_to_save = sorted(kept) or None
+    config.task_type = "CAUSAL_LM" if hasattr(structure, "generate") and type(structure).__name__.endswith("ForCausalLM") else None
+    config.base_model_name_or_path = None if isinstance(base, nn.Module) else os.fspath(base)
+    result = CompressionResult(config, state, rows, skipped)
+    if out_dir is not None:
+        result.save(out_dir)
+    return result
+
+
+class _ProbeView(nn.Module):
+    """base_probes() reads `.weight` (out, in)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="compressing layers", unit="layer", disable=not enabled)
+
+
+def _check_same_architecture(base: WeightSource, ft: WeightSource) -> None:
+    b, f = set(base.names()), set(ft.names())
+    if b != f:
+        only_b, only_f = sorted(b - f)[:3], sorted(f - b)[:3]
+        raise ValueError(
+            f"base and fine-tuned models have different parameters (only in base: {only_b}, only in fine-tune: "
+            f"{only_f}): a delta needs the same architecture. Check that --finetuned was fine-tuned from --base."
+        )
+    for name in sorted(b):
+        if base.shape(name) != ft.shape(name):
+            raise ValueError(
+                f"{name} has shape {base.shape(name)} in the base but {ft.shape(name)} in the fine-tune: a delta needs "
+                f"identical shapes (a resized vocabulary? then store that module whole via dense_modules=[...])."
+            )
+
+
+def _targeted_linear_modules(structure: nn.Module, config: DeltaComeConfig) -> list[str]:
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+
+    config = _maybe_include_all_linear_layers(config, structure)
+    names = [
+        n for n, m in structure.named_modules()
+        if n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and check_target_module_exists(config, n)
+    ]
+    if not names:
+        raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer of {type(structure).__name__}.")
+    return names
+
+
+def _weight_changed(base: WeightSource, ft: WeightSource, key: str) -> bool:
+    return not torch.equal(base.get(key), ft.get(key))
+
+
+def _dense_modules(structure, base_src, ft_src, targets: set, dense_modules, state: dict):
+    """Stores whole the modules asked for (norms the fine-tune changed, by default); reports other changes."""
+    kept, skipped = set(), []
+    wanted = set(dense_modules) if isinstance(dense_modules, (list, tuple, set)) else set()
+    for name, module in structure.named_modules():
+        own = [p for p, _ in module.named_parameters(recurse=False)]
+        if not name or not own or name in targets:
+            continue
+        changed = [p for p in own if ft_src.has(f"{name}.{p}") and _weight_changed(base_src, ft_src, f"{name}.{p}")]
+        is_norm = "norm" in type(module).__name__.lower() or name.split(".")[-1].startswith("ln")
+        if name in wanted or (changed and dense_modules == "changed-norms" and is_norm):
+            for p in own:
+                state[f"base_model.model.{name}.{p}"] = ft_src.get(f"{name}.{p}").detach().cpu().contiguous()
+            kept.add(name)
+        else:
+            skipped += [{"parameter": f"{name}.{p}", "reason": "changed but not stored (add it to dense_modules)"} for p in changed]
+    missing = wanted - kept
+    if missing:
+        raise ValueError(f"dense_modules names modules the model does not have: {sorted(missing)[:5]}.")
+    return kept, skipped
+
+
+def _calibration_model(finetuned: ModelRef, ft_src: WeightSource, tokenizer, device):
+    if isinstance(finetuned, nn.Module):
+        return finetuned, tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(ft_src.folder, dtype=dtype).to(device)
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(ft_src.folder)
+        except Exception:  # noqa: BLE001 - a folder without tokenizer files: the error below says what to do
+            tokenizer = None
+    return model, tokenizer
+
+
+def model_card(result: CompressionResult) -> str:
+    t = result.totals
+    lines = [
+        "---", "library_name: peft", "tags:", "- peft-ext", "- deltacome", "---", "",
+        f"# Delta-CoMe compressed delta ({result.config.method})", "",
+        "A full fine-tune stored as its compressed delta on the base model, made with peft-ext "
+        "(`pip install peft-ext`; load with `PeftModel.from_pretrained(base, this_folder)` after `import peft_ext`).",
+        "", f"- base: {result.config.base_model_name_or_path or '(in-memory model)'}",
+        f"- budget: {t['budget']:.6g} of the dense fp16 delta; stored {t['compressed_bytes']:,} bytes for "
+        f"{t['layers']} layers ({(t['ratio'] or 0):.4f} of {t['dense_fp16_delta_bytes']:,}), plus "
+        f"{t['dense_modules_bytes']:,} bytes of modules stored whole",
+        f"- mean relative reconstruction error: {t['mean_rel_error']:.4f} (per layer: {REPORT_NAME})", "",
+    ]
+    return "\n".join(lines)

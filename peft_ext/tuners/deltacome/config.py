@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft_ext.tuners.config_base import PeftExtConfig
+
+from .bands import PAPER_SCHEDULE, check_schedule, parse_budget
+
+METHODS = ("deltacome", "bitdelta", "lowrank")
+QUANTIZERS = ("gptq", "rtn")
+
+
+@dataclass
+class DeltaComeConfig(PeftExtConfig):
+    """Delta-CoMe (Ping et al., NeurIPS 2024): a full fine-tune stored as its compressed delta on the base.
+
+    Each targeted linear layer's delta dW = W_ft - W_base is kept as singular directions, the largest at more
+    bits (mixed precision along the spectrum), and served by a Triton kernel that dequantises on the fly:
+    y = x W_base^T + ((x V) * sigma) U^T, never building dW. Several compressed fine-tunes ("tenants") load as
+    named adapters on one base and a batch can mix them with `adapter_names=`.
+
+    An adapter is made by `peft_ext.compress_delta(base, finetuned, ...)` / `peft-ext compress`, not trained:
+    it is an inference adapter (a forward in training mode with gradients raises). `get_peft_model(base,
+    DeltaComeConfig(...))` builds the empty structure (a zero delta) that a compressed state dict fills.
+
+    Args:
+        method: "deltacome" (mixed precision, the paper), or a baseline at the same budget: "lowrank" (top-r
+            directions in fp16) or "bitdelta" (alpha * sign(dW), 1 bit per weight; its size is fixed at 1/16).
+        budget: the compressed size of each layer as a fraction of its dense fp16 delta (1/16 = "0.0625" =
+            "1/16"). Everything stored counts (codes, scales, mins, singular values), see bands.py.
+        bands: the precision schedule as (n_cols, bits) pairs, largest singular values first; one band may have
+            n_cols null, meaning "as many as the budget holds". Default [[2, 8], [32, 3], [null, 2]], the paper's.
+        group_size: rows per quantisation group of each singular vector (scales and mins in fp16).
+        quantizer: "gptq" (error compensation on calibration activations, the paper) or "rtn" (round to nearest).
+        layer_bands: per module, the solved (n_cols, bits) bands (filled by the compressor; solved from budget and
+            bands at injection when missing).
+        base_probes: per module, a few of the base weights the delta was computed against (the base fingerprint).
+            Loading onto another base raises.
+        init_weights: True: an empty adapter is a zero delta (the output equals the base). False: random
+            contents (for tests).
+    """
+
+    method: str = field(default="deltacome", metadata={"help": "deltacome | lowrank | bitdelta"})
+    budget: Union[float, str] = field(default=1 / 16, metadata={"help": "Fraction of the dense fp16 delta, e.g. 1/16."})
+    bands: list = field(default_factory=lambda: [list(b) for b in PAPER_SCHEDULE], metadata={"help": "(n_cols, bits) pairs."})
+    group_size: int = field(default=128, metadata={"help": "Quantisation group size along each singular vector."})
+    quantizer: str = field(default="gptq", metadata={"help": "gptq | rtn"})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default="all-linear", metadata={"help": "Linear modules whose delta is stored (default: all but the head)."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to leave out."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules stored whole from the fine-tune (e.g. norms, a new head)."}
+    )
+    layer_bands: Optional[dict] = field(default=None, metadata={"help": "Solved bands per module (compressor)."})
+    base_probes: Optional[dict] = field(default=None, metadata={"help": "Base-weight fingerprint per module."})
+    init_weights: bool = field(default=True, metadata={"help": "False: random contents (tests)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random contents when init_weights=False."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from . import PEFT_TYPE  # the member added to PEFT's enum at import
+
+        self.peft_type = PEFT_TYPE
+        if self.method not in METHODS:
+            raise ValueError(f"DeltaComeConfig.method must be one of {METHODS}, got {self.method!r}.")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"DeltaComeConfig.quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}.")
+        self.budget_fraction = parse_budget(self.budget, "DeltaComeConfig.budget")
+        if self.method == "bitdelta" and self.budget_fraction < 1 / 16:
+            raise ValueError(
+                f"DeltaComeConfig.budget={self.budget!r} is below 1/16, the size of BitDelta's 1-bit signs: use "
+                f"budget >= 1/16 with method='bitdelta', or method='deltacome' / 'lowrank' for smaller budgets."
+            )
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"DeltaComeConfig.group_size must be a positive integer (e.g. 128), got {self.group_size!r}.")
+        self.bands = [list(b) for b in check_schedule(self.bands, "DeltaComeConfig.bands")]
+        if isinstance(self.target_modules, (set, frozenset)):
+            self.target_modules = sorted(self.target_modules)
+
+    def to_dict(self):
+        out = super().to_dict()
+        out.pop("budget_fraction", None)
+        return out

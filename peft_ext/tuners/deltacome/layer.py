@@ -1,0 +1,199 @@
+from __future__ import annotations
+
+import zlib
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from peft_ext.kernels.delta_format import PackedDelta
+from peft_ext.kernels.sign_format import SignDelta, sign_delta_part
+
+from .representation import build_packed, build_sign, empty_tensors, random_tensors
+
+INFERENCE_ONLY = (
+    "Delta-CoMe adapters are compressed, frozen deltas for inference: they cannot be trained (a forward in "
+    "training mode with gradients on reached {name}). Fine-tune the full model (or use LoRA / HFT) and compress "
+    "the result with `peft-ext compress` / peft_ext.compress_delta; call model.eval() to run this adapter."
+)
+
+
+def logical_weight(base: nn.Module) -> torch.Tensor:
+    """The (out, in) weight: transformers' Conv1D (GPT-2) stores it as (in, out)."""
+    return base.weight.T if type(base).__name__ == "Conv1D" else base.weight
+
+
+def base_probes(base: nn.Module, n: int = 16) -> list[float]:
+    """A fingerprint of a base weight: n values at fixed evenly spaced positions (fp32, as plain floats)."""
+    w = logical_weight(base)
+    flat = torch.linspace(0, w.numel() - 1, n).round().long()
+    rows, cols = flat // w.shape[1], flat % w.shape[1]
+    return [float(v) for v in w.detach()[rows.to(w.device), cols.to(w.device)].float().cpu()]
+
+
+class DeltaComeLayer(nn.Module, BaseTunerLayer):
+    """Wraps one linear layer (nn.Linear or Conv1D). Each adapter is a compressed delta held in buffers
+    (`deltacome_delta[adapter]`: the packed bands of U and V, scales, mins, sigma; or a baseline's tensors) and
+    added to the frozen base: y = base(x) + delta(x), the delta never built densely."""
+
+    adapter_layer_names = ("deltacome_delta",)
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.deltacome_delta = nn.ModuleDict()
+        self.delta_meta: dict[str, tuple[str, tuple, int]] = {}  # adapter -> (method, (bits, n) bands, group_size)
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._unmerged_weight: Optional[torch.Tensor] = None
+        self._active_adapter = adapter_name
+        self.kwargs = kwargs
+        self.out_features, self.in_features = logical_weight(base_layer).shape
+
+    # ----------------------------------------------------------------------------------------------- state
+    def update_layer(self, adapter_name: str, method: str, bands, group_size: int, init_weights: bool, seed: int, name: str) -> None:
+        weight = logical_weight(self.get_base_layer())
+        if init_weights:
+            tensors = empty_tensors(method, self.out_features, self.in_features, bands, group_size)
+        else:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            tensors = random_tensors(method, self.out_features, self.in_features, bands, group_size, generator, weight)
+        self.deltacome_delta[adapter_name] = BufferDict({k: t.to(weight.device) for k, t in tensors.items()}, persistent=True)
+        self.delta_meta[adapter_name] = (method, tuple(tuple(b) for b in bands), group_size)
+        self.set_adapter(self.active_adapters)
+
+    def delta(self, adapter_name: str):
+        """The adapter as a PackedDelta / SignDelta / (A, B) pair over the current buffers (no copy)."""
+        method, bands, group_size = self.delta_meta[adapter_name]
+        tensors = dict(self.deltacome_delta[adapter_name].items())
+        if method == "deltacome":
+            return build_packed(self.out_features, self.in_features, bands, group_size, tensors)
+        if method == "bitdelta":
+            return build_sign(self.out_features, self.in_features, tensors)
+        return tensors["lowrank_a"], tensors["lowrank_b"]
+
+    def delta_part(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """delta(x) alone, in fp32 (reference math; used for mixed batches of baseline adapters)."""
+        from peft_ext.kernels.delta_reference import reference_delta_part
+
+        d = self.delta(adapter_name)
+        if isinstance(d, PackedDelta):
+            return reference_delta_part(x, d)
+        if isinstance(d, SignDelta):
+            return sign_delta_part(x, d)
+        a, b = d
+        return F.linear(F.linear(x.float(), a.float()), b.float())
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The dense delta (out, in) in fp32: for merging only."""
+        d = self.delta(adapter_name)
+        if isinstance(d, (PackedDelta, SignDelta)):
+            return d.dense(torch.float32)
+        a, b = d
+        return b.float() @ a.float()
+
+    # --------------------------------------------------------------------------------------------- forward
+    def _base_weight_bias(self):
+        base = self.get_base_layer()
+        return logical_weight(base), base.bias
+
+    def _adapted(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        from peft_ext.kernels import lowrank_linear
+        try:  # TEMP until the kernel lands
+            from peft_ext.kernels import delta_linear
+        except ImportError:
+            from peft_ext.kernels.delta_reference import reference_delta_linear as delta_linear
+
+        weight, bias = self._base_weight_bias()
+        d = self.delta(adapter_name)
+        if isinstance(d, PackedDelta):
+            return delta_linear(x, weight, bias, d)
+        if isinstance(d, SignDelta):
+            y = F.linear(x, weight, bias)
+            return (y.float() + sign_delta_part(x, d)).to(y.dtype)
+        a, b = d
+        return lowrank_linear(x, weight, bias, a, b, 1.0)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.deltacome_delta]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        if self.training and torch.is_grad_enabled():
+            raise RuntimeError(INFERENCE_ONLY.format(name=type(self.get_base_layer()).__name__))
+        if len(active) > 1:
+            raise ValueError(
+                f"Delta-CoMe runs one compressed delta at a time, but {active} are active: call "
+                f"model.set_adapter(name) with one name, or pass adapter_names= per row for a mixed batch."
+            )
+        if args or kwargs:
+            raise TypeError(f"{type(self.get_base_layer()).__name__} takes only x here, got extra arguments.")
+        return self._adapted(x, active[0])
+
+    def _mixed_batch_forward(self, x, *args, adapter_names: list[str], **kwargs):
+        """Rows of one batch under different deltas: the base GEMM once, then each row's own delta."""
+        try:  # TEMP until the kernel lands
+            from peft_ext.kernels import delta_linear_gathered
+        except ImportError:
+            from peft_ext.kernels.delta_reference import reference_delta_linear_gathered as delta_linear_gathered
+
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows.")
+        if self.training and torch.is_grad_enabled():
+            raise RuntimeError(INFERENCE_ONLY.format(name=type(self.get_base_layer()).__name__))
+        names = [a for a in dict.fromkeys(adapter_names) if a in self.deltacome_delta]
+        packed = [a for a in names if self.delta_meta[a][0] == "deltacome"]
+        index = torch.tensor([packed.index(a) if a in packed else -1 for a in adapter_names], device=x.device)
+        weight, bias = self._base_weight_bias()
+        y = delta_linear_gathered(x, weight, bias, [self.delta(a) for a in packed], index)
+        for name in names:  # baselines (bitdelta / lowrank): their rows get their delta added here
+            if name in packed:
+                continue
+            rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=x.device)
+            y[rows] = (y[rows].float() + self.delta_part(name, x[rows])).to(y.dtype)
+        return y
+
+    # ----------------------------------------------------------------------------------------------- merge
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Adds the dense delta into the base weight; `unmerge` restores the original weight bit for bit (it is
+        kept while merged: one extra copy of this layer's weight)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.deltacome_delta:
+                continue
+            with torch.no_grad():
+                delta = self.get_delta_weight(name)
+                if type(base).__name__ == "Conv1D":
+                    delta = delta.T
+                new = (base.weight.float() + delta.to(base.weight.device)).to(base.weight.dtype)
+                if safe_merge and not torch.isfinite(new).all():
+                    raise ValueError(
+                        f"NaNs detected in the merged weights. The adapter {name} seems to be broken: its compressed "
+                        f"delta on {type(base).__name__} holds NaN or inf."
+                    )
+                if self._unmerged_weight is None:
+                    self._unmerged_weight = base.weight.data
+                base.weight.data = new
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if self._unmerged_weight is not None:
+            self.get_base_layer().weight.data = self._unmerged_weight
+        self._unmerged_weight = None
+        self.merged_adapters = []
+
+    def __repr__(self) -> str:
+        return "deltacome." + super().__repr__()

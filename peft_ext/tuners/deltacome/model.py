@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.utils.error import NoMatchingPeftModuleError
+from torch import nn
+
+from peft_ext.tuners.mixed_batch import adapter_names_hooks
+
+from .config import DeltaComeConfig
+from .layer import DeltaComeLayer, base_probes
+from .representation import method_bands
+
+PROBE_RTOL = 1 / 64  # a base reloaded in bf16 / fp16 still matches; another checkpoint does not
+
+
+class DeltaComeModel(BaseTuner):
+    """Delta-CoMe as a PEFT tuner: each targeted linear layer becomes a `DeltaComeLayer` holding compressed deltas.
+
+    Example:
+        >>> import peft_ext
+        >>> peft_ext.compress_delta("base-model", "finetuned-model", "math-delta", budget=1 / 16)
+        >>> model = PeftModel.from_pretrained(base_model, "math-delta", adapter_name="math")
+        >>> model.load_adapter("code-delta", adapter_name="code")
+        >>> model.generate(**batch, adapter_names=["math", "code", "__base__"])  # one batch, three models
+    """
+
+    prefix: str = "deltacome_"
+    tuner_layer_cls = DeltaComeLayer
+    target_module_mapping: dict = {}
+
+    def _prepare_adapter_config(self, peft_config: DeltaComeConfig, model_config: dict) -> DeltaComeConfig:
+        if peft_config.target_modules is None:
+            raise ValueError("DeltaComeConfig.target_modules is None: give module names or 'all-linear'.")
+        return peft_config
+
+    def _prepare_model(self, peft_config: DeltaComeConfig, model: nn.Module) -> None:
+        _tag_model(model)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        config = self.peft_config[adapter_name]
+        if config.base_probes:  # a compressed adapter names its modules: all must exist in this base
+            modules = dict(model.named_modules())
+            missing = sorted(n for n in config.base_probes if n not in modules)
+            if missing:
+                raise ValueError(
+                    f"this Delta-CoMe adapter was compressed against a base with modules {missing[:3]}"
+                    f"{' ...' if len(missing) > 3 else ''} that {type(model).__name__} does not have: load it onto "
+                    f"its base model ({config.base_model_name_or_path or 'see adapter_config.json'})."
+                )
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except NoMatchingPeftModuleError as err:
+            raise NoMatchingPeftModuleError(
+                f"DeltaComeConfig(target_modules={config.target_modules!r}) matches no nn.Linear / Conv1D module of "
+                f"{type(model).__name__}: check target_modules. ({err})"
+            ) from err
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(config, name)
+            if isinstance(value, (set, frozenset)):
+                setattr(config, name, sorted(value))
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: DeltaComeConfig, key: str) -> bool:
+        return check_target_module_exists(peft_config, key)
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        kind = type(base).__name__
+        if not (isinstance(base, nn.Linear) or kind == "Conv1D") or kind in ("Linear4bit", "Linear8bitLt"):
+            raise ValueError(
+                f"Delta-CoMe stores deltas of full-precision linear layers (nn.Linear, Conv1D); {current_key} is a "
+                f"{kind}. Leave it out of target_modules (a quantized base: compress against and load onto the "
+                f"unquantized base)."
+            )
+        _check_probe(peft_config, current_key, base)
+        out_features, in_features = (base.weight.shape[1], base.weight.shape[0]) if kind == "Conv1D" else base.weight.shape
+        stored = (peft_config.layer_bands or {}).get(current_key)
+        bands = method_bands(peft_config.method, out_features, in_features, peft_config, current_key, stored)
+        args = dict(
+            method=peft_config.method, bands=bands, group_size=peft_config.group_size,
+            init_weights=peft_config.init_weights, seed=peft_config.seed, name=current_key,
+        )
+        if isinstance(target, DeltaComeLayer):
+            target.update_layer(adapter_name, **args)
+            return
+        new_module = DeltaComeLayer(target, adapter_name)
+        new_module.update_layer(adapter_name, **args)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for _, p in model.named_parameters():
+            p.requires_grad = False
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        adapter_names = kwargs.pop("adapter_names", None)
+        merged = any(m.merged for m in self.model.modules() if isinstance(m, DeltaComeLayer))
+        with adapter_names_hooks(self, DeltaComeLayer, adapter_names, merged, kwargs.get("num_beams", 1)):
+            yield
+
+
+def _check_probe(config: DeltaComeConfig, name: str, base: nn.Module) -> None:
+    """The base fingerprint: the weights the delta was computed against must be this module's."""
+    if not config.base_probes:
+        return
+    expected = config.base_probes.get(name)
+    if expected is None:
+        raise ValueError(
+            f"{name} is targeted but the adapter has no fingerprint for it (base_probes): the adapter files do not "
+            f"match this base's module names; load it onto its own base ({config.base_model_name_or_path})."
+        )
+    actual = base_probes(base, len(expected))
+    scale = max(abs(v) for v in expected) or 1.0
+    worst = max(abs(a - e) for a, e in zip(actual, expected))
+    if not all(math.isfinite(a) for a in actual) or worst > PROBE_RTOL * scale:
+        raise ValueError(
+            f"the base weights of {name} differ from those this Delta-CoMe delta was compressed against (largest "
+            f"difference {worst:.3g} at a weight scale of {scale:.3g}): a delta only makes sense on its own base. "
+            f"Load the base it was made from ({config.base_model_name_or_path or 'see adapter_config.json'})."
+        )
+
+
+def _tag_model(model: nn.Module) -> None:
+    tags = ["peft-ext", "deltacome"]
+    add_tags = getattr(model, "add_model_tags", None)
+    if callable(add_tags):
+        add_tags(tags)
+    else:
+        existing = list(getattr(model, "model_tags", None) or [])
+        model.model_tags = existing + [t for t in tags if t not in existing]
