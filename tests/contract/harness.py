@@ -33,12 +33,13 @@ def peft_model(entry: MethodEntry, spec: ModelSpec, seed: int = 0, dtype=torch.f
 def train_step(spec: ModelSpec, model: nn.Module, seed: int = 7) -> torch.Tensor:
     """One AdamW step (weight decay > 0) on one batch; returns the loss. Leaves the model in eval mode."""
     model.train()
+    dtype = next(model.parameters()).dtype  # the MLP takes float features in the model's dtype
+    # a method documented as not trainable ("train" in documented_errors) raises its own error in this forward
+    loss = spec.loss(model, spec.batch_with_labels(seed=seed, dtype=dtype))
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params:  # a method documented as not trainable ("train" in documented_errors) may end here
+    if not params:
         raise ValueError("nothing to train: no parameter of the model requires grad")
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
-    dtype = next(model.parameters()).dtype  # the MLP takes float features in the model's dtype
-    loss = spec.loss(model, spec.batch_with_labels(seed=seed, dtype=dtype))
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -99,6 +100,13 @@ def adapter_param_names(model: nn.Module, entry: MethodEntry, adapter: str = "de
         elif "." + entry.prefix in name and re.search(rf"\.{re.escape(adapter)}(\.|$)", name):
             out.append(name)
     return out
+
+
+def adapter_tensors(model: nn.Module, entry: MethodEntry) -> dict[str, torch.Tensor]:
+    """Every tensor an adapter holds: the method's prefixed parameters *and buffers* (an inference-only method keeps
+    its adapter in buffers), and the modules_to_save copies."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return {n: t for n, t in named if "." + entry.prefix in n or ".modules_to_save." in n}
 
 
 def expected_trained_modules(entry: MethodEntry, base: nn.Module, config) -> set[str]:

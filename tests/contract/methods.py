@@ -298,6 +298,51 @@ COLA_ENTRY = MethodEntry(
 )
 
 
+# ---------------------------------------------------------------------------------------------- DELTACOME
+def _deltacome_config(model_kind: str, **overrides) -> PeftConfig:
+    # the tiny models' layers are too small to compress (the MLP's last layer is 20 x 4): at budget 1 an 8-bit and a
+    # 4-bit band fit everywhere; group 16 gives several groups per singular vector
+    kwargs = {"task_type": MODELS[model_kind].task_type, "budget": 1.0, "bands": [[1, 8], [None, 4]], "group_size": 16}
+    kwargs.update(overrides)
+    return peft_ext.DeltaComeConfig(**kwargs)
+
+
+_INFERENCE_ONLY = DocumentedError(
+    RuntimeError, r"inference.*compress", "a compressed delta is made by compressing a fine-tune, not trained"
+)
+
+DELTACOME_ENTRY = MethodEntry(
+    name="deltacome",
+    peft_type="DELTACOME",
+    config_cls=peft_ext.DeltaComeConfig,
+    prefix="deltacome_",
+    make_config=_deltacome_config,
+    # buffers only: nothing of the delta trains (PEFT still adds a classifier head to modules_to_save for SEQ_CLS)
+    expected_trainable=lambda base, config: modules_to_save_numel(base, config.modules_to_save),
+    trained_modules=lambda config: [],
+    nonidentity_overrides={"init_weights": False},
+    seed_overrides=lambda seed: {"seed": seed},
+    bad_configs=(
+        BadConfig("method_unknown", {"method": "gptq"}, ValueError, r"method"),
+        BadConfig("budget_zero", {"budget": 0}, ValueError, r"budget"),
+        BadConfig("budget_text", {"budget": "a sixteenth"}, ValueError, r"budget"),
+        BadConfig("bitdelta_below_1_16", {"method": "bitdelta", "budget": 1 / 32}, ValueError, r"1/16"),
+        BadConfig("bits_too_wide", {"bands": [[4, 9]]}, ValueError, r"bits"),
+        BadConfig("two_fill_bands", {"bands": [[None, 3], [None, 2]]}, ValueError, r"fill"),
+        BadConfig("group_size_zero", {"group_size": 0}, ValueError, r"group_size"),
+        BadConfig("budget_too_small_for_bands", {"budget": 0.01, "bands": [[8, 8], [None, 2]]}, ValueError, r"raise budget", "inject"),
+    ),
+    nothing_trainable=BadConfig(
+        "matches_nothing", {"target_modules": ["q_proj"], "exclude_modules": ["q_proj"]}, ValueError, r"matches no", "inject"
+    ),
+    card_terms=("deltacome", "peft-ext"),
+    init_atol=0.0,
+    documented_errors={
+        item: _INFERENCE_ONLY for item in ("train", "trl_sft", "trl_dpo", "gradient_checkpointing")
+    },
+)
+
+
 def variant(entry: MethodEntry, label: str, **fixed) -> MethodEntry:
     """The same method with some config fields fixed (another strategy, say): runs the per-model contract items."""
     make = entry.make_config
@@ -305,6 +350,10 @@ def variant(entry: MethodEntry, label: str, **fixed) -> MethodEntry:
 
 
 # One entry per method: the whole suite (per-model items, TRL, bad inputs, compile) runs on each.
-METHODS: list[MethodEntry] = [HFT_ENTRY, COLA_ENTRY]
+METHODS: list[MethodEntry] = [HFT_ENTRY, COLA_ENTRY, DELTACOME_ENTRY]
 # Config variants of a method: the per-model items (1 to 6, without compile) run on each as well.
-VARIANTS: list[MethodEntry] = [variant(HFT_ENTRY, "param", strategy="param")]
+VARIANTS: list[MethodEntry] = [
+    variant(HFT_ENTRY, "param", strategy="param"),
+    variant(DELTACOME_ENTRY, "lowrank", method="lowrank"),
+    variant(DELTACOME_ENTRY, "bitdelta", method="bitdelta"),
+]

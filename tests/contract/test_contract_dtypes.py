@@ -37,6 +37,11 @@ def test_half_precision_model(entry, spec, dtype):
     assert out.dtype == dtype and torch.isfinite(out).all()
     if entry.supports("identity_init", spec.kind) and entry.init_atol == 0.0:
         assert_equal(out, base_out, f"{item} peft model at init vs base")
+    if not entry.trainable:  # an inference-only method: a non-trivial adapter runs in that dtype too
+        model, _ = peft_model(entry, spec, dtype=dtype, **entry.nonidentity_overrides)
+        out = output(spec, model, inputs)
+        assert out.dtype == dtype and torch.isfinite(out).all() and not torch.equal(out, base_out)
+        return
     # one step in that dtype: finite loss and gradients, the adapter moves, the frozen weights do not
     before = snapshot(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -73,6 +78,8 @@ def test_cpu_bf16_autocast(entry, spec):
     assert torch.isfinite(out).all()
     if entry.supports("identity_init", spec.kind) and entry.init_atol == 0.0:
         assert_equal(out, base_out, "autocast peft model at init vs autocast base")
+    if not entry.trainable:
+        return
     # and training under autocast (as TRL's default bf16=True does) gives finite fp32 gradients to the adapter
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
-from .harness import CASES, assert_equal, output, train_step, trained_peft_model
+from .harness import adapter_tensors, CASES, assert_equal, output, train_step, trained_peft_model
 
 
 def _config_fields(config) -> dict:
@@ -55,8 +55,8 @@ def test_save_and_reload_is_bit_identical(entry, spec, dtype, tmp_adapter_dir):
     assert type(reloaded.peft_config["default"]) is entry.config_cls
     assert_equal(output(spec, reloaded, inputs), expected, "reloaded vs trained")
     # and the reloaded adapter's tensors equal the trained ones
-    trained = {n: p for n, p in model.named_parameters() if "." + entry.prefix in n or ".modules_to_save." in n}
-    loaded = dict(reloaded.named_parameters())
+    trained = adapter_tensors(model, entry)
+    loaded = adapter_tensors(reloaded, entry)
     assert trained, "no adapter tensors found"
     for name, p in trained.items():
         assert_equal(loaded[name].detach(), p.detach(), name)

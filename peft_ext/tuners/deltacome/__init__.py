@@ -6,9 +6,9 @@ from peft_ext.registry import add_peft_type, register_method
 PEFT_TYPE = add_peft_type("DELTACOME")  # before the config class exists: its __post_init__ sets peft_type to it
 
 from .config import DeltaComeConfig  # noqa: E402
-from .layer import DeltaComeLayer  # noqa: E402
+from .layer import DeltaComeLinear  # noqa: E402
 from .model import DeltaComeModel  # noqa: E402
 
 register_method("DELTACOME", config_cls=DeltaComeConfig, model_cls=DeltaComeModel, prefix=DeltaComeModel.prefix)
 
-__all__ = ["DeltaComeConfig", "DeltaComeLayer", "DeltaComeModel", "PEFT_TYPE"]
+__all__ = ["DeltaComeConfig", "DeltaComeLinear", "DeltaComeModel", "PEFT_TYPE"]

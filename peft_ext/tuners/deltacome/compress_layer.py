@@ -54,7 +54,7 @@ def compress_layer(
     elif method == "lowrank":
         r = lowrank_rank(out_features, in_features, budget)
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        a, b = (s[:r, None] * vh[:r]).half(), u[:, :r].contiguous().half()
+        a, b = (s[:r, None] * vh[:r]).half().contiguous(), u[:, :r].half().contiguous()
         approx = b.float() @ a.float()
         tensors, bands, nbytes = {"lowrank_a": a, "lowrank_b": b}, [[r, 16]], (a.numel() + b.numel()) * 2
     else:

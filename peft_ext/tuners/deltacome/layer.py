@@ -34,7 +34,7 @@ def base_probes(base: nn.Module, n: int = 16) -> list[float]:
     return [float(v) for v in w.detach()[rows.to(w.device), cols.to(w.device)].float().cpu()]
 
 
-class DeltaComeLayer(nn.Module, BaseTunerLayer):
+class DeltaComeLinear(nn.Module, BaseTunerLayer):
     """Wraps one linear layer (nn.Linear or Conv1D). Each adapter is a compressed delta held in buffers
     (`deltacome_delta[adapter]`: the packed bands of U and V, scales, mins, sigma; or a baseline's tensors) and
     added to the frozen base: y = base(x) + delta(x), the delta never built densely."""
@@ -157,7 +157,10 @@ class DeltaComeLayer(nn.Module, BaseTunerLayer):
         packed = [a for a in names if self.delta_meta[a][0] == "deltacome"]
         index = torch.tensor([packed.index(a) if a in packed else -1 for a in adapter_names], device=x.device)
         weight, bias = self._base_weight_bias()
-        y = delta_linear_gathered(x, weight, bias, [self.delta(a) for a in packed], index)
+        if packed:
+            y = delta_linear_gathered(x, weight, bias, [self.delta(a) for a in packed], index)
+        else:
+            y = F.linear(x, weight, bias)
         for name in names:  # baselines (bitdelta / lowrank): their rows get their delta added here
             if name in packed:
                 continue

@@ -11,14 +11,14 @@ from torch import nn
 from peft_ext.tuners.mixed_batch import adapter_names_hooks
 
 from .config import DeltaComeConfig
-from .layer import DeltaComeLayer, base_probes
+from .layer import DeltaComeLinear, base_probes
 from .representation import method_bands
 
 PROBE_RTOL = 1 / 64  # a base reloaded in bf16 / fp16 still matches; another checkpoint does not
 
 
 class DeltaComeModel(BaseTuner):
-    """Delta-CoMe as a PEFT tuner: each targeted linear layer becomes a `DeltaComeLayer` holding compressed deltas.
+    """Delta-CoMe as a PEFT tuner: each targeted linear layer becomes a `DeltaComeLinear` holding compressed deltas.
 
     Example:
         >>> import peft_ext
@@ -29,7 +29,7 @@ class DeltaComeModel(BaseTuner):
     """
 
     prefix: str = "deltacome_"
-    tuner_layer_cls = DeltaComeLayer
+    tuner_layer_cls = DeltaComeLinear
     target_module_mapping: dict = {}
 
     def _prepare_adapter_config(self, peft_config: DeltaComeConfig, model_config: dict) -> DeltaComeConfig:
@@ -84,10 +84,10 @@ class DeltaComeModel(BaseTuner):
             method=peft_config.method, bands=bands, group_size=peft_config.group_size,
             init_weights=peft_config.init_weights, seed=peft_config.seed, name=current_key,
         )
-        if isinstance(target, DeltaComeLayer):
+        if isinstance(target, DeltaComeLinear):
             target.update_layer(adapter_name, **args)
             return
-        new_module = DeltaComeLayer(target, adapter_name)
+        new_module = DeltaComeLinear(target, adapter_name)
         new_module.update_layer(adapter_name, **args)
         self._replace_module(parent, target_name, new_module, target)
 
@@ -98,8 +98,8 @@ class DeltaComeModel(BaseTuner):
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         adapter_names = kwargs.pop("adapter_names", None)
-        merged = any(m.merged for m in self.model.modules() if isinstance(m, DeltaComeLayer))
-        with adapter_names_hooks(self, DeltaComeLayer, adapter_names, merged, kwargs.get("num_beams", 1)):
+        merged = any(m.merged for m in self.model.modules() if isinstance(m, DeltaComeLinear))
+        with adapter_names_hooks(self, DeltaComeLinear, adapter_names, merged, kwargs.get("num_beams", 1)):
             yield
 
 

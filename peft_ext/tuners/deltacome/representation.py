@@ -47,7 +47,7 @@ def random_tensors(
         return {"sign_words": sign.words, "sign_alpha": sign.alpha}
     r = lowrank_of(bands)
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    return {"lowrank_a": (s[:r, None] * vh[:r]).half(), "lowrank_b": u[:, :r].contiguous().half()}
+    return {"lowrank_a": (s[:r, None] * vh[:r]).half().contiguous(), "lowrank_b": u[:, :r].half().contiguous()}
 
 
 def build_packed(out_features: int, in_features: int, bands, group_size: int, tensors: dict) -> PackedDelta:
