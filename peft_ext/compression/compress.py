@@ -42,7 +42,7 @@ class CompressionResult:
     def totals(self) -> dict:
         stored = sum(row["bytes"] for row in self.layers)
         dense = sum(row["dense_fp16_bytes"] for row in self.layers)
-        extra = sum(t.numel() * t.element_size() for k, t in self.state_dict.items() if ".deltacome_delta." not in k)
+        extra = sum(t.numel() * t.element_size() for k, t in self.state_dict.items() if ".deltacome_dense." in k)
         return {
             "method": self.config.method, "budget": self.config.budget_fraction, "layers": len(self.layers),
             "compressed_bytes": stored, "dense_fp16_delta_bytes": dense, "ratio": stored / dense if dense else None,
@@ -145,7 +145,7 @@ def compress_delta(
     skipped += more_skipped
     config.target_modules = sorted(deltas_needed)
     config.exclude_modules = None
-    config.modules_to_save = sorted(kept) or None
+    config.dense_modules = sorted(kept) or None
     config.task_type = "CAUSAL_LM" if hasattr(structure, "generate") and type(structure).__name__.endswith("ForCausalLM") else None
     config.base_model_name_or_path = None if isinstance(base, nn.Module) else os.fspath(base)
     result = CompressionResult(config, state, rows, skipped)
@@ -213,7 +213,7 @@ def _dense_modules(structure, base_src, ft_src, targets: set, dense_modules, sta
         is_norm = "norm" in type(module).__name__.lower() or name.split(".")[-1].startswith("ln")
         if name in wanted or (changed and dense_modules == "changed-norms" and is_norm):
             for p in own:
-                state[f"base_model.model.{name}.{p}"] = ft_src.get(f"{name}.{p}").detach().cpu().contiguous()
+                state[f"base_model.model.{name}.deltacome_dense.{p}"] = ft_src.get(f"{name}.{p}").detach().cpu().contiguous()
             kept.add(name)
         else:
             skipped += [{"parameter": f"{name}.{p}", "reason": "changed but not stored (add it to dense_modules)"} for p in changed]

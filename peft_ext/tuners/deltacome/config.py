@@ -35,6 +35,8 @@ class DeltaComeConfig(PeftExtConfig):
         quantizer: "gptq" (error compensation on calibration activations, the paper) or "rtn" (round to nearest).
         layer_bands: per module, the solved (n_cols, bits) bands (filled by the compressor; solved from budget and
             bands at injection when missing).
+        dense_modules: full names of small non-linear modules (the norms a fine-tune changed) stored whole, one
+            copy per adapter, that mixed batches route per row (filled by the compressor).
         base_probes: per module, a few of the base weights the delta was computed against (the base fingerprint).
             Loading onto another base raises.
         init_weights: True: an empty adapter is a zero delta (the output equals the base). False: random
@@ -50,8 +52,9 @@ class DeltaComeConfig(PeftExtConfig):
         default="all-linear", metadata={"help": "Linear modules whose delta is stored (default: all but the head)."}
     )
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to leave out."})
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules stored whole from the fine-tune (e.g. norms, a new head)."}
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "PEFT's modules_to_save (e.g. a new head)."})
+    dense_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Full names of small modules stored whole from the fine-tune (norms)."}
     )
     layer_bands: Optional[dict] = field(default=None, metadata={"help": "Solved bands per module (compressor)."})
     base_probes: Optional[dict] = field(default=None, metadata={"help": "Base-weight fingerprint per module."})

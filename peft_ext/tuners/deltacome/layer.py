@@ -34,7 +34,11 @@ def base_probes(base: nn.Module, n: int = 16) -> list[float]:
     return [float(v) for v in w.detach()[rows.to(w.device), cols.to(w.device)].float().cpu()]
 
 
-class DeltaComeLinear(nn.Module, BaseTunerLayer):
+class DeltaComeTunerLayer(BaseTunerLayer):
+    """What every Delta-CoMe layer is (the tuner's `tuner_layer_cls`: set_adapter / delete_adapter reach all)."""
+
+
+class DeltaComeLinear(nn.Module, DeltaComeTunerLayer):
     """Wraps one linear layer (nn.Linear or Conv1D). Each adapter is a compressed delta held in buffers
     (`deltacome_delta[adapter]`: the packed bands of U and V, scales, mins, sigma; or a baseline's tensors) and
     added to the frozen base: y = base(x) + delta(x), the delta never built densely."""

@@ -11,7 +11,8 @@ from torch import nn
 from peft_ext.tuners.mixed_batch import adapter_names_hooks
 
 from .config import DeltaComeConfig
-from .layer import DeltaComeLinear, base_probes
+from .dense_layer import DeltaComeDense
+from .layer import DeltaComeLinear, DeltaComeTunerLayer, base_probes
 from .representation import method_bands
 
 PROBE_RTOL = 1 / 64  # a base reloaded in bf16 / fp16 still matches; another checkpoint does not
@@ -29,7 +30,7 @@ class DeltaComeModel(BaseTuner):
     """
 
     prefix: str = "deltacome_"
-    tuner_layer_cls = DeltaComeLinear
+    tuner_layer_cls = DeltaComeTunerLayer
     target_module_mapping: dict = {}
 
     def _prepare_adapter_config(self, peft_config: DeltaComeConfig, model_config: dict) -> DeltaComeConfig:
@@ -65,10 +66,18 @@ class DeltaComeModel(BaseTuner):
 
     @staticmethod
     def _check_target_module_exists(peft_config: DeltaComeConfig, key: str) -> bool:
-        return check_target_module_exists(peft_config, key)
+        return key in (peft_config.dense_modules or ()) or bool(check_target_module_exists(peft_config, key))
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if current_key in (peft_config.dense_modules or ()):
+            if isinstance(target, DeltaComeDense):
+                target.update_layer(adapter_name, peft_config.init_weights, peft_config.seed)
+                return
+            new_module = DeltaComeDense(target, adapter_name)
+            new_module.update_layer(adapter_name, peft_config.init_weights, peft_config.seed)
+            self._replace_module(parent, target_name, new_module, target)
+            return
         kind = type(base).__name__
         if not (isinstance(base, nn.Linear) or kind == "Conv1D") or kind in ("Linear4bit", "Linear8bitLt"):
             raise ValueError(
@@ -98,8 +107,8 @@ class DeltaComeModel(BaseTuner):
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         adapter_names = kwargs.pop("adapter_names", None)
-        merged = any(m.merged for m in self.model.modules() if isinstance(m, DeltaComeLinear))
-        with adapter_names_hooks(self, DeltaComeLinear, adapter_names, merged, kwargs.get("num_beams", 1)):
+        merged = any(m.merged for m in self.model.modules() if isinstance(m, DeltaComeTunerLayer))
+        with adapter_names_hooks(self, DeltaComeTunerLayer, adapter_names, merged, kwargs.get("num_beams", 1)):
             yield
 
 

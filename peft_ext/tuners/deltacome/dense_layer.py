@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from torch import nn
+
+from .layer import INFERENCE_ONLY, DeltaComeTunerLayer
+
+
+class DeltaComeDense(nn.Module, DeltaComeTunerLayer):
+    """A small module the fine-tune changed (a norm, by default) stored whole: each adapter holds the fine-tune's
+    values of its parameters (`deltacome_dense[adapter]`, buffers) and runs the base module with them. Unlike PEFT's
+    modules_to_save, rows of a mixed batch (`adapter_names=`) each get their own adapter's values."""
+
+    adapter_layer_names = ("deltacome_dense",)
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.deltacome_dense = nn.ModuleDict()
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._unmerged: dict[str, torch.Tensor] = {}
+        self._active_adapter = adapter_name
+        self.kwargs = kwargs
+
+    def update_layer(self, adapter_name: str, init_weights: bool, seed: int) -> None:
+        values = {}
+        for pname, p in self.get_base_layer().named_parameters(recurse=False):
+            value = p.detach().clone()
+            if not init_weights:  # tests: a non-identity adapter
+                g = torch.Generator().manual_seed(seed)
+                value += (0.1 * torch.randn(value.shape, generator=g)).to(value)
+            values[pname] = value
+        self.deltacome_dense[adapter_name] = BufferDict(values, persistent=True)
+        self.set_adapter(self.active_adapters)
+
+    def _call(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.get_base_layer()
+        params = {n: t.to(getattr(base, n).dtype) for n, t in self.deltacome_dense[adapter_name].items()}
+        return torch.func.functional_call(base, params, (x, *args), kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.training and torch.is_grad_enabled() and (adapter_names or self.active_adapters):
+            raise RuntimeError(INFERENCE_ONLY.format(name=type(self.get_base_layer()).__name__))
+        if adapter_names is not None:
+            if len(adapter_names) != x.shape[0]:
+                raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows.")
+            result = None
+            for name in dict.fromkeys(adapter_names):
+                rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=x.device)
+                if name in self.deltacome_dense:
+                    out = self._call(name, x[rows], *args, **kwargs)
+                else:
+                    out = self.base_layer(x[rows], *args, **kwargs)
+                if result is None:
+                    result = out.new_empty((x.shape[0], *out.shape[1:]))
+                result[rows] = out
+            return result
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.deltacome_dense]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        return self._call(active[-1], x, *args, **kwargs)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.deltacome_dense:
+                continue
+            values = dict(self.deltacome_dense[name].items())
+            if safe_merge and not all(torch.isfinite(v).all() for v in values.values()):
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken.")
+            for pname, value in values.items():
+                p = getattr(base, pname)
+                self._unmerged.setdefault(pname, p.data)
+                p.data = value.to(p.dtype).clone()
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        base = self.get_base_layer()
+        for pname, original in self._unmerged.items():
+            getattr(base, pname).data = original
+        self._unmerged = {}
+        self.merged_adapters = []
+
+    def __repr__(self) -> str:
+        return "deltacome_dense." + super().__repr__()
