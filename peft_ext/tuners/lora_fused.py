@@ -236,6 +236,18 @@ def _triton_unusable(module: LoraLayer) -> Optional[str]:
     return f"its weight is on {weight.device} (Triton runs on CUDA, or on the CPU with TRITON_INTERPRET=1)"
 
 
+QUANTIZED_BASE = (
+    "its base is a bitsandbytes quantized layer; the fused kernels need a dense weight, so this layer keeps PEFT's "
+    "own path (bitsandbytes dequantises the base, PEFT adds the adapter): correct, not accelerated. Load the base "
+    "in bf16 for the fused path"
+)
+
+
+def _is_quantized_lora(module: nn.Module) -> bool:
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else None
+    return type(base).__name__ in ("Linear4bit", "Linear8bitLt") or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
 def fused_path_report(model: nn.Module) -> dict[str, list]:
     """Which LoRA layers of `model` take the fused path: {"fused": [names], "peft": [(name, reason)]}.
 
@@ -246,7 +258,7 @@ def fused_path_report(model: nn.Module) -> dict[str, list]:
         if not isinstance(module, LoraLayer):
             continue
         if not isinstance(module, FusedLoraLinear):
-            report["peft"].append((name, f"{type(module).__module__}.{type(module).__name__} is not accelerated"))
+            report["peft"].append((name, QUANTIZED_BASE if _is_quantized_lora(module) else f"{type(module).__module__}.{type(module).__name__} is not accelerated"))
             continue
         reason = module.fused_base_reason() or next(
             (r for a in module.lora_A for r in [module.fused_adapter_reason(a)] if r is not None), None
@@ -273,6 +285,9 @@ def accelerate_lora(model: nn.Module, backend: Optional[str] = None, warn: bool 
     """
     _check_backend(backend)
     layers = [(n, m) for n, m in model.named_modules() if type(m) is LoraLinear or isinstance(m, FusedLoraLinear)]
+    quantized = [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and _is_quantized_lora(m)]
+    if backend == "triton" and quantized:
+        raise RuntimeError(f"accelerate_lora(backend='triton') cannot run layer {quantized[0]}: {QUANTIZED_BASE}.")
     if backend == "triton":
         for name, module in layers:
             reason = _triton_unusable(module)

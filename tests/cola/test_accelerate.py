@@ -300,3 +300,30 @@ def test_an_adapter_index_out_of_range_is_a_clear_error():
         lowrank_linear_gathered(x, w, None, a, b, [1.0, 1.0], torch.tensor([0, 2, -1]))
     with pytest.raises(ValueError, match=r"adapter_index out of range: got \[-3\]"):
         plan_adapter_segments(torch.tensor([0, -3, 1]), 2, x.shape)
+
+
+def test_a_4bit_base_stays_on_peft_with_the_reason_and_a_forced_triton_refuses(llama, ids, tmp_path):
+    """bitsandbytes 4-bit LoRA layers: no fused path (the kernels need a dense weight). accelerate_lora says so,
+    leaves them correct on PEFT's path, and backend='triton' refuses naming the layer."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    llama(hidden=64).save_pretrained(tmp_path / "base")  # the CPU 4-bit kernels need in_features >= 64
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+    def model4():
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant, device_map="cpu")
+        torch.manual_seed(0)
+        return get_peft_model(base, copy.deepcopy(config)).eval()
+
+    ref, model = model4(), model4()
+    with pytest.warns(UserWarning, match=r"stay on PEFT's own path.*bitsandbytes quantized layer"):
+        accelerate_lora(model)
+    report = fused_path_report(model)
+    assert report["fused"] == [] and len(report["peft"]) == 4
+    assert all("bitsandbytes quantized" in reason for _, reason in report["peft"])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+    with pytest.raises(RuntimeError, match=r"backend='triton'.*q_proj.*bitsandbytes quantized.*bf16"):
+        accelerate_lora(model4(), backend="triton")
