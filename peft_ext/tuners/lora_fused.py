@@ -148,14 +148,6 @@ class FusedLoraLinear(LoraLinear):
     def fused_lowrank(self, x, lora_a, lora_b, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
         """x W^T + b + scale * (dropout(x) A^T) B^T through `lowrank_linear`."""
         x, weight, bias = self.fused_operands(x)
-        if dropout_p > 0.0 and x.dim() > 2:
-            # the Triton path mis-strides the dropout mask of an input with more than 2 dims (kernel bug, see the
-            # report): give it the rows; the mask drawn for them is the same (same RNG stream, same element order)
-            y = lowrank_linear(
-                x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scale, dropout_p=dropout_p, training=True,
-                backend=self.lowrank_backend,
-            )  # fmt: skip
-            return y.view(*x.shape[:-1], y.shape[-1])
         return lowrank_linear(
             x, weight, bias, lora_a, lora_b, scale, dropout_p=dropout_p, training=dropout_p > 0.0,
             backend=self.lowrank_backend,
