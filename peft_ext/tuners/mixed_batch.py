@@ -46,3 +46,20 @@ def adapter_names_hooks(tuner, layer_cls, adapter_names, merged: bool, num_beams
 def _inject_adapter_names(module, args, kwargs, adapter_names):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
+
+
+def route_rows(x, adapter_names, run):
+    """A mixed batch computed one adapter at a time: `run(name, x_rows)` on the rows (dim 0) of each adapter named
+    in `adapter_names` (one per row), the results put back in row order."""
+    import torch
+
+    if len(adapter_names) != x.shape[0]:
+        raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows.")
+    result = None
+    for name in dict.fromkeys(adapter_names):
+        rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=x.device)
+        out = run(name, x[rows])
+        if result is None:
+            result = out.new_empty((x.shape[0], *out.shape[1:]))
+        result[rows] = out
+    return result

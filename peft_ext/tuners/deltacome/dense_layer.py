@@ -7,6 +7,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+from peft_ext.tuners.mixed_batch import route_rows
+
 from .layer import INFERENCE_ONLY, DeltaComeTunerLayer
 
 
@@ -53,19 +55,10 @@ class DeltaComeDense(nn.Module, DeltaComeTunerLayer):
         if self.training and torch.is_grad_enabled() and (adapter_names or self.active_adapters):
             raise RuntimeError(INFERENCE_ONLY.format(name=type(self.get_base_layer()).__name__))
         if adapter_names is not None:
-            if len(adapter_names) != x.shape[0]:
-                raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows.")
-            result = None
-            for name in dict.fromkeys(adapter_names):
-                rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=x.device)
-                if name in self.deltacome_dense:
-                    out = self._call(name, x[rows], *args, **kwargs)
-                else:
-                    out = self.base_layer(x[rows], *args, **kwargs)
-                if result is None:
-                    result = out.new_empty((x.shape[0], *out.shape[1:]))
-                result[rows] = out
-            return result
+            return route_rows(x, adapter_names, lambda name, rows_x: (
+                self._call(name, rows_x, *args, **kwargs) if name in self.deltacome_dense
+                else self.base_layer(rows_x, *args, **kwargs)
+            ))  # fmt: skip
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.deltacome_dense]

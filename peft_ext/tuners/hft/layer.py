@@ -9,6 +9,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from peft_ext.tuners.mixed_batch import route_rows
+
 
 class HftLayer(nn.Module, BaseTunerLayer):
     """Wraps one selected module. Each adapter owns trainable copies of the module's own parameters
@@ -140,19 +142,13 @@ class HftLayer(nn.Module, BaseTunerLayer):
 
     def _mixed_batch_forward(self, x, *args, adapter_names: list[str], **kwargs):
         """Rows of one batch under different adapters: one call per adapter on its rows."""
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows.")
-        result = None
-        for name in dict.fromkeys(adapter_names):
-            rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=x.device)
+
+        def run(name, rows_x):
             if name in self.hft_weight:
-                out = self._call_with(self.adapted_parameters(name), x[rows], *args, **kwargs)
-            else:  # "__base__", or an adapter that left this module frozen
-                out = self.base_layer(x[rows], *args, **kwargs)
-            if result is None:
-                result = out.new_empty((x.shape[0], *out.shape[1:]))
-            result[rows] = out
-        return result
+                return self._call_with(self.adapted_parameters(name), rows_x, *args, **kwargs)
+            return self.base_layer(rows_x, *args, **kwargs)  # "__base__", or an adapter that left this module frozen
+
+        return route_rows(x, adapter_names, run)
 
     # ----------------------------------------------------------------------------------------------- merge
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
