@@ -74,7 +74,7 @@ def test_the_wheel_ships_the_hook(tmp_path, llama):
     (wheel,) = (tmp_path / "dist").glob("peft_ext-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
-        assert zf.read("peft_ext_autoload.pth").decode().strip() == "import _peft_ext_autoload"
+        assert zf.read("peft_ext_autoload.pth") == (REPO / "peft_ext_autoload.pth").read_bytes()
     assert "_peft_ext_autoload.py" in names and "peft_ext/kernels/__init__.py" in names
     assert not any(n.startswith("kernels/") for n in names)  # never a top-level `kernels` package
     # a site dir holding only the wheel's files (as pip lays them out) makes PEFT load HFT adapters
@@ -86,3 +86,12 @@ def test_the_wheel_ships_the_hook(tmp_path, llama):
     result = _run(LOAD_WITHOUT_IMPORT.format(setup=setup), tmp_path, env={"PEFT_EXT_NO_AUTOLOAD": "0"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+
+
+def test_a_stale_pth_without_its_module_stays_silent(tmp_path):
+    """An uninstalled or moved editable install can leave the .pth behind: Python must start without a traceback."""
+    (tmp_path / "peft_ext_autoload.pth").write_bytes((REPO / "peft_ext_autoload.pth").read_bytes())
+    code = f"import site; site.addsitedir({str(tmp_path)!r}); print('started')"
+    env = {**os.environ, "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "started" and result.stderr == "", result.stderr
