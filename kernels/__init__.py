@@ -12,8 +12,13 @@ if __name__ != "peft_ext.kernels":
     __path__ = []  # no submodules reachable as kernels.<name>
 
 if __name__ == "peft_ext.kernels":
-    # Low-rank linear y = x W^T + b + s (x A^T) B^T: Triton on CUDA (or under TRITON_INTERPRET=1), else the
-    # plain-PyTorch reference. See lowrank.py / lowrank_gathered.py for the design.
+    # Low-rank linear y = x W^T + b + s (x A^T) B^T, and compressed weight deltas (Delta-CoMe) y = x W^T + b +
+    # ((x V) sigma) U^T with U, V dequantised from bit planes on the fly: Triton on CUDA (or under
+    # TRITON_INTERPRET=1), else the plain-PyTorch references. See lowrank.py / lowrank_gathered.py /
+    # delta.py for the designs.
+    from .delta_format import PackedDelta
+    from .delta import delta_linear, delta_linear_gathered
+    from .delta_reference import reference_delta_linear, reference_delta_linear_gathered
     from .dispatch import choose_backend, interpret_mode
     from .lowrank import LowRankLinearFunction, lowrank_linear
     from .lowrank_gathered import AdapterSegments, lowrank_linear_gathered, plan_adapter_segments
@@ -22,16 +27,23 @@ if __name__ == "peft_ext.kernels":
         reference_lowrank_linear,
         reference_lowrank_linear_gathered,
     )
+    from .sign_format import SignDelta
 
     __all__ = [
         "AdapterSegments",
         "LowRankLinearFunction",
+        "PackedDelta",
+        "SignDelta",
         "choose_backend",
+        "delta_linear",
+        "delta_linear_gathered",
         "dropout_keep_mask",
         "interpret_mode",
         "lowrank_linear",
         "lowrank_linear_gathered",
         "plan_adapter_segments",
+        "reference_delta_linear",
+        "reference_delta_linear_gathered",
         "reference_lowrank_linear",
         "reference_lowrank_linear_gathered",
     ]

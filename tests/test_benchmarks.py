@@ -76,3 +76,51 @@ def test_hft_step_tiny_cpu(tmp_path):
     assert "HFT <= 0.75x full fine-tuning" in text
     # --out appends the same block
     assert out.read_text().strip() == text.strip()
+
+
+def _tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Every markdown table in `text`, as (header cells, row cells)."""
+    tables, block = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append(line)
+        elif block:
+            header, separator, *rows = block
+            assert set(separator.replace("|", "")) <= set("-: "), separator
+            tables.append((_cells(header), [_cells(row) for row in rows]))
+            block = []
+    return tables
+
+
+def test_delta_smoke_cpu(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    cmd = [sys.executable, "benchmarks/delta.py", "--smoke", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = proc.stdout
+    (h1, single), (h2, memory), (h3, multi) = _tables(text)
+
+    assert h1[:5] == ["shape (out x in)", "tokens", "variant", "ms", "vs base"] and "% of copy BW" in h1
+    variants = [row[2] for row in single]
+    for label in ("base only", "base + ours (delta_linear)", "base + dequant + matmul", "dense merged W + dW"):
+        assert variants.count(label) == 3, (label, variants)  # tokens 1, 4 and a 32-token prefill
+    for row in single:
+        assert NUMBER.match(row[3]) and float(row[3]) > 0, row
+        if row[2] == "base only":
+            assert row[4] == "1.00", row
+        if row[2].startswith("base + ours"):
+            assert float(row[h1.index("delta MB")]) > 0 and float(row[h1.index("rel err vs fp64")]) < 1e-2, row
+
+    assert h2[:3] == ["shape (out x in)", "bands", "tenants N"]
+    for row in memory:  # exact bytes: base + N deltas vs N merged copies
+        n, base, delta, compressed, merged = int(row[2]), *(int(c.replace(",", "")) for c in row[3:7])
+        assert base == 96 * 64 * 2 and compressed == base + n * delta and merged == n * base, row
+    assert [row[2] for row in memory] == ["1", "4"]
+
+    assert [row[1] for row in multi] == ["-", "2", "4"] and "% of copy BW" in h3
+    assert all(NUMBER.match(row[3]) for row in multi)
+
+    assert re.search(r"\d{4}-\d\d-\d\d .*torch .*triton .*peft ", text), text
+    assert "Command: `" in text and "benchmarks/delta.py --smoke" in text
+    assert "Device copy bandwidth" in text and "not judged" in text and "<= 1.15x" in text
+    assert out.read_text().strip() == text.strip()

@@ -195,3 +195,38 @@ def test_pickled_checkpoint_folder_is_refused(pair, tmp_path):
 
 def test_top_level_name():
     assert peft_ext.compress_delta is compress_delta
+
+
+def test_the_loaded_adapter_runs_the_triton_kernels_under_the_interpreter(pair, tokenizer, tmp_path, monkeypatch):
+    """The tuner's forward and mixed batches go through peft_ext.kernels' Triton path (TRITON_INTERPRET=1 on the
+    CPU) and give the reference's outputs."""
+    pytest.importorskip("triton")
+    from peft_ext.kernels import delta as delta_kernels
+
+    base, ft = pair
+    _compress(pair, tokenizer, tmp_path / "a", quantizer="rtn")
+    compress_delta(base, make_finetune(base, seed=3), tmp_path / "b", budget=BUDGET, bands=BANDS, group_size=GROUP,
+                   quantizer="rtn", progress=False)
+    model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", adapter_name="a")
+    model.load_adapter(tmp_path / "b", adapter_name="b")
+    model.eval()
+    ids, names = input_ids(batch=3, length=5), ["b", "__base__", "a"]
+    with torch.no_grad():
+        reference = model(ids).logits, model(ids, adapter_names=names).logits
+        launches = []
+        for name in ("_delta_shrink_kernel", "_delta_expand_kernel"):
+            monkeypatch.setattr(delta_kernels, name, _Counting(getattr(delta_kernels, name), launches))
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        triton = model(ids).logits, model(ids, adapter_names=names).logits
+    assert launches, "the Triton kernels did not run"
+    for got, want in zip(triton, reference):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+class _Counting:
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(grid)
+        return self.kernel[grid]

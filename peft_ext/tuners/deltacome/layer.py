@@ -106,11 +106,7 @@ class DeltaComeLinear(nn.Module, DeltaComeTunerLayer):
         return logical_weight(base), base.bias
 
     def _adapted(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        from peft_ext.kernels import lowrank_linear
-        try:  # TEMP until the kernel lands
-            from peft_ext.kernels import delta_linear
-        except ImportError:
-            from peft_ext.kernels.delta_reference import reference_delta_linear as delta_linear
+        from peft_ext.kernels import delta_linear, lowrank_linear
 
         weight, bias = self._base_weight_bias()
         d = self.delta(adapter_name)
@@ -148,10 +144,7 @@ class DeltaComeLinear(nn.Module, DeltaComeTunerLayer):
 
     def _mixed_batch_forward(self, x, *args, adapter_names: list[str], **kwargs):
         """Rows of one batch under different deltas: the base GEMM once, then each row's own delta."""
-        try:  # TEMP until the kernel lands
-            from peft_ext.kernels import delta_linear_gathered
-        except ImportError:
-            from peft_ext.kernels.delta_reference import reference_delta_linear_gathered as delta_linear_gathered
+        from peft_ext.kernels import delta_linear_gathered
 
         if len(adapter_names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows.")
