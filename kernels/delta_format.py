@@ -27,6 +27,7 @@ import torch
 
 WORD_BITS = 32
 MAX_BITS = 8
+MIN_SCALE = 2.0**-24  # the smallest positive fp16 (subnormal): smaller steps would round to a zero scale
 TENSOR_FIELDS = ("sigma", "v_words", "v_scales", "v_mins", "u_words", "u_scales", "u_mins")
 
 __all__ = ["MAX_BITS", "PackedDelta", "check_bands", "pack_bitplanes", "unpack_bitplanes", "quantize_rtn", "words_per_column"]
@@ -89,7 +90,7 @@ def quantize_rtn(columns: torch.Tensor, bits: int, group_size: int):
 def grid_for_range(lo: torch.Tensor, hi: torch.Tensor, bits: int):
     """fp16 (scale, min) of the asymmetric grid min + q * scale, q in [0, 2^bits), covering [lo, hi]."""
     maxq = (1 << bits) - 1
-    scale = ((hi - lo) / maxq).clamp_min(1e-8)
+    scale = ((hi - lo) / maxq).clamp_min(MIN_SCALE)  # a constant group still gets a non-zero fp16 step
     return scale.to(torch.float16), lo.to(torch.float16)
 
 

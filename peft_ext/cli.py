@@ -13,6 +13,8 @@ Fine-tune language models with peft-ext's methods (HFT, ...) through Hugging Fac
   peft-ext train recipes/hft_sft.yaml    train what a YAML recipe describes; saves the adapter
   peft-ext eval --model smollm2-135m-instruct --adapter outputs/hft_sft
   peft-ext push outputs/hft_sft --repo-id you/smollm2-hft-facts
+  peft-ext compress --base BASE --finetuned FT --out DIR     a full fine-tune -> a 1/16-size delta adapter (Delta-CoMe)
+  peft-ext reproduce-delta --config recipes/deltacome_reproduction.yaml   Delta-CoMe vs low-rank vs BitDelta
 """
 
 MODEL_HELP = (
@@ -70,12 +72,92 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the repository as private")
     push.add_argument("--token", help="a Hub token (default: the stored login or $HF_TOKEN)")
     push.add_argument("--commit-message", default="Upload adapter trained with peft-ext", metavar="TEXT")
+
+    _add_compress_parser(commands)
+
+    reproduce = commands.add_parser(
+        "reproduce-delta",
+        help="fine-tune fully, compress the delta (Delta-CoMe, low-rank, BitDelta), score what each keeps",
+        description="The small-scale Delta-CoMe reproduction: fine-tune SmolLM2 fully on the 48 fictional facts "
+        "(embeddings frozen), compress its delta with Delta-CoMe, low-rank and BitDelta at each budget, and score "
+        "base, fine-tune and every compressed fine-tune on the task. Prints a markdown table; writes results.md, "
+        "results.json and the adapters. The shipped recipe takes a few minutes on a 2-core CPU.",
+    )
+    reproduce.add_argument(
+        "--config", metavar="YAML", help="the experiment (e.g. recipes/deltacome_reproduction.yaml); default: built-in"
+    )
+    reproduce.add_argument("--output-dir", "--out", dest="output_dir", metavar="DIR", help="where results go")
+    reproduce.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help=SET_HELP.format(example="max_steps=10 --set budgets=[1/16] --set methods=[deltacome,lowrank]"),
+    )
     return parser
+
+
+def _add_compress_parser(commands) -> None:
+    from peft_ext.tuners.deltacome.config import METHODS, QUANTIZERS
+
+    compress = commands.add_parser(
+        "compress",
+        help="store a full fine-tune as a compressed delta adapter on its base (Delta-CoMe)",
+        description="Compress FINETUNED - BASE layer by layer into a PEFT adapter folder: each linear layer's delta "
+        "as singular directions at mixed precision, GPTQ-calibrated on offline English text (Delta-CoMe), or a "
+        "baseline at the same budget (low-rank in fp16, BitDelta's 1-bit signs). Norm layers the fine-tune changed "
+        "are stored whole. The folder holds adapter_config.json, adapter_model.safetensors, compression_report.json "
+        "(bytes and error of every layer) and README.md; load it with `PeftModel.from_pretrained(base_model, DIR)` "
+        "after `import peft_ext`, and `merge_and_unload()` gives a dense model.",
+    )
+    compress.add_argument("--base", required=True, metavar="PATH_OR_NAME", help="the base model: " + MODEL_HELP)
+    compress.add_argument(
+        "--finetuned", required=True, metavar="PATH_OR_NAME", help="the full fine-tune of --base (same forms)"
+    )
+    compress.add_argument("--out", "--output-dir", dest="out", required=True, metavar="DIR", help="the adapter folder to write")
+    compress.add_argument(
+        "--method", choices=METHODS, default="deltacome",
+        help="deltacome (mixed precision, the paper; default), lowrank (top directions in fp16) or bitdelta "
+        "(1-bit signs and a scale; always 1/16 of the fp16 delta)",
+    )
+    compress.add_argument(
+        "--budget", default="1/16", metavar="FRACTION",
+        help="each layer's compressed size as a fraction of its dense fp16 delta, everything stored counted: "
+        "1/16 (default), 1/8, 0.0625, ...",
+    )
+    compress.add_argument(
+        "--bands", metavar="JSON",
+        help="Delta-CoMe's precision schedule, [n_directions, bits] pairs from the largest singular values down; "
+        'one null count fills the budget. Default: the paper\'s "[[2,8],[32,3],[null,2]]"',
+    )
+    compress.add_argument("--group-size", type=int, default=128, metavar="N", help="quantisation group size (default 128)")
+    compress.add_argument(
+        "--quantizer", choices=QUANTIZERS, default="gptq",
+        help="gptq: error compensation on calibration text (the paper; default); rtn: round to nearest, no calibration",
+    )
+    compress.add_argument(
+        "--calibration-samples", type=int, default=32, metavar="N", help="GPTQ calibration sequences (default 32)"
+    )
+    compress.add_argument(
+        "--calibration-seq-len", type=int, default=256, metavar="N", help="tokens per calibration sequence (default 256)"
+    )
+    compress.add_argument(
+        "--dense-modules", default="changed-norms", metavar="NAMES",
+        help='modules stored whole from the fine-tune: "changed-norms" (default: the norm layers it changed), '
+        '"none", or comma-separated module names (e.g. a resized lm_head)',
+    )
+    compress.add_argument("--device", choices=("cpu", "cuda"), help="where to compute (default: cuda if available)")
+    compress.add_argument(
+        "--max-rows", type=int, default=24, metavar="N",
+        help="print every layer when there are at most N, else a summary per kind of layer and the worst ones "
+        "(default 24); the full table is in compression_report.json",
+    )
+    compress.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"train": _train, "demo": _demo, "eval": _eval, "push": _push}[args.command]
+    command = {
+        "train": _train, "demo": _demo, "eval": _eval, "push": _push, "compress": _compress,
+        "reproduce-delta": _reproduce_delta,
+    }[args.command]
     try:
         return command(args) or 0
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
@@ -133,6 +215,233 @@ def _push(args) -> int:
         print(f"peft-ext push: could not upload to {args.repo_id}: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     print(f"Uploaded {folder} to {url}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- compress
+# DeltaComeConfig's messages name its fields; on the command line they are these options
+CONFIG_FLAGS = {
+    "method": "--method", "budget": "--budget", "bands": "--bands", "group_size": "--group-size",
+    "quantizer": "--quantizer", "dense_modules": "--dense-modules",
+}
+
+
+def _as_options(message: str) -> str:
+    """compress_delta's and DeltaComeConfig's messages name fields (budget, dense_modules): name the options."""
+    import re
+
+    message = re.sub(r"DeltaComeConfig\.(\w+)", lambda m: CONFIG_FLAGS.get(m.group(1), m.group(0)), message)
+    fields = "budget|bands|dense_modules|group_size"
+    message = re.sub(rf"\b({fields})(?==)", lambda m: CONFIG_FLAGS[m.group(1)], message)  # bands=[...]
+    return re.sub(rf"(^|raise )({fields})\b", lambda m: m.group(1) + CONFIG_FLAGS[m.group(2)], message)
+
+
+def _compress(args) -> int:
+    from peft_ext.compression import compress_delta
+    from peft_ext.data import SMOLLM2, TINY_LLAMA
+    from peft_ext.quiet import quiet_libraries
+
+    quiet_libraries()
+    config = _compress_config(args)
+    dense_modules = _dense_modules(args.dense_modules)
+    device = _compress_device(args.device)
+    base, base_tokenizer = _model_ref(args.base, "--base")
+    finetuned, ft_tokenizer = _model_ref(args.finetuned, "--finetuned")
+    needs_text = config.method == "deltacome" and config.quantizer == "gptq"
+    tokenizer = None
+    if needs_text:
+        tokenizer = ft_tokenizer or base_tokenizer or _folder_tokenizer(finetuned) or _folder_tokenizer(base)
+        if tokenizer is None:
+            raise ValueError(
+                "--quantizer gptq calibrates on text and needs a tokenizer, but neither the --finetuned nor the --base "
+                "folder has one (tokenizer.json / tokenizer_config.json): copy the tokenizer files there, or use "
+                "--quantizer rtn (no calibration)."
+            )
+    if device.type == "cuda" and not isinstance(finetuned, str):  # an offline model: calibrate on the GPU too
+        finetuned.to(device)
+    try:
+        result = compress_delta(
+            base, finetuned,
+            method=config.method, budget=config.budget, bands=config.bands, group_size=config.group_size,
+            quantizer=config.quantizer, dense_modules=dense_modules, tokenizer=tokenizer,
+            calibration_samples=args.calibration_samples, calibration_seq_len=args.calibration_seq_len,
+            device=device, progress=not args.no_progress,
+        )
+    except ValueError as err:
+        raise ValueError(_as_options(str(err))) from None
+    if args.base in (SMOLLM2, TINY_LLAMA):  # record the offline name, not a cache path (or None for in-memory)
+        result.config.base_model_name_or_path = args.base
+    result.save(args.out)
+    print(format_compression_report(result, args.max_rows))
+    print(
+        f"\nWrote {args.out}: adapter_config.json, adapter_model.safetensors, compression_report.json (every layer), "
+        f"README.md. Load it with PeftModel.from_pretrained(base_model, {args.out!r}) after `import peft_ext`."
+    )
+    return 0
+
+
+def _compress_config(args):
+    """A DeltaComeConfig of the options (validated; messages name the options, not the config's fields)."""
+    import json
+
+    from peft_ext.tuners.deltacome import DeltaComeConfig
+
+    bands = None
+    if args.bands is not None:
+        try:
+            bands = json.loads(args.bands)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--bands must be JSON such as \"[[2,8],[32,3],[null,2]]\", got {args.bands!r} ({err})") from None
+        if not isinstance(bands, list):
+            raise ValueError(f"--bands must be a JSON list of [n_directions, bits] pairs, got {args.bands!r}")
+    for flag, value in (("--calibration-samples", args.calibration_samples), ("--calibration-seq-len", args.calibration_seq_len)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.max_rows < 0:
+        raise ValueError(f"--max-rows must be >= 0, got {args.max_rows}")
+    try:
+        return DeltaComeConfig(
+            method=args.method, budget=args.budget, group_size=args.group_size, quantizer=args.quantizer,
+            **({"bands": bands} if bands is not None else {}),
+        )
+    except ValueError as err:
+        raise ValueError(_as_options(str(err))) from None
+
+
+def _compress_device(name):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA GPU here; use --device cpu (or leave --device out)")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _model_ref(ref: str, flag: str):
+    """(what compress_delta takes, tokenizer or None): a folder or Hub id is read tensor by tensor (a Hub id is
+    downloaded first, safetensors only); "tiny-llama" is built in memory; "smollm2-135m-instruct" is its cached
+    safetensors copy (made on first use), read like any folder: an in-memory SmolLM2 would list its tied lm_head
+    weight, which a saved fine-tune does not, and compress_delta would refuse the pair as different models."""
+    from peft_ext.data import SMOLLM2, TINY_LLAMA, load_model
+
+    if ref == SMOLLM2:
+        from peft_ext.data.offline_model import smollm2_cache_dir
+
+        _, tokenizer = load_model(ref)  # converts the GGUF into the cache the first time
+        return str(smollm2_cache_dir()), tokenizer
+    if ref == TINY_LLAMA:
+        return load_model(ref)
+    from peft_ext.compression.sources import resolve_folder
+
+    return resolve_folder(ref, flag), None
+
+
+def _folder_tokenizer(ref):
+    if not isinstance(ref, str):
+        return None
+    if not any(os.path.isfile(os.path.join(ref, f)) for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(ref)
+    except Exception:  # noqa: BLE001 - unreadable tokenizer files: the caller says what to do without one
+        return None
+
+
+def _dense_modules(text: str):
+    if text == "changed-norms":
+        return "changed-norms"
+    if text.lower() == "none":
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f'--dense-modules must be "changed-norms", "none" or module names, got {text!r}')
+    return names
+
+
+def json_bands(bands) -> str:
+    import json
+
+    return json.dumps([list(b) for b in bands]).replace(" ", "")
+
+
+def band_text(row: dict) -> str:
+    """A report row's bands, short: "2x8b+32x3b+71x2b", "r=18 fp16", "1-bit sign"."""
+    bands = row["bands"]
+    if not bands:
+        return "1-bit sign"
+    if len(bands) == 1 and bands[0][1] == 16:
+        return f"r={bands[0][0]} fp16"
+    return "+".join(f"{n}x{bits}b" for n, bits in bands if n) or "0"
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def format_compression_report(result, max_rows: int = 24) -> str:
+    """Per-layer table (or, for many layers, a summary per kind of layer and the worst layers) and the totals."""
+    layers = result.layers
+    header = ["module", "bands", "bytes", "ratio", "rel_error", "rel_output_error"]
+    as_row = lambda r: [r["module"], band_text(r), f"{r['bytes']:,}", f"{r['ratio']:.4f}", f"{r['rel_error']:.4f}", _fmt(r["rel_output_error"], ".4f")]  # noqa: E731
+    out = []
+    if len(layers) <= max_rows:
+        out += [f"{len(layers)} layers:", _text_table(header, [as_row(r) for r in layers])]
+    else:
+        kinds: dict[str, list] = {}
+        for r in layers:
+            kinds.setdefault(r["module"].rsplit(".", 1)[-1], []).append(r)
+        summary = []
+        for kind, rows in kinds.items():
+            outs = [r["rel_output_error"] for r in rows if r["rel_output_error"] is not None]
+            summary.append([
+                kind, str(len(rows)), f"{sum(r['bytes'] for r in rows):,}",
+                f"{sum(r['bytes'] for r in rows) / sum(r['dense_fp16_bytes'] for r in rows):.4f}",
+                f"{sum(r['rel_error'] for r in rows) / len(rows):.4f}", f"{max(r['rel_error'] for r in rows):.4f}",
+                _fmt(sum(outs) / len(outs) if outs else None, ".4f"),
+            ])
+        out += [
+            f"{len(layers)} layers, by kind:",
+            _text_table(["kind", "layers", "bytes", "ratio", "mean rel_error", "max rel_error", "mean rel_output_error"], summary),
+        ]
+        key = "rel_output_error" if all(r["rel_output_error"] is not None for r in layers) else "rel_error"
+        worst = sorted(layers, key=lambda r: r[key], reverse=True)[: min(10, max_rows)]
+        if worst:
+            out += ["", f"The {len(worst)} worst layers by {key}:", _text_table(header, [as_row(r) for r in worst])]
+    t = result.totals
+    outs = [r["rel_output_error"] for r in layers if r["rel_output_error"] is not None]
+    out += [
+        "",
+        f"Totals ({t['method']}, budget {t['budget']:.6g}): {t['layers']} layers, {t['compressed_bytes']:,} bytes stored "
+        f"for a {t['dense_fp16_delta_bytes']:,}-byte fp16 delta (ratio {t['ratio']:.4f}); "
+        f"{t['dense_modules_bytes']:,} bytes of modules stored whole; adapter file {t['file_bytes'] / 2**20:.2f} MiB",
+        f"mean relative error: {t['mean_rel_error']:.4f} (weights)"
+        + (f", {sum(outs) / len(outs):.4f} (outputs on the calibration text)" if outs else ""),
+    ]
+    unchanged = [s for s in result.skipped if s["reason"].startswith("unchanged")]
+    not_stored = [s for s in result.skipped if not s["reason"].startswith("unchanged")]
+    if unchanged:
+        out.append(f"{len(unchanged)} targeted linear weights were unchanged by the fine-tune (nothing stored).")
+    if not_stored:
+        names = ", ".join(s["parameter"] for s in not_stored[:5]) + (" ..." if len(not_stored) > 5 else "")
+        out.append(
+            f"WARNING: {len(not_stored)} parameters changed by the fine-tune are NOT stored: {names}. The adapter "
+            f"reproduces the fine-tune without them; store them whole with --dense-modules (module names)."
+        )
+    return "\n".join(out)
+
+
+def _reproduce_delta(args) -> int:
+    from peft_ext.experiments.delta_compression import DeltaCompressionConfig, run_delta_compression
+
+    overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    run_delta_compression(DeltaCompressionConfig.from_yaml(_existing_file(args.config) if args.config else None, overrides))
     return 0
 
 

@@ -105,6 +105,7 @@ def compress_delta(
     _check_same_architecture(base_src, ft_src)
     structure = base_src.structure()
     targets = _targeted_linear_modules(structure, config)
+    _preflight(structure, targets, config, dense_modules)  # bad settings fail here, before any weight is read
     deltas_needed = [n for n in targets if _weight_changed(base_src, ft_src, f"{n}.weight")]
     unchanged = [n for n in targets if n not in deltas_needed]
     if not deltas_needed:
@@ -197,6 +198,26 @@ def _targeted_linear_modules(structure: nn.Module, config: DeltaComeConfig) -> l
     return names
 
 
+def _preflight(structure: nn.Module, targets: list[str], config: DeltaComeConfig, dense_modules) -> None:
+    """Settings that cannot work, found from shapes alone: dense_modules naming missing modules, a budget that
+    cannot hold the fixed bands in some layer."""
+    from peft_ext.tuners.deltacome.bands import solve_bands
+
+    if isinstance(dense_modules, (list, tuple, set)):
+        modules = dict(structure.named_modules())
+        missing = sorted(n for n in dense_modules if n not in modules)
+        if missing:
+            raise ValueError(f"dense_modules names modules that {type(structure).__name__} does not have: {missing[:5]}.")
+    elif dense_modules not in (None, "changed-norms"):
+        raise ValueError(f"dense_modules must be 'changed-norms', None or a list of module names, got {dense_modules!r}.")
+    if config.method != "deltacome":
+        return
+    for name in targets:
+        weight = structure.get_submodule(name).weight
+        out_f, in_f = weight.shape[::-1] if type(structure.get_submodule(name)).__name__ == "Conv1D" else weight.shape
+        solve_bands(out_f, in_f, config.budget_fraction, config.bands, config.group_size, name)
+
+
 def _weight_changed(base: WeightSource, ft: WeightSource, key: str) -> bool:
     return not torch.equal(base.get(key), ft.get(key))
 
@@ -217,9 +238,6 @@ def _dense_modules(structure, base_src, ft_src, targets: set, dense_modules, sta
             kept.add(name)
         else:
             skipped += [{"parameter": f"{name}.{p}", "reason": "changed but not stored (add it to dense_modules)"} for p in changed]
-    missing = wanted - kept
-    if missing:
-        raise ValueError(f"dense_modules names modules the model does not have: {sorted(missing)[:5]}.")
     return kept, skipped
 
 

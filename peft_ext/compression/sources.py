@@ -40,7 +40,7 @@ class WeightSource:
         self.module = ref if isinstance(ref, nn.Module) else None
         self.folder = None
         if self.module is not None:
-            self._tensors = dict(self.module.state_dict())
+            self._tensors = _untied_state_dict(self.module)
             return
         self.folder = resolve_folder(ref, role)
         self._files = _safetensors_index(self.folder, role)
@@ -80,6 +80,19 @@ class WeightSource:
         config = AutoConfig.from_pretrained(self.folder)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
+
+
+def _untied_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without the second name of a tied tensor (lm_head.weight tied to the embeddings), as
+    save_pretrained writes it: an in-memory model and a saved folder then list the same tensors."""
+    out, seen = {}, set()
+    for name, tensor in module.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.stride()) if tensor.numel() else None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out
 
 
 def _safetensors_index(folder: str, role: str) -> dict[str, str]:

@@ -174,7 +174,7 @@ def test_budget_too_small_for_the_bands(pair):
 def test_no_delta(pair):
     base, _ = pair
     with pytest.raises(ValueError, match="no delta"):
-        compress_delta(base, copy.deepcopy(base), quantizer="rtn", progress=False)
+        compress_delta(base, copy.deepcopy(base), budget=BUDGET, bands=BANDS, group_size=GROUP, quantizer="rtn", progress=False)
 
 
 def test_gptq_without_tokenizer_says_what_to_pass(pair):
@@ -230,3 +230,27 @@ class _Counting:
     def __getitem__(self, grid):
         self.launches.append(grid)
         return self.kernel[grid]
+
+
+def test_settings_that_cannot_work_fail_before_any_work(pair):
+    """Checked from shapes alone: neither error waits for the weights or the calibration (no tokenizer is given,
+    which GPTQ would need later)."""
+    base, ft = pair
+    with pytest.raises(ValueError, match=r"budget 0\.0625 .*raise budget"):
+        compress_delta(base, ft, budget=1 / 16, progress=False)
+    with pytest.raises(ValueError, match=r"dense_modules names modules .*model\.nope"):
+        compress_delta(base, ft, budget=BUDGET, bands=BANDS, group_size=GROUP, dense_modules=["model.nope"], progress=False)
+
+
+def test_tied_embeddings_in_memory_match_their_saved_folder(tmp_path):
+    """An in-memory model lists lm_head.weight (tied to the embeddings); save_pretrained does not."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).eval()
+    ft = make_finetune(base)
+    ft.save_pretrained(tmp_path / "ft")
+    result = compress_delta(base, tmp_path / "ft", method="lowrank", budget=1 / 8, progress=False)
+    assert len(result.layers) == 7 and not any("lm_head" in r["module"] for r in result.layers)

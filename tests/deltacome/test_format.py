@@ -86,3 +86,10 @@ def test_sign_delta_is_alpha_times_sign():
     torch.testing.assert_close(s.alpha, delta.abs().mean().reshape(1))
     torch.testing.assert_close(s.dense(), torch.where(delta > 0, 1.0, -1.0) * delta.abs().mean())
     assert s.nbytes == 10 * 3 * 4 + 4
+
+
+def test_a_constant_group_gets_valid_codes_and_exact_values():
+    codes, scales, mins = quantize_rtn(torch.full((70, 3), 0.25), 2, group_size=32)
+    assert codes.min() >= 0 and codes.max() <= 3 and (scales > 0).all()
+    group = torch.arange(70) // 32
+    torch.testing.assert_close(codes * scales.float()[group] + mins.float()[group], torch.full((70, 3), 0.25))

@@ -13,6 +13,7 @@ scales add 0.25 bit per value, so our bands come out a little narrower than the 
 
 from __future__ import annotations
 
+import json
 from fractions import Fraction
 from typing import Optional, Sequence, Union
 
@@ -75,7 +76,7 @@ def solve_bands(
     if fixed > limit:
         raise ValueError(
             f"budget {budget:g} gives {layer} ({out_features} x {in_features}) {int(limit):,} bytes, but the fixed bands "
-            f"of bands={[list(b) for b in schedule]} need {int(fixed):,}: raise budget or use fewer/narrower fixed bands "
+            f"of bands={json.dumps([list(b) for b in schedule])} need {int(fixed):,}: raise budget or use fewer/narrower fixed bands "
             f"(e.g. bands=[[null, 2]] lets one band fill whatever the budget holds)."
         )
     bands, rank_left, left = [], min(out_features, in_features), limit - fixed

@@ -26,7 +26,8 @@ class DeltaComeConfig(PeftExtConfig):
 
     Args:
         method: "deltacome" (mixed precision, the paper), or a baseline at the same budget: "lowrank" (top-r
-            directions in fp16) or "bitdelta" (alpha * sign(dW), 1 bit per weight; its size is fixed at 1/16).
+            directions in fp16) or "bitdelta" (alpha * sign(dW), 1 bit per weight: its size is 1/16 of the dense delta whatever the
+            budget, plus 4 bytes of alpha per layer and the padding of in_features to a multiple of 32).
         budget: the compressed size of each layer as a fraction of its dense fp16 delta (1/16 = "0.0625" =
             "1/16"). Everything stored counts (codes, scales, mins, singular values), see bands.py.
         bands: the precision schedule as (n_cols, bits) pairs, largest singular values first; one band may have

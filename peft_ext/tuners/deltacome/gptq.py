@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from peft_ext.kernels.delta_format import codes_on_grid, grid_for_range, quantize_rtn
+from peft_ext.kernels.delta_format import MIN_SCALE, codes_on_grid, grid_for_range, quantize_rtn
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +120,7 @@ def gptq_u_side(u: torch.Tensor, bits_per_col: torch.Tensor, group_size: int, he
 
 
 def _grid_per_row(lo: torch.Tensor, hi: torch.Tensor, maxq: torch.Tensor):
-    scale = ((hi - lo) / maxq).clamp_min(1e-8)
+    scale = ((hi - lo) / maxq).clamp_min(MIN_SCALE)
     return scale.to(torch.float16), lo.to(torch.float16)
 
 
