@@ -7,7 +7,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 
-from .harness import adapter_tensors, CASES, adapter_param_names, assert_equal, assert_state_equal, output, trained_peft_model
+from .harness import CASES, adapter_tensors, assert_equal, assert_state_equal, output, trained_peft_model
 from .methods import modules_to_save_names
 
 MERGE_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}

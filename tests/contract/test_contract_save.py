@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
-from .harness import adapter_tensors, CASES, assert_equal, output, train_step, trained_peft_model
+from .harness import CASES, adapter_tensors, assert_equal, output, train_step, trained_peft_model
 
 
 def _config_fields(config) -> dict:

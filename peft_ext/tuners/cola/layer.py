@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from peft_ext.kernels.dispatch import MAX_TRITON_RANK
+from peft_ext.tuners.base_originals import KeepsBaseOriginals
 from peft_ext.tuners.lora_fused import VARIANT_KEYS, FusedLoraLinear
 
 
@@ -38,7 +39,6 @@ class ColaChain:
             self.cola_merged_B = nn.ModuleDict()
             self.cola_link_ranks: dict[str, list[int]] = {}
             self.frozen_peft_weight_names = {}
-            self._cola_unmerged_weight: Optional[torch.Tensor] = None
         name = kwargs.get("target_name", "") or ""
         ranks = config.ranks_for(r)
         limit = min(self.in_features, self.out_features)
@@ -187,7 +187,7 @@ class ColaChain:
         return delta.t() if self.fan_in_fan_out else delta
 
 
-class ColaLinear(ColaChain, FusedLoraLinear):
+class ColaLinear(ColaChain, KeepsBaseOriginals, FusedLoraLinear):
     """A LoRA layer holding a chain: the link being trained (`lora_A`, `lora_B`, PEFT's own, rank r_k) and the
     links already merged, as frozen factors with their scaling folded in:
 
@@ -262,18 +262,14 @@ class ColaLinear(ColaChain, FusedLoraLinear):
                     f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken: its COLA factors "
                     f"in {type(base).__name__} hold NaN or inf."
                 )
-            if self._cola_unmerged_weight is None:
-                self._cola_unmerged_weight = weight.data
-            weight.data = new
+            self.write_base_value("weight", new)
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        self.get_base_layer().weight.data = self._cola_unmerged_weight
-        self._cola_unmerged_weight = None
-        self.merged_adapters = []
+        KeepsBaseOriginals.unmerge(self)
 
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]):
         """`merge_and_unload`: the merged base layer; `unload`: the exact original base layer."""

@@ -7,12 +7,13 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+from peft_ext.tuners.base_originals import KeepsBaseOriginals
 from peft_ext.tuners.mixed_batch import route_rows
 
 from .layer import INFERENCE_ONLY, DeltaComeTunerLayer
 
 
-class DeltaComeDense(nn.Module, DeltaComeTunerLayer):
+class DeltaComeDense(nn.Module, KeepsBaseOriginals, DeltaComeTunerLayer):
     """A small module the fine-tune changed (a norm, by default) stored whole: each adapter holds the fine-tune's
     values of its parameters (`deltacome_dense[adapter]`, buffers) and runs the base module with them. Unlike PEFT's
     modules_to_save, rows of a mixed batch (`adapter_names=`) each get their own adapter's values."""
@@ -26,7 +27,6 @@ class DeltaComeDense(nn.Module, DeltaComeTunerLayer):
         self.deltacome_dense = nn.ModuleDict()
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self._unmerged: dict[str, torch.Tensor] = {}
         self._active_adapter = adapter_name
         self.kwargs = kwargs
 
@@ -68,7 +68,6 @@ class DeltaComeDense(nn.Module, DeltaComeTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        base = self.get_base_layer()
         for name in adapter_names:
             if name not in self.deltacome_dense:
                 continue
@@ -76,17 +75,8 @@ class DeltaComeDense(nn.Module, DeltaComeTunerLayer):
             if safe_merge and not all(torch.isfinite(v).all() for v in values.values()):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken.")
             for pname, value in values.items():
-                p = getattr(base, pname)
-                self._unmerged.setdefault(pname, p.data)
-                p.data = value.to(p.dtype).clone()
+                self.write_base_value(pname, value)
             self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        base = self.get_base_layer()
-        for pname, original in self._unmerged.items():
-            getattr(base, pname).data = original
-        self._unmerged = {}
-        self.merged_adapters = []
 
     def __repr__(self) -> str:
         return "deltacome_dense." + super().__repr__()

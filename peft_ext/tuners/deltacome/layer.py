@@ -11,6 +11,7 @@ from torch import nn
 
 from peft_ext.kernels.delta_format import PackedDelta
 from peft_ext.kernels.sign_format import SignDelta, sign_delta_part
+from peft_ext.tuners.base_originals import KeepsBaseOriginals
 
 from .representation import build_packed, build_sign, empty_tensors, random_tensors
 
@@ -38,7 +39,7 @@ class DeltaComeTunerLayer(BaseTunerLayer):
     """What every Delta-CoMe layer is (the tuner's `tuner_layer_cls`: set_adapter / delete_adapter reach all)."""
 
 
-class DeltaComeLinear(nn.Module, DeltaComeTunerLayer):
+class DeltaComeLinear(nn.Module, KeepsBaseOriginals, DeltaComeTunerLayer):
     """Wraps one linear layer (nn.Linear or Conv1D). Each adapter is a compressed delta held in buffers
     (`deltacome_delta[adapter]`: the packed bands of U and V, scales, mins, sigma; or a baseline's tensors) and
     added to the frozen base: y = base(x) + delta(x), the delta never built densely."""
@@ -53,7 +54,6 @@ class DeltaComeLinear(nn.Module, DeltaComeTunerLayer):
         self.delta_meta: dict[str, tuple[str, tuple, int]] = {}  # adapter -> (method, (bits, n) bands, group_size)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self._unmerged_weight: Optional[torch.Tensor] = None
         self._active_adapter = adapter_name
         self.kwargs = kwargs
         self.out_features, self.in_features = logical_weight(base_layer).shape
@@ -184,16 +184,8 @@ class DeltaComeLinear(nn.Module, DeltaComeTunerLayer):
                         f"NaNs detected in the merged weights. The adapter {name} seems to be broken: its compressed "
                         f"delta on {type(base).__name__} holds NaN or inf."
                     )
-                if self._unmerged_weight is None:
-                    self._unmerged_weight = base.weight.data
-                base.weight.data = new
+                self.write_base_value("weight", new)
             self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        if self._unmerged_weight is not None:
-            self.get_base_layer().weight.data = self._unmerged_weight
-        self._unmerged_weight = None
-        self.merged_adapters = []
 
     def __repr__(self) -> str:
         return "deltacome." + super().__repr__()

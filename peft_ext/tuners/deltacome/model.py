@@ -3,7 +3,6 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 
-import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn

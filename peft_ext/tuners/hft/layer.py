@@ -9,10 +9,11 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from peft_ext.tuners.base_originals import KeepsBaseOriginals
 from peft_ext.tuners.mixed_batch import route_rows
 
 
-class HftLayer(nn.Module, BaseTunerLayer):
+class HftLayer(nn.Module, KeepsBaseOriginals, BaseTunerLayer):
     """Wraps one selected module. Each adapter owns trainable copies of the module's own parameters
     (`hft_weight[adapter]["weight"]`, `["bias"]`), used in place of the frozen base parameters: one matmul,
     as in full fine-tuning. The base module stays untouched, so disabling, unloading and several adapters
@@ -31,7 +32,6 @@ class HftLayer(nn.Module, BaseTunerLayer):
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self._unmerged_base: dict[str, torch.Tensor] = {}  # base values while an adapter is merged in
         self._active_adapter = adapter_name
         self.kwargs = kwargs
 
@@ -98,7 +98,7 @@ class HftLayer(nn.Module, BaseTunerLayer):
     def original_values(self, adapter_name: str, pname: str, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The pre-trained values that `hft_weight[adapter_name][pname]` replaces (only its rows for strategy
         "param"; `rows` overrides the adapter's own, e.g. a checkpoint's), even while an adapter is merged."""
-        original = self._unmerged_base.get(pname, getattr(self.get_base_layer(), pname)).detach()
+        original = self.original_base_value(pname).detach()
         if rows is None and adapter_name in self.hft_index:
             rows = self.hft_index[adapter_name]["rows"]
         if rows is None:
@@ -107,8 +107,7 @@ class HftLayer(nn.Module, BaseTunerLayer):
 
     def get_delta_weight(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """W_adapter - W_base for each trained parameter of this module."""
-        base = self.get_base_layer()
-        base_values = self._unmerged_base or {n: getattr(base, n) for n in self.hft_weight[adapter_name]}
+        base_values = {n: self.original_base_value(n) for n in self.hft_weight[adapter_name]}
         return {n: (t - base_values[n]).detach() for n, t in self.adapted_parameters(adapter_name).items()}
 
     # --------------------------------------------------------------------------------------------- forward
@@ -162,25 +161,15 @@ class HftLayer(nn.Module, BaseTunerLayer):
             with torch.no_grad():
                 new = {n: t.detach() for n, t in self.adapted_parameters(name).items()}
                 if self.merged_adapters:  # stack: W0 + sum of deltas
-                    new = {n: getattr(base, n) + (t - self._unmerged_base[n]) for n, t in new.items()}
+                    new = {n: getattr(base, n) + (t - self.original_base_value(n)) for n, t in new.items()}
                 if safe_merge and not all(torch.isfinite(t).all() for t in new.values()):
                     raise ValueError(
                         f"NaNs detected in the merged weights. The adapter {name} seems to be broken: its weights "
                         f"in {type(base).__name__} hold NaN or inf."
                     )
                 for n, t in new.items():
-                    p = getattr(base, n)
-                    if n not in self._unmerged_base:
-                        self._unmerged_base[n] = p.data
-                    p.data = t.to(p.dtype).clone()
+                    self.write_base_value(n, t)
             self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        base = self.get_base_layer()
-        for n, original in self._unmerged_base.items():
-            getattr(base, n).data = original
-        self._unmerged_base = {}
-        self.merged_adapters = []
 
     def __repr__(self) -> str:
         return "hft." + super().__repr__()
