@@ -288,3 +288,21 @@ def publish(text: str, out) -> None:
         append_markdown(out, text)
         print(f"(appended to {out})", file=sys.stderr)
 
+
+
+def fill_from_preset(args, preset: dict):
+    """Options left at None take the preset's value (the full-size shape, or the small --tiny / --smoke one)."""
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def kernel_device(requested: Optional[str], small: bool, script: str, flag: str) -> torch.device:
+    """The device of a kernel benchmark: CUDA, or (only for the small preset) the CPU with Triton's interpreter."""
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        if not small:
+            sys.exit(f"{script} measures CUDA kernels: run it on a GPU, or pass {flag} for a CPU smoke test.")
+        os.environ["TRITON_INTERPRET"] = "1"  # the kernels compile lazily, so this still applies
+    return device

@@ -35,10 +35,9 @@ and deltas come from HBM); elsewhere common.measure. Inputs are random, never ze
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from common import env_header, fmt_ms, fmt_ratio, measure, publish  # noqa: I001  (first: fixes sys.path)
+from common import env_header, fill_from_preset, fmt_ms, fmt_ratio, kernel_device, measure, publish  # noqa: I001  (first: fixes sys.path)
 
 import torch
 import torch.nn.functional as F
@@ -332,20 +331,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu (needs --smoke)")
     p.add_argument("--out", default=None, help="also append the header and tables to this markdown file")
     args = p.parse_args(argv)
-    preset = SMOKE if args.smoke else DEFAULTS
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return fill_from_preset(args, SMOKE if args.smoke else DEFAULTS)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda":
-        if not args.smoke:
-            sys.exit("delta.py measures CUDA kernels: run it on a GPU, or pass --smoke for a CPU smoke test.")
-        os.environ["TRITON_INTERPRET"] = "1"  # the kernels compile lazily, so this still applies
+    device = kernel_device(args.device, args.smoke, "delta.py", "--smoke")
     bench = Bench(device, args.rep_ms, args.warmup_ms, args.cpu_reps)
     dtype = DTYPES[args.dtype]
     judged = (

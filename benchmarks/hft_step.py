@@ -37,6 +37,7 @@ from common import (  # noqa: I001  (common must come first: it fixes sys.path b
     env_header,
     fmt_gib,
     fmt_int,
+    fill_from_preset,
     fmt_ms,
     free_memory,
     markdown_table,
@@ -259,10 +260,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="also append the header and table to this markdown file")
     args = p.parse_args(argv)
 
-    preset = TINY if args.tiny else ANCHOR
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_from_preset(args, TINY if args.tiny else ANCHOR)
     if args.device is None:
         args.device = "cpu" if args.tiny else default_device()
     args.dtype = str(DTYPES[args.dtype]).removeprefix("torch.")  # one spelling: bf16 -> bfloat16

@@ -31,10 +31,9 @@ mixed 4-16 adapters <= 1.3x the no-adapter forward. The per-layer ratios printed
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from common import env_header, fmt_ms, fmt_ratio, measure, publish  # noqa: I001  (first: fixes sys.path)
+from common import env_header, fill_from_preset, fmt_ms, fmt_ratio, kernel_device, measure, publish  # noqa: I001  (first: fixes sys.path)
 
 import torch
 import torch.nn.functional as F
@@ -273,20 +272,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu (needs --tiny)")
     p.add_argument("--out", default=None, help="also append the header and tables to this markdown file")
     args = p.parse_args(argv)
-    preset = TINY if args.tiny else ANCHOR
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return fill_from_preset(args, TINY if args.tiny else ANCHOR)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda":
-        if not args.tiny:
-            sys.exit("lowrank_kernels.py measures CUDA kernels: run it on a GPU, or pass --tiny for a CPU smoke test.")
-        os.environ["TRITON_INTERPRET"] = "1"  # the kernels compile lazily, so this still applies
+    device = kernel_device(args.device, args.tiny, "lowrank_kernels.py", "--tiny")
     bench = Bench(device, args.rep_ms, args.warmup_ms, args.cpu_reps)
     dtype = DTYPES[args.dtype]
     anchor = device.type == "cuda" and not args.tiny and args.tokens == ANCHOR["tokens"] and args.dtype == "bfloat16"

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 
@@ -124,3 +126,32 @@ def test_delta_smoke_cpu(tmp_path):
     assert "Command: `" in text and "benchmarks/delta.py --smoke" in text
     assert "Device copy bandwidth" in text and "not judged" in text and "<= 1.15x" in text
     assert out.read_text().strip() == text.strip()
+
+
+def _markdown_tables(text: str) -> list[list[list[str]]]:
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(_cells(line))
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+@pytest.mark.parametrize(
+    "script, first_row",
+    [("lowrank_kernels.py", "frozen base x W^T"), ("lowrank.py", "frozen base (only the input embedding trainable)")],
+)
+def test_lowrank_benchmarks_tiny_cpu(tmp_path, script, first_row):
+    """The low-rank benchmarks run end to end at their --tiny shape and append what they print to --out."""
+    out = tmp_path / "RESULTS.md"
+    proc = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--tiny", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tables = _markdown_tables(proc.stdout)
+    assert tables and tables[0][0][0] == "variant" and tables[0][2][0] == first_row, proc.stdout
+    for table in tables:
+        assert all(len(row) == len(table[0]) for row in table), table
+    assert all(line in out.read_text() for line in proc.stdout.splitlines() if line.startswith("|"))
