@@ -160,7 +160,7 @@ class FusedLoraLinear(LoraLinear):
         if not names:
             return self.base_layer(x)
         factors = [self.adapter_factors(a) for a in names]
-        a_stack, b_stack = _stack([a for a, _, _ in factors], [b for _, b, _ in factors])
+        a_stack, b_stack = self.adapter_stacks(factors)
         rank = a_stack.shape[1]
         plan = segment_plan(adapter_names, names, x)
         x, weight, bias = self.fused_operands(x)
@@ -172,6 +172,29 @@ class FusedLoraLinear(LoraLinear):
         return lowrank_linear_gathered(
             x, weight, bias, a_stack, b_stack, scales, plan, check_index=False, backend=self.lowrank_backend
         )
+
+    def adapter_stacks(self, factors: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (L, r, in) / (L, out, r) stacks of the mixed batch's adapters, kept between forwards while the same
+        parameters hold the same values (an in-place update, a re-created or moved parameter rebuilds them; the
+        cache holds the parameters, so their ids cannot be reused meanwhile). Only plain parameters are kept
+        (COLA's folded chains are computed per call), and never stacks recorded by autograd (they hold a graph)."""
+        tensors = [t for a, b, _ in factors for t in (a, b)]
+        key = _stack_key(tensors)
+        cached = self.__dict__.get("_adapter_stacks")
+        if cached is not None and cached[0] == key:
+            return cached[2]
+        stacks = _stack([a for a, _, _ in factors], [b for _, b, _ in factors])
+        recorded = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if recorded or not all(isinstance(t, nn.Parameter) for t in tensors):
+            self.__dict__.pop("_adapter_stacks", None)
+        else:
+            self.__dict__["_adapter_stacks"] = (key, tensors, stacks)
+        return stacks
+
+
+def _stack_key(tensors) -> tuple:
+    """Identifies the exact values of the tensors: same objects, no in-place change since (`_version`)."""
+    return tuple((id(t), t._version, t.dtype, t.device) for t in tensors)
 
 
 def _stack(a_list: list, b_list: list) -> tuple[torch.Tensor, torch.Tensor]:

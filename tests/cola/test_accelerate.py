@@ -327,3 +327,25 @@ def test_a_4bit_base_stays_on_peft_with_the_reason_and_a_forced_triton_refuses(l
         assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
     with pytest.raises(RuntimeError, match=r"backend='triton'.*q_proj.*bitsandbytes quantized.*bf16"):
         accelerate_lora(model4(), backend="triton")
+
+
+def test_mixed_batch_stacks_are_kept_until_a_factor_changes(llama):
+    """The stacked adapters are built once per layer and reused while the parameters keep their values; an
+    in-place update (an optimizer step), a new adapter or a stack recorded by autograd rebuilds them."""
+    ref, fused = _two_adapter_pair(llama)
+    names = ["default", "other", "__base__"]
+    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(4))
+    layer = next(m for m in fused.modules() if isinstance(m, FusedLoraLinear))
+    with torch.no_grad():
+        first = fused(input_ids=ids, adapter_names=names).logits
+        stacks = layer._adapter_stacks[2]
+        torch.testing.assert_close(fused(input_ids=ids, adapter_names=names).logits, first, rtol=0, atol=0)
+        assert layer._adapter_stacks[2] is stacks  # reused, not rebuilt
+        for model in (ref, fused):  # the same in-place update on both: the cache must see it
+            for name, p in model.named_parameters():
+                if "lora_B.other" in name:
+                    p.add_(0.5)
+        got, expected = fused(input_ids=ids, adapter_names=names).logits, ref(input_ids=ids, adapter_names=names).logits
+    assert layer._adapter_stacks[2] is not stacks
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, first)
