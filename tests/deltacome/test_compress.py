@@ -254,3 +254,22 @@ def test_tied_embeddings_in_memory_match_their_saved_folder(tmp_path):
     ft.save_pretrained(tmp_path / "ft")
     result = compress_delta(base, tmp_path / "ft", method="lowrank", budget=1 / 8, progress=False)
     assert len(result.layers) == 7 and not any("lm_head" in r["module"] for r in result.layers)
+
+
+def test_tenants_with_different_group_sizes_share_a_batch(pair, tokenizer, tmp_path):
+    base, ft = pair
+    compress_delta(base, ft, tmp_path / "g32", budget=BUDGET, bands=BANDS, group_size=32, quantizer="rtn", progress=False)
+    compress_delta(base, make_finetune(base, seed=9), tmp_path / "g16", budget=BUDGET, bands=BANDS, group_size=16,
+                   quantizer="rtn", progress=False)
+    model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "g32", adapter_name="g32")
+    model.load_adapter(tmp_path / "g16", adapter_name="g16")
+    model.eval()
+    ids, names = input_ids(batch=3), ["g16", "g32", "g16"]
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=names).logits
+        single = {}
+        for name in ("g32", "g16"):
+            model.set_adapter(name)
+            single[name] = model(ids).logits
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], single[name][row], rtol=1e-5, atol=1e-5)

@@ -152,13 +152,16 @@ class DeltaComeLinear(nn.Module, KeepsBaseOriginals, DeltaComeTunerLayer):
             raise RuntimeError(INFERENCE_ONLY.format(name=type(self.get_base_layer()).__name__))
         names = [a for a in dict.fromkeys(adapter_names) if a in self.deltacome_delta]
         packed = [a for a in names if self.delta_meta[a][0] == "deltacome"]
+        if packed:  # one kernel launch serves one group size: the most common; other tenants' rows come after
+            sizes = [self.delta_meta[a][2] for a in packed]
+            packed = [a for a in packed if self.delta_meta[a][2] == max(set(sizes), key=sizes.count)]
         index = torch.tensor([packed.index(a) if a in packed else -1 for a in adapter_names], device=x.device)
         weight, bias = self._base_weight_bias()
         if packed:
             y = delta_linear_gathered(x, weight, bias, [self.delta(a) for a in packed], index)
         else:
             y = F.linear(x, weight, bias)
-        for name in names:  # baselines (bitdelta / lowrank): their rows get their delta added here
+        for name in names:  # baselines (bitdelta / lowrank), other group sizes: their rows get their delta here
             if name in packed:
                 continue
             rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=x.device)
