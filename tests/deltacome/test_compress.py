@@ -273,3 +273,24 @@ def test_tenants_with_different_group_sizes_share_a_batch(pair, tokenizer, tmp_p
             single[name] = model(ids).logits
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], single[name][row], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_a_bf16_model_on_cuda_runs_the_compiled_kernels(pair, tokenizer, tmp_path, monkeypatch):
+    """On the GPU: the loaded adapter in a bf16 model (Triton kernels) against the same model on the reference."""
+    from peft_ext.kernels import delta as delta_kernels
+
+    base, _ = pair
+    _compress(pair, tokenizer, tmp_path / "a", quantizer="rtn")
+    compress_delta(base, make_finetune(base, seed=3), tmp_path / "b", budget=BUDGET, bands=BANDS, group_size=GROUP,
+                   quantizer="rtn", progress=False)
+    model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", adapter_name="a")
+    model.load_adapter(tmp_path / "b", adapter_name="b")
+    model = model.to("cuda", torch.bfloat16).eval()
+    ids, names = input_ids(batch=3, length=7).cuda(), ["b", "__base__", "a"]
+    with torch.no_grad():
+        got = model(ids).logits.float(), model(ids, adapter_names=names).logits.float()
+        monkeypatch.setattr(delta_kernels, "choose_backend", lambda x, rank, backend=None: "reference")
+        want = model(ids).logits.float(), model(ids, adapter_names=names).logits.float()
+    for g, w in zip(got, want):
+        assert float((g - w).norm() / w.norm()) < 2e-2
