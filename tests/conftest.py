@@ -27,3 +27,13 @@ def tmp_adapter_dir(tmp_path):
     path = tmp_path / "adapter"
     path.mkdir()
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests are skipped (and reported as such) where no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
