@@ -12,12 +12,15 @@ Two tasks (`task:` in the recipe):
     (1.0: nothing learned, 0.0: the teacher reproduced). The mechanism COLA is about (an update of higher rank than
     one LoRA's, built from several) is exactly what this task needs.
   sft: a real model (`model:`, e.g. smollm2-135m-instruct) fine-tuned with TRL's SFTTrainer on a built-in dataset
-    (`data:`, e.g. fictional-facts); the score is the final training-set loss (how well the method fits the data).
+    (`data:`, e.g. fictional-facts, or codebook-N: a random table of N made-up words and code words to memorise,
+    peft_ext.data.codebook, which needs an update of high rank); the score is the final training-set loss (how well
+    the method fits the data).
 
 Methods: `lora` (LoraConfig(r, lora_alpha)), `cola` (ColaConfig with the same r and lora_alpha, one run per
-`chain_lengths` entry, driven by ColaChainCallback), `fft` (all weights trained, `fft_learning_rate`). Every run uses
-the same data order, steps, schedule and (LoRA/COLA) learning rate. Writes results.json and results.md (mean and
-spread over the seeds, and whether each COLA beats LoRA in every seed) to the output folder.
+`chain_lengths` entry, driven by ColaChainCallback), `fft` (all weights trained, `fft_learning_rate`), and LoRA at
+each `reference_ranks` entry (`lora-r<rank>`, lora_alpha scaled to keep alpha/r; e.g. rank M·r, the chain's total
+rank). Every run uses the same data order, steps, schedule and (LoRA/COLA) learning rate. Writes results.json and
+results.md (mean and spread over the seeds, and whether each COLA beats LoRA in every seed) to the output folder.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Repro:
     task: str = "teacher"
     methods: list = field(default_factory=lambda: ["lora", "cola", "fft"])
     chain_lengths: list = field(default_factory=lambda: [2, 3, 4])
+    reference_ranks: list = field(default_factory=list)  # extra LoRA runs at these ranks ("lora-r8"), e.g. M·r
     r: int = 2
     lora_alpha: float = 4
     target_modules: str | list = "all-linear"
@@ -91,7 +95,7 @@ class Repro:
                 out += [(f"cola-M{m}", m) for m in self.chain_lengths]
             else:
                 out.append((method, None))
-        return out
+        return out + [(f"lora-r{rank}", None) for rank in self.reference_ranks]
 
 
 TEACHER_DEFAULTS = dict(
@@ -161,11 +165,16 @@ def _unexplained(model, data: dict) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- methods
-def _adapt(model, repro: Repro, chain_length: Optional[int], method: str):
-    """(model to train, callbacks) for one method."""
+def _adapt(model, repro: Repro, chain_length: Optional[int], run: str):
+    """(model to train, callbacks) for one run: lora, lora-r<rank> (alpha/r kept), cola-M<m>, fft."""
+    method = run.split("-")[0]
     if method == "fft":
         return model.requires_grad_(True), []
-    common = dict(r=repro.r, lora_alpha=repro.lora_alpha, target_modules=repro.target_modules, task_type="CAUSAL_LM")
+    r, alpha = repro.r, repro.lora_alpha
+    if run.startswith("lora-r"):  # a reference rank: the same alpha/r, so the same scale of the update
+        r = int(run[len("lora-r") :])
+        alpha = repro.lora_alpha * r / repro.r
+    common = dict(r=r, lora_alpha=alpha, target_modules=repro.target_modules, task_type="CAUSAL_LM")
     if method == "lora":
         return get_peft_model(model, LoraConfig(**common)), []
     return get_peft_model(model, ColaConfig(**common, chain_length=chain_length)), [ColaChainCallback()]
@@ -188,7 +197,7 @@ def run_teacher(repro: Repro, run: str, chain_length: Optional[int], seed: int, 
 
     method = run.split("-")[0]
     torch.manual_seed(seed)  # the adapters' init
-    model, callbacks = _adapt(_tiny_llama(repro.teacher, repro.teacher["seed"]), repro, chain_length, method)
+    model, callbacks = _adapt(_tiny_llama(repro.teacher, repro.teacher["seed"]), repro, chain_length, run)
     kwargs, args_cls = _training_args(repro, method, seed, out)
     n = data["n_train"]
     trainer = Trainer(
@@ -199,17 +208,33 @@ def run_teacher(repro: Repro, run: str, chain_length: Optional[int], seed: int, 
     return {"score": _unexplained(model, data), "train_loss": result.training_loss}
 
 
+def training_data(name: str):
+    """`codebook-N` (N made-up words and their code words, peft_ext.data.codebook), else a built-in dataset or file."""
+    from datasets import Dataset
+
+    from peft_ext.data import load_training_data
+    from peft_ext.data.codebook import codebook_qa
+
+    if name.startswith("codebook-"):
+        try:
+            n = int(name.split("-", 1)[1])
+        except ValueError:
+            raise ValueError(f"cola_vs_lora: data {name!r}: write codebook-N with N the number of pairs") from None
+        return Dataset.from_list(codebook_qa(n))
+    return load_training_data(name)
+
+
 def run_sft(repro: Repro, run: str, chain_length: Optional[int], seed: int, out: str) -> dict:
     from trl import SFTConfig, SFTTrainer
 
-    from peft_ext.data import load_model, load_training_data
+    from peft_ext.data import load_model
 
     method = run.split("-")[0]
     model, tokenizer = load_model(repro.model)
     torch.manual_seed(seed)
-    model, callbacks = _adapt(model, repro, chain_length, method)
+    model, callbacks = _adapt(model, repro, chain_length, run)
     kwargs, _ = _training_args(repro, method, seed, out, max_length=repro.max_length, eval_strategy="no")
-    data = load_training_data(repro.data)
+    data = training_data(repro.data)
     trainer = SFTTrainer(
         model=model, args=SFTConfig(**kwargs), train_dataset=data, eval_dataset=data, processing_class=tokenizer,
         callbacks=callbacks,

@@ -113,6 +113,20 @@ def test_every_builtin_dataset_is_tested():
     assert sorted(BUILTIN_DATASETS) == ["addition-preferences", "fictional-facts", "fictional-facts-qa", "python-docs"]
 
 
+def test_codebook_is_a_deterministic_table_of_distinct_made_up_words():
+    from peft_ext.data.codebook import codebook, codebook_qa
+
+    table = codebook(300)
+    assert table == codebook(300) and table != codebook(300, seed=1)
+    assert codebook(100) == table[:100]  # a smaller table is a prefix of a larger one (same seed)
+    sources, targets = [p["source"] for p in table], [p["target"] for p in table]
+    assert len(set(sources)) == len(set(targets)) == 300 and not set(sources) & set(targets)
+    assert all(w.isalpha() and w.islower() for w in sources + targets)
+    assert codebook_qa(2)[0] == {"prompt": f"Code word for {sources[0]}:", "completion": f" {targets[0]}"}
+    with pytest.raises(ValueError, match="between 1 and 2000"):
+        codebook(0)
+
+
 def test_local_jsonl_file_loads(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": f"Q{i}", "completion": f" A{i}"}) for i in range(3)))

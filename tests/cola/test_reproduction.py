@@ -6,7 +6,7 @@ import math
 import pytest
 import yaml
 
-from peft_ext.cola_vs_lora import Repro, reproduce, teacher_data
+from peft_ext.cola_vs_lora import Repro, _adapt, reproduce, teacher_data, training_data
 
 TINY = dict(
     steps=4, batch_size=8, seeds=[0], chain_lengths=[2], methods=["lora", "cola", "fft"], cpu_threads=1,
@@ -39,6 +39,9 @@ def test_recipe_file_is_valid_and_bad_keys_are_named(tmp_path):
     recipe = Repro.from_yaml("recipes/cola_vs_lora.yaml")
     assert recipe.task == "teacher" and recipe.runs() == [("lora", None), ("cola-M2", 2), ("cola-M3", 3), ("cola-M4", 4), ("fft", None)]
     assert Repro.from_yaml("recipes/cola_vs_lora_smollm2.yaml").task == "sft"
+    capacity = Repro.from_yaml("recipes/cola_vs_lora_capacity.yaml")
+    assert capacity.runs() == [("lora", None), ("cola-M4", 4), ("lora-r4", None)]
+    assert capacity.r * capacity.chain_lengths[0] == capacity.reference_ranks[0]  # the reference is LoRA at M·r
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"task": "teacher", "rank": 4}))
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['rank'\]"):
@@ -62,3 +65,30 @@ def test_peft_ext_train_recipe_with_cola_gets_the_chain_callback(tmp_path):
     trainer = run_recipe(recipe)
     assert trainer.model.peft_config["default"].current_link == 1
     assert json.loads((tmp_path / "adapter_config.json").read_text())["current_link"] == 1
+
+
+def test_reference_rank_run_is_lora_at_that_rank_with_the_same_alpha_over_r():
+    from peft_ext.data.tiny_model import tiny_llama
+
+    repro = Repro(task="sft", r=1, lora_alpha=2, target_modules=["q_proj"], reference_ranks=[4])
+    assert repro.runs()[-1] == ("lora-r4", None)
+    config = _adapt(tiny_llama()[0], repro, None, "lora-r4")[0].peft_config["default"]
+    assert (config.r, config.lora_alpha) == (4, 8)
+    config = _adapt(tiny_llama()[0], repro, None, "lora")[0].peft_config["default"]
+    assert (config.r, config.lora_alpha) == (1, 2)
+
+
+def test_codebook_data_option(tmp_path):
+    data = training_data("codebook-12")
+    assert len(data) == 12 and data.column_names == ["prompt", "completion"]
+    assert training_data("fictional-facts").column_names == ["text"]
+    with pytest.raises(ValueError, match="codebook-N"):
+        training_data("codebook-many")
+    repro = Repro(
+        task="sft", model="tiny-llama", data="codebook-8", methods=["lora", "cola"], chain_lengths=[2],
+        reference_ranks=[4], r=2, lora_alpha=4, target_modules="all-linear", steps=2, batch_size=4, seeds=[0],
+        max_length=32, cpu_threads=1,
+    )  # fmt: skip
+    results = reproduce(repro, str(tmp_path), log=lambda *a: None)
+    assert list(results) == ["lora", "cola-M2", "lora-r4"]
+    assert all(math.isfinite(per_seed["0"]["score"]) for per_seed in results.values())
