@@ -139,6 +139,16 @@ def _add_compress_parser(commands) -> None:
         "--calibration-seq-len", type=int, default=256, metavar="N", help="tokens per calibration sequence (default 256)"
     )
     compress.add_argument(
+        "--bitdelta-distill-steps", type=int, default=0, metavar="N",
+        help="--method bitdelta: refine each layer's scale with BitDelta's scale distillation, N Adam steps (BitDelta: "
+        "200) matching the fine-tune's logits on 4 x 128-token batches of the calibration text; both models are held "
+        "in memory. Default 0: the closed-form scales mean|dW|",
+    )
+    compress.add_argument(
+        "--bitdelta-distill-lr", type=float, default=1e-4, metavar="LR",
+        help="Adam's learning rate on the scales, cosine-annealed over the steps (default 1e-4, BitDelta's)",
+    )
+    compress.add_argument(
         "--dense-modules", default="changed-norms", metavar="NAMES",
         help='modules stored whole from the fine-tune: "changed-norms" (default: the norm layers it changed), '
         '"none", or comma-separated module names (e.g. a resized lm_head)',
@@ -223,6 +233,7 @@ def _push(args) -> int:
 CONFIG_FLAGS = {
     "method": "--method", "budget": "--budget", "bands": "--bands", "group_size": "--group-size",
     "quantizer": "--quantizer", "dense_modules": "--dense-modules",
+    "bitdelta_distill_steps": "--bitdelta-distill-steps", "bitdelta_distill_lr": "--bitdelta-distill-lr",
 }
 
 
@@ -231,7 +242,7 @@ def _as_options(message: str) -> str:
     import re
 
     message = re.sub(r"DeltaComeConfig\.(\w+)", lambda m: CONFIG_FLAGS.get(m.group(1), m.group(0)), message)
-    fields = "budget|bands|dense_modules|group_size"
+    fields = "budget|bands|dense_modules|group_size|bitdelta_distill_steps|bitdelta_distill_lr"
     message = re.sub(rf"\b({fields})(?==)", lambda m: CONFIG_FLAGS[m.group(1)], message)  # bands=[...]
     return re.sub(rf"(^|raise )({fields})\b", lambda m: m.group(1) + CONFIG_FLAGS[m.group(2)], message)
 
@@ -247,15 +258,19 @@ def _compress(args) -> int:
     device = _compress_device(args.device)
     base, base_tokenizer = _model_ref(args.base, "--base")
     finetuned, ft_tokenizer = _model_ref(args.finetuned, "--finetuned")
-    needs_text = config.method == "deltacome" and config.quantizer == "gptq"
+    gptq = config.method == "deltacome" and config.quantizer == "gptq"
+    distill = config.method == "bitdelta" and args.bitdelta_distill_steps > 0
     tokenizer = None
-    if needs_text:
+    if gptq or distill:
         tokenizer = ft_tokenizer or base_tokenizer or _folder_tokenizer(finetuned) or _folder_tokenizer(base)
         if tokenizer is None:
+            what, off = (
+                ("--quantizer gptq calibrates", "--quantizer rtn (no calibration)") if gptq
+                else ("--bitdelta-distill-steps matches the fine-tune's outputs", "--bitdelta-distill-steps 0 (the closed-form scales)")
+            )
             raise ValueError(
-                "--quantizer gptq calibrates on text and needs a tokenizer, but neither the --finetuned nor the --base "
-                "folder has one (tokenizer.json / tokenizer_config.json): copy the tokenizer files there, or use "
-                "--quantizer rtn (no calibration)."
+                f"{what} on text and needs a tokenizer, but neither the --finetuned nor the --base folder has one "
+                f"(tokenizer.json / tokenizer_config.json): copy the tokenizer files there, or use {off}."
             )
     if device.type == "cuda" and not isinstance(finetuned, str):  # an offline model: calibrate on the GPU too
         finetuned.to(device)
@@ -265,6 +280,7 @@ def _compress(args) -> int:
             method=config.method, budget=config.budget, bands=config.bands, group_size=config.group_size,
             quantizer=config.quantizer, dense_modules=dense_modules, tokenizer=tokenizer,
             calibration_samples=args.calibration_samples, calibration_seq_len=args.calibration_seq_len,
+            bitdelta_distill_steps=args.bitdelta_distill_steps, bitdelta_distill_lr=args.bitdelta_distill_lr,
             device=device, progress=not args.no_progress,
         )
     except ValueError as err:
@@ -424,6 +440,14 @@ def format_compression_report(result, max_rows: int = 24) -> str:
         f"mean relative error: {t['mean_rel_error']:.4f} (weights)"
         + (f", {sum(outs) / len(outs):.4f} (outputs on the calibration text)" if outs else ""),
     ]
+    if t.get("distill_steps"):
+        held = (f"; held-out text {t['distill_heldout_loss_before']:.4g} -> {t['distill_heldout_loss_after']:.4g}"
+                if t.get("distill_heldout_loss_before") is not None else "")
+        out.append(
+            f"BitDelta scales distilled: {t['distill_steps']} steps (lr {t['distill_lr']:g}) on {t['distill_samples']} x "
+            f"{t['distill_seq_len']} tokens; {t['distill_match']} MSE vs the fine-tune {t['distill_loss_before']:.4g} -> "
+            f"{t['distill_loss_after']:.4g} on the calibration text{held} (the weight errors above are the distilled scales')"
+        )
     unchanged = [s for s in result.skipped if s["reason"].startswith("unchanged")]
     not_stored = [s for s in result.skipped if not s["reason"].startswith("unchanged")]
     if unchanged:

@@ -3,7 +3,9 @@
 Layer by layer: read one targeted weight from each model, form the delta in fp32 on the compute device (a GPU
 when present), compress it (compress_layer), keep only the compressed tensors. Weights from folders are read
 through memory maps one tensor at a time, so a 7B pair fits in CPU memory. GPTQ calibration runs the fine-tuned
-model over a small offline text sample, in chunks of layers whose Hessians fit `hessian_memory_gb`.
+model over a small offline text sample, in chunks of layers whose Hessians fit `hessian_memory_gb`. BitDelta's
+scales can then be distilled (`bitdelta_distill_steps`, bitdelta_distill.py): both models in memory, a few hundred
+Adam steps on one scalar per layer so that the compressed model's logits match the fine-tune's.
 
 The folder is a normal PEFT adapter: adapter_config.json + adapter_model.safetensors (loadable with
 `PeftModel.from_pretrained(base, out_dir)` after `import peft_ext`), plus compression_report.json (bytes and
@@ -37,6 +39,7 @@ class CompressionResult:
     state_dict: dict  # adapter_model.safetensors's tensors, keyed as PEFT saves them
     layers: list  # one report row per compressed module
     skipped: list = field(default_factory=list)  # rows for parameters left out (unchanged, or not storable)
+    distillation: Optional[object] = None  # a BitDeltaDistillation when BitDelta's scales were distilled
 
     @property
     def totals(self) -> dict:
@@ -48,10 +51,14 @@ class CompressionResult:
             "compressed_bytes": stored, "dense_fp16_delta_bytes": dense, "ratio": stored / dense if dense else None,
             "dense_modules_bytes": extra, "file_bytes": stored + extra,
             "mean_rel_error": sum(r["rel_error"] for r in self.layers) / max(1, len(self.layers)),
+            **(self.distillation.totals() if self.distillation is not None else {}),
         }
 
     def report(self) -> dict:
-        return {"totals": self.totals, "layers": self.layers, "skipped": self.skipped}
+        out = {"totals": self.totals, "layers": self.layers, "skipped": self.skipped}
+        if self.distillation is not None:
+            out["distillation"] = self.distillation.to_dict()
+        return out
 
     def save(self, out_dir: str | os.PathLike) -> str:
         from safetensors.torch import save_file
@@ -85,6 +92,8 @@ def compress_delta(
     calibration_samples: int = 32,
     calibration_seq_len: int = 256,
     hessian_memory_gb: float = 4.0,
+    bitdelta_distill_steps: int = 0,
+    bitdelta_distill_lr: float = 1e-4,
     device: Optional[str | torch.device] = None,
     progress: bool = True,
 ) -> CompressionResult:
@@ -93,7 +102,14 @@ def compress_delta(
     method / budget / bands / group_size / quantizer: as DeltaComeConfig. dense_modules: "changed-norms" (norm
     layers the fine-tune changed are stored whole, they are tiny), a list of module names to store whole (e.g. a
     new head), or None. Changed parameters stored neither way are listed in the report's "skipped".
-    calibration (GPTQ only): None (peft-ext's offline English text), a list of strings, or token ids (n, seq_len).
+    calibration (GPTQ, BitDelta's distillation): None (peft-ext's offline English text), a list of strings, or token
+    ids (n, seq_len).
+    bitdelta_distill_steps (method="bitdelta"): 0 keeps BitDelta's closed-form scales α = mean|ΔW|; N > 0 refines
+    every layer's α (the signs stay) with BitDelta's scale distillation: N Adam steps at bitdelta_distill_lr
+    (BitDelta: 200 at 1e-4, cosine-annealed) so that the compressed model's logits match the fine-tune's on batches
+    of 4 × 128 tokens of the calibration text (bitdelta_distill.distill_bitdelta). The base and the fine-tune are then
+    held in memory (folders are loaded on `device`). With the default calibration text, the logit MSE is also
+    measured on the offline held-out text; the report's totals carry both before and after.
     Returns a CompressionResult (written to out_dir when given).
     """
     config = DeltaComeConfig(
@@ -106,6 +122,13 @@ def compress_delta(
     structure = base_src.structure()
     targets = _targeted_linear_modules(structure, config)
     _preflight(structure, targets, config, dense_modules)  # bad settings fail here, before any weight is read
+    distill = _check_distill(method, bitdelta_distill_steps, bitdelta_distill_lr)
+    if distill and not isinstance(calibration, torch.Tensor) and tokenizer is None:
+        tokenizer = _folder_tokenizer(ft_src.folder) or _folder_tokenizer(base_src.folder)
+        if tokenizer is None:
+            from .bitdelta_distill import NO_TEXT
+
+            raise ValueError(NO_TEXT.format(off="bitdelta_distill_steps=0"))
     deltas_needed = [n for n in targets if _weight_changed(base_src, ft_src, f"{n}.weight")]
     unchanged = [n for n in targets if n not in deltas_needed]
     if not deltas_needed:
@@ -116,7 +139,7 @@ def compress_delta(
         ft_model, tokenizer = _calibration_model(finetuned, ft_src, tokenizer, device)
         batches = calibration_batches(calibration, tokenizer, calibration_samples, calibration_seq_len)
 
-    state, rows = {}, []
+    state, rows, sign_stats = {}, [], {}
     chunks = hessian_chunks(ft_model, deltas_needed, int(hessian_memory_gb * 2**30)) if ft_model is not None else [deltas_needed]
     bar = _progress(len(deltas_needed), progress)
     for chunk in chunks:
@@ -133,6 +156,9 @@ def compress_delta(
             for key, tensor in result.tensors.items():
                 state[f"base_model.model.{name}.deltacome_delta.{key}"] = tensor
             rows.append(result.row())
+            if method == "bitdelta":  # ||dW - a S||^2 = sum dW^2 - 2 a sum|dW| + a^2 n for any a: the error of a distilled a
+                rows[-1]["alpha"] = float(result.tensors["sign_alpha"])
+                sign_stats[name] = (delta.numel(), float(delta.abs().double().sum()), float(delta.double().pow(2).sum()))
             probe_module = _ProbeView(w_base.T if conv1d else w_base)
             config.base_probes = {**(config.base_probes or {}), name: base_probes(probe_module)}
             config.layer_bands = {**(config.layer_bands or {}), name: result.bands}
@@ -150,9 +176,67 @@ def compress_delta(
     config.task_type = "CAUSAL_LM" if hasattr(structure, "generate") and type(structure).__name__.endswith("ForCausalLM") else None
     config.base_model_name_or_path = None if isinstance(base, nn.Module) else os.fspath(base)
     result = CompressionResult(config, state, rows, skipped)
+    if distill:
+        _distill(result, base, finetuned, base_src, calibration, tokenizer, bitdelta_distill_steps, bitdelta_distill_lr,
+                 device, progress, sign_stats)
     if out_dir is not None:
         result.save(out_dir)
     return result
+
+
+def _check_distill(method: str, steps, lr) -> bool:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"bitdelta_distill_steps must be an integer >= 0 (0: closed-form scales; BitDelta: 200), got {steps!r}.")
+    if steps and method != "bitdelta":
+        raise ValueError(
+            f"bitdelta_distill_steps={steps} distils BitDelta's per-layer scales, but the method is {method!r}: "
+            f"compress with method 'bitdelta', or set bitdelta_distill_steps=0."
+        )
+    if steps and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 or lr == float("inf")):
+        raise ValueError(f"bitdelta_distill_lr must be a positive number (BitDelta: 1e-4), got {lr!r}.")
+    return steps > 0
+
+
+def _distill(result, base, finetuned, base_src, calibration, tokenizer, steps, lr, device, progress, sign_stats) -> None:
+    """BitDelta's scale distillation on `result` (its sign_alpha tensors replaced); the rows get the distilled alpha
+    and its weight-space error, next to the closed-form ones."""
+    from .bitdelta_distill import distill_bitdelta
+
+    base_model = base if isinstance(base, nn.Module) else _load_causal_lm(base_src.folder, device)
+    heldout = None
+    if calibration is None:
+        from peft_ext.data.english_text import english_text
+
+        heldout = english_text("heldout")
+    report = distill_bitdelta(
+        base_model, finetuned, result, calibration, tokenizer=tokenizer, heldout=heldout, steps=steps, lr=lr,
+        device=device, progress=progress, off_switch="bitdelta_distill_steps=0",
+    )
+    for row in result.layers:
+        name = row["module"]
+        n, abs_sum, sq_sum = sign_stats[name]
+        a = report.alpha_after[name]
+        row["alpha_closed_form"], row["rel_error_closed_form"] = row["alpha"], row["rel_error"]
+        row["alpha"] = a
+        row["rel_error"] = round(max(sq_sum - 2 * a * abs_sum + a * a * n, 0.0) ** 0.5 / max(sq_sum, 1e-60) ** 0.5, 6)
+
+
+def _load_causal_lm(folder: str, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+
+
+def _folder_tokenizer(folder: Optional[str]):
+    if folder is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception:  # noqa: BLE001 - a folder without tokenizer files: the caller says what to do without one
+        return None
 
 
 class _ProbeView(nn.Module):
@@ -244,15 +328,9 @@ def _dense_modules(structure, base_src, ft_src, targets: set, dense_modules, sta
 def _calibration_model(finetuned: ModelRef, ft_src: WeightSource, tokenizer, device):
     if isinstance(finetuned, nn.Module):
         return finetuned, tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(ft_src.folder, dtype=dtype).to(device)
+    model = _load_causal_lm(ft_src.folder, device)
     if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(ft_src.folder)
-        except Exception:  # noqa: BLE001 - a folder without tokenizer files: the error below says what to do
-            tokenizer = None
+        tokenizer = _folder_tokenizer(ft_src.folder)  # None: calibration_batches says what to do
     return model, tokenizer
 
 
@@ -267,6 +345,15 @@ def model_card(result: CompressionResult) -> str:
         f"- budget: {t['budget']:.6g} of the dense fp16 delta; stored {t['compressed_bytes']:,} bytes for "
         f"{t['layers']} layers ({(t['ratio'] or 0):.4f} of {t['dense_fp16_delta_bytes']:,}), plus "
         f"{t['dense_modules_bytes']:,} bytes of modules stored whole",
-        f"- mean relative reconstruction error: {t['mean_rel_error']:.4f} (per layer: {REPORT_NAME})", "",
+        f"- mean relative reconstruction error: {t['mean_rel_error']:.4f} (per layer: {REPORT_NAME})",
     ]
+    if result.distillation is not None:
+        d = result.distillation
+        held = (f"; held-out text {d.heldout_loss_before:.4g} -> {d.heldout_loss_after:.4g}"
+                if d.heldout_loss_before is not None else "")
+        lines.append(
+            f"- BitDelta scales distilled: {d.steps} Adam steps (lr {d.lr:g}, {d.schedule}) on {d.samples} x {d.seq_len} "
+            f"tokens; {d.match} MSE vs the fine-tune {d.loss_before:.4g} -> {d.loss_after:.4g} on the calibration text{held}"
+        )
+    lines.append("")
     return "\n".join(lines)

@@ -42,7 +42,9 @@ METHODS = {
     "deltacome-rtn": ("deltacome", "rtn", "Delta-CoMe (RTN)"),
     "lowrank": ("lowrank", "rtn", "low-rank (fp16)"),
     "bitdelta": ("bitdelta", "rtn", "BitDelta (1-bit)"),
+    "bitdelta-distill": ("bitdelta", "rtn", "BitDelta (1-bit, distilled α)"),
 }
+DISTILLED = {"bitdelta-distill"}  # BitDelta with its scale distillation (bitdelta_distill_steps, bitdelta_distill_lr)
 # training data -> the texts whose NLL is the task loss (the probes are the 48 facts' multiple-choice questions)
 TASKS = {
     "fictional-facts": lambda r: r["text"],
@@ -61,7 +63,10 @@ class DeltaCompressionConfig:
     freeze_embeddings: keep the input embeddings and the output head fixed during the fine-tune (compress_delta
         stores linear layers of the blocks and changed norms, not embeddings).
     methods: from "deltacome" (GPTQ, the paper), "deltacome-rtn" (round-to-nearest ablation), "lowrank",
-        "bitdelta" (1 bit per weight: its size is 1/16 whatever the budget, so it is compressed once).
+        "bitdelta" (1 bit per weight: its size is 1/16 whatever the budget, so it is compressed once; closed-form
+        scales mean|ΔW|), "bitdelta-distill" (the same signs, scales refined by BitDelta's distillation).
+    bitdelta_distill_steps, bitdelta_distill_lr: that distillation (BitDelta's 200 Adam steps at 1e-4, batches of
+        4 × 128 tokens of the offline English training text, logit MSE against the fine-tune).
     budgets: fractions of each layer's dense fp16 delta, e.g. ["1/8", "1/16"].
     bands, group_size: Delta-CoMe's precision schedule and quantisation group (DeltaComeConfig).
     calibration_samples, calibration_seq_len: GPTQ's calibration on peft-ext's offline English text.
@@ -85,6 +90,8 @@ class DeltaCompressionConfig:
     group_size: int = 128
     calibration_samples: int = 32
     calibration_seq_len: int = 256
+    bitdelta_distill_steps: int = 200
+    bitdelta_distill_lr: float = 1e-4
     english_texts: int = 48
     eval_max_length: int = 128
     save_adapters: bool = True
@@ -103,10 +110,13 @@ class DeltaCompressionConfig:
         self.budgets = [str(b) for b in self.budgets]
         for budget in self.budgets:
             value = parse_budget(budget, "reproduce-delta: budgets entry")
-            if "bitdelta" in self.methods and value < 1 / 16:
+            if any(METHODS[m][0] == "bitdelta" for m in self.methods) and value < 1 / 16:
                 raise ValueError(f"reproduce-delta: budget {budget} is below BitDelta's fixed 1/16; drop bitdelta or the budget")
         self.bands = [list(b) for b in check_schedule(self.bands, "reproduce-delta: bands")]
         self.learning_rate = float(self.learning_rate)
+        self.bitdelta_distill_lr = float(self.bitdelta_distill_lr)
+        if DISTILLED & set(self.methods) and (not isinstance(self.bitdelta_distill_steps, int) or self.bitdelta_distill_steps < 1):
+            raise ValueError(f"reproduce-delta: bitdelta_distill_steps must be a positive integer with bitdelta-distill, got {self.bitdelta_distill_steps!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "DeltaCompressionConfig":
@@ -165,7 +175,8 @@ def run_delta_compression(config: DeltaCompressionConfig | None = None) -> dict:
             if key not in cache:
                 folder = adapters / (name if fixed else f"{name}_{budget.replace('/', 'over')}") if config.save_adapters else None
                 cache[key] = compress_and_score(
-                    base, finetuned, tokenizer, config, method, quantizer, budget, folder, device, score, hessians
+                    base, finetuned, tokenizer, config, method, quantizer, budget, folder, device, score, hessians,
+                    distill_steps=config.bitdelta_distill_steps if name in DISTILLED else 0,
                 )
                 print(f"{label}{'' if fixed else ' at ' + budget}: {_describe(cache[key]['scores'])}, ratio "
                       f"{cache[key]['totals']['ratio']:.4f}, compressed in {cache[key]['compress_time_s']:.0f} s", flush=True)
@@ -237,9 +248,12 @@ def finetune(base, tokenizer, train_data, config: DeltaCompressionConfig):
     return model, info
 
 
-def compress_and_score(base, finetuned, tokenizer, config, method, quantizer, budget, folder, device, score, hessians) -> dict:
+def compress_and_score(
+    base, finetuned, tokenizer, config, method, quantizer, budget, folder, device, score, hessians, distill_steps: int = 0
+) -> dict:
     """compress_delta -> the adapter folder -> PeftModel.from_pretrained on a fresh base copy -> merged -> scores.
-    `hessians` (filled on first use): the held-out-text input Hessians of the compressed layers."""
+    `hessians` (filled on first use): the held-out-text input Hessians of the compressed layers. distill_steps > 0:
+    BitDelta's scales distilled (compress_delta's bitdelta_distill_steps)."""
     from peft import PeftModel
 
     from peft_ext.compression import compress_delta
@@ -248,7 +262,8 @@ def compress_and_score(base, finetuned, tokenizer, config, method, quantizer, bu
     result = compress_delta(
         base, finetuned, method=method, budget=budget, bands=config.bands, group_size=config.group_size,
         quantizer=quantizer, tokenizer=tokenizer, calibration_samples=config.calibration_samples,
-        calibration_seq_len=config.calibration_seq_len, device=device,
+        calibration_seq_len=config.calibration_seq_len, bitdelta_distill_steps=distill_steps,
+        bitdelta_distill_lr=config.bitdelta_distill_lr, device=device,
     )
     compress_time = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as scratch:
@@ -271,6 +286,7 @@ def compress_and_score(base, finetuned, tokenizer, config, method, quantizer, bu
         "not_stored": [s["parameter"] for s in result.skipped if not s["reason"].startswith("unchanged")],
         "compress_time_s": compress_time,
         "adapter_dir": str(folder) if config.save_adapters else None,
+        "distillation": {k: v for k, v in result.totals.items() if k.startswith("distill_")} or None,
     }
 
 
@@ -326,6 +342,7 @@ def _row(name, label, budget, done, base, ft, budget_independent: bool) -> dict:
         "mean_rel_error": t["mean_rel_error"], "mean_rel_output_error": done["mean_rel_output_error"],
         "mean_rel_output_error_calibration": done["mean_rel_output_error_calibration"],
         "not_stored": done["not_stored"], "compress_time_s": done["compress_time_s"], "adapter_dir": done["adapter_dir"],
+        "distillation": done.get("distillation"),
     }
 
 
@@ -369,6 +386,16 @@ def format_table(results: dict) -> str:
     if any(r["budget_independent"] for r in results["compressed"]):
         notes.append("* BitDelta stores 1 bit per weight (about 1/16 of fp16) whatever the budget: one adapter, listed "
                      "under each budget.")
+    distilled = {json.dumps(r["distillation"], sort_keys=True): r["distillation"] for r in results["compressed"] if r.get("distillation")}
+    for d in distilled.values():  # one note per distilled adapter (BitDelta's is listed under every budget)
+        held = (f", held-out English {d['distill_heldout_loss_before']:.4g} → {d['distill_heldout_loss_after']:.4g}"
+                if d.get("distill_heldout_loss_before") is not None else "")
+        notes.append(
+            f"BitDelta (distilled α): the same signs, each layer's scale refined by BitDelta's distillation ({d['distill_steps']} "
+            f"Adam steps, lr {d['distill_lr']:g} cosine-annealed, batches of 4 × {d['distill_seq_len']} tokens cycling over "
+            f"{d['distill_samples']} samples of the offline English training text): logit MSE against the fine-tune "
+            f"{d['distill_loss_before']:.4g} → {d['distill_loss_after']:.4g} on that text{held}."
+        )
     if any(r["not_stored"] for r in results["compressed"]):
         names = sorted({n for r in results["compressed"] for n in r["not_stored"]})
         notes.append(f"WARNING: changed by the fine-tune but not stored by the adapters: {names[:5]}")
