@@ -9,7 +9,9 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from peft_ext.kernels import delta_linear, delta_linear_gathered, lowrank_linear
 from peft_ext.kernels.delta_format import PackedDelta
+from peft_ext.kernels.delta_reference import reference_delta_part
 from peft_ext.kernels.sign_format import SignDelta, sign_delta_part
 from peft_ext.tuners.base_originals import KeepsBaseOriginals
 
@@ -82,8 +84,6 @@ class DeltaComeLinear(nn.Module, KeepsBaseOriginals, DeltaComeTunerLayer):
 
     def delta_part(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """delta(x) alone, in fp32 (reference math; used for mixed batches of baseline adapters)."""
-        from peft_ext.kernels.delta_reference import reference_delta_part
-
         d = self.delta(adapter_name)
         if isinstance(d, PackedDelta):
             return reference_delta_part(x, d)
@@ -106,8 +106,6 @@ class DeltaComeLinear(nn.Module, KeepsBaseOriginals, DeltaComeTunerLayer):
         return logical_weight(base), base.bias
 
     def _adapted(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        from peft_ext.kernels import delta_linear, lowrank_linear
-
         weight, bias = self._base_weight_bias()
         d = self.delta(adapter_name)
         if isinstance(d, PackedDelta):
@@ -144,8 +142,6 @@ class DeltaComeLinear(nn.Module, KeepsBaseOriginals, DeltaComeTunerLayer):
 
     def _mixed_batch_forward(self, x, *args, adapter_names: list[str], **kwargs):
         """Rows of one batch under different deltas: the base GEMM once, then each row's own delta."""
-        from peft_ext.kernels import delta_linear_gathered
-
         if len(adapter_names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows.")
         if self.training and torch.is_grad_enabled():
