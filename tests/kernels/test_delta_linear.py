@@ -25,14 +25,7 @@ from peft_ext.kernels import dispatch
 
 from peft_ext.kernels import delta as dm
 
-BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
-TOL = {FP32: 1e-4, FP16: 3e-3, BF16: 1e-2}
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def rel_err(out, ref):
-    out, ref = out.detach().double(), ref.detach().double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+from .accuracy import BF16, FP16, FP32, FP64, TOL, needs_cuda, rel_err
 
 
 def make(lead, K, N, bands, group_size, dtype, bias=True, seed=0, device="cpu"):
