@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from peft_ext.cli import build_parser, main
-from peft_ext.demo_config import DemoConfig
+from peft_ext.experiments.demo_config import DemoConfig
 from peft_ext.recipe import Recipe, build_peft_config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -100,7 +100,7 @@ def test_demo_on_the_tiny_model_writes_table_files_and_curves(tmp_path, capsys):
 def test_demo_stops_at_the_target_score(tmp_path):
     config = DemoConfig(**TINY_DEMO, methods=["fft"], eval_every=1, target_new_task=0.0, stop_at_target=True,
                         output_dir=str(tmp_path))
-    from peft_ext.demo import run_demo
+    from peft_ext.experiments.demo import run_demo
 
     results = run_demo(config)
     assert results["runs"][0]["steps"] == 1  # any score reaches 0.0: stopped after the first evaluation

@@ -6,7 +6,7 @@
 Unlike a handful of facts, a random table of a few hundred entries has no structure for an adapter to exploit:
 every pair is an independent association, so the update it needs grows in rank with the number of pairs (a rank-r
 linear update maps at most r keys to arbitrary values). That makes it a real-model task on which a rank-1 LoRA is
-limited by its rank, not by its steps (peft_ext.cola_vs_lora, recipes/cola_vs_lora_capacity.yaml).
+limited by its rank, not by its steps (peft_ext.experiments.cola_vs_lora, recipes/cola_vs_lora_capacity.yaml).
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ def run_delta_compression(config: DeltaCompressionConfig | None = None) -> dict:
     """Fine-tune, compress with every method and budget, score everything; print the table and save results."""
     from peft_ext.data import load_model, load_training_data
     from peft_ext.quiet import quiet_libraries
-    from peft_ext.scores import builtin_score_data
+    from peft_ext.evaluation.scores import builtin_score_data
 
     config = config or DeltaCompressionConfig()
     quiet_libraries()
@@ -207,7 +207,7 @@ def finetune(base, tokenizer, train_data, config: DeltaCompressionConfig):
     from transformers import ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
-    from peft_ext.demo_callbacks import LossProgressBar
+    from peft_ext.training.progress import LossProgressBar
     from peft_ext.trainer_defaults import device_defaults, quiet_defaults
 
     model = copy.deepcopy(base)
@@ -317,7 +317,7 @@ def output_errors(base, finetuned, compressed, hessians, names) -> dict:
 
 def _scores(model, tokenizer, score_data, task_texts, max_length) -> dict:
     from peft_ext.evaluation import lm_loss
-    from peft_ext.scores import measure_scores
+    from peft_ext.evaluation.scores import measure_scores
 
     scores = measure_scores(model, tokenizer, score_data)
     return {

@@ -1,4 +1,4 @@
-"""The COLA-vs-LoRA reproduction runner (peft_ext.cola_vs_lora) at a tiny scale, and COLA in `peft-ext train` recipes."""
+"""The COLA-vs-LoRA reproduction runner (peft_ext.experiments.cola_vs_lora) at a tiny scale, and COLA in `peft-ext train` recipes."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import yaml
 
-from peft_ext.cola_vs_lora import Repro, _adapt, reproduce, teacher_data, training_data
+from peft_ext.experiments.cola_vs_lora import Repro, _adapt, reproduce, teacher_data, training_data
 
 TINY = dict(
     steps=4, batch_size=8, seeds=[0], chain_lengths=[2], methods=["lora", "cola", "fft"], cpu_threads=1,
@@ -92,3 +92,20 @@ def test_codebook_data_option(tmp_path):
     results = reproduce(repro, str(tmp_path), log=lambda *a: None)
     assert list(results) == ["lora", "cola-M2", "lora-r4"]
     assert all(math.isfinite(per_seed["0"]["score"]) for per_seed in results.values())
+
+
+def test_cli_reproduce_cola_runs_a_recipe_with_overrides(tmp_path, capsys):
+    from peft_ext.cli import main
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY, "methods": ["lora", "cola"], "output_dir": str(tmp_path / "unused")}))
+    out = tmp_path / "out"
+    assert main(["reproduce-cola", str(recipe), "--set", "steps=2", "--out", str(out)]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["recipe"]["steps"] == 2 and list(saved["results"]) == ["lora", "cola-M2"]
+    assert not (tmp_path / "unused").exists()  # --out wins over the recipe's output_dir
+
+    assert main(["reproduce-cola", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml does not exist" in capsys.readouterr().err
+    assert main(["reproduce-cola", str(recipe), "--set", "rank=4"]) == 2
+    assert "unknown key(s) ['rank']" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""What the demo watches during training: a progress bar with the loss, and scores every few steps."""
+"""Callbacks that show a run as it trains: a progress bar with the loss, and scores every few steps."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback
 
-from peft_ext.scores import ScoreData, measure_scores
+from peft_ext.evaluation.scores import ScoreData, measure_scores
 
 
 class LossProgressBar(ProgressCallback):

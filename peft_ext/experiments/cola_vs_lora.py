@@ -1,7 +1,8 @@
 """Small-scale reproduction of COLA's claim: at equal rank, steps and learning rate, a chain of LoRAs fits a task that
 LoRA under-fits better than LoRA does (design/methods/cola.md); full fine-tuning is the ceiling.
 
-    python -m peft_ext.cola_vs_lora recipes/cola_vs_lora.yaml [--set steps=100 ...] [--out DIR]
+    peft-ext reproduce-cola recipes/cola_vs_lora.yaml [--set steps=100 ...] [--out DIR]
+    (or python -m peft_ext.experiments.cola_vs_lora with the same arguments)
 
 Two tasks (`task:` in the recipe):
 

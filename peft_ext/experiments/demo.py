@@ -21,12 +21,12 @@ from trl import SFTConfig, SFTTrainer
 
 import peft_ext
 from peft_ext.data import load_model, load_training_data
-from peft_ext.demo_callbacks import LossProgressBar, ScoreCurve
-from peft_ext.demo_config import DemoConfig
-from peft_ext.demo_plots import plot_score_curves, plot_training_loss
-from peft_ext.demo_report import at_equal_new_task, format_equal_score, format_table, summarize, with_changes, write_results
+from peft_ext.training.progress import LossProgressBar, ScoreCurve
+from peft_ext.experiments.demo_config import DemoConfig
+from peft_ext.experiments.demo_plots import plot_score_curves, plot_training_loss
+from peft_ext.experiments.demo_report import at_equal_new_task, format_equal_score, format_table, summarize, with_changes, write_results
 from peft_ext.quiet import quiet_libraries
-from peft_ext.scores import builtin_score_data, measure_scores
+from peft_ext.evaluation.scores import builtin_score_data, measure_scores
 from peft_ext.trainer_defaults import device_defaults, quiet_defaults
 
 

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from peft_ext.demo_report import METHOD_LABELS  # noqa: E402
+from peft_ext.experiments.demo_report import METHOD_LABELS  # noqa: E402
 
 COLORS = {"hft": "tab:green", "fft": "tab:red", "lora": "tab:blue"}
 
