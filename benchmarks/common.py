@@ -279,6 +279,38 @@ def build_llama(args, device, dtype, train: bool = True, max_positions: int = 20
     return model.to(device).train(train)
 
 
+def random_token_batches(seed: int, vocab: int, batch: int, seq: int, n: int, device) -> list:
+    """`n` (at least one) batches of random token ids, the same for every variant of a run."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, seq), generator=generator).to(device) for _ in range(max(1, n))]
+
+
+def time_training_step(model, optimizer, batches, warmup: int, steps: int, device) -> dict:
+    """Time whole training steps (causal-LM forward + backward + optimizer step + zero_grad), cycling `batches`.
+
+    Returns trainable (elements the optimizer updates), ms (median), gib (peak), times (every timed step) and the
+    last loss.
+    """
+    import itertools
+
+    feed = itertools.cycle(batches)
+    last = {}
+
+    def step():
+        ids = next(feed)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        last["loss"] = loss.detach()
+
+    m = measure(step, warmup, steps, device)
+    trainable = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    return {"trainable": trainable, "ms": m.median_ms, "gib": m.peak_gib, "times": m.times_ms, "loss": float(last["loss"])}
+
+
 def publish(text: str, out) -> None:
     """Print a benchmark's report, and append it to `out` (e.g. benchmarks/RESULTS.md) when given."""
     import sys

@@ -25,7 +25,6 @@ Variants (--variants, comma-separated; default: frozen,full,lora,hft,hft-layer; 
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import sys
 
@@ -41,8 +40,9 @@ from common import (  # noqa: I001  (common must come first: it fixes sys.path b
     fmt_ms,
     free_memory,
     markdown_table,
-    measure,
+    random_token_batches,
     ratio,
+    time_training_step,
 )
 
 import torch
@@ -109,13 +109,6 @@ def prepare(variant: str, model: torch.nn.Module, args) -> torch.nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------- run
-def make_batches(args, device: torch.device) -> list[torch.Tensor]:
-    """One batch of random token ids per step (warm-up and timed), identical for every variant."""
-    generator = torch.Generator().manual_seed(args.seed + 1)
-    n = max(1, args.warmup + args.steps)
-    return [torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator).to(device) for _ in range(n)]
-
-
 def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype, batches) -> dict:
     model = prepare(variant, build_model(args, device, dtype), args)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -123,33 +116,13 @@ def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype, ba
         raise RuntimeError(f"variant {variant!r} has no trainable parameters")
     adam = {"fused": True} if args.fused_adam else {}
     optimizer = torch.optim.AdamW(params, lr=args.lr, **adam)
-    feed = itertools.cycle(batches)
-    last = {}
-
-    def step():
-        ids = next(feed)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        last["loss"] = loss.detach()
-
-    m = measure(step, args.warmup, args.steps, device)
-    loss = float(last["loss"])
-    return {
-        "name": variant,
-        "trainable": sum(p.numel() for p in params),
-        "ms": m.median_ms,
-        "gib": m.peak_gib,
-        "times": m.times_ms,
-        "loss": loss,
-    }
+    return {"name": variant, **time_training_step(model, optimizer, batches, args.warmup, args.steps, device)}
 
 
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    batches = make_batches(args, device)
+    batches = random_token_batches(args.seed + 1, args.vocab, args.batch, args.seq, args.warmup + args.steps, device)
     rows = []
     for variant in args.variants:
         label = LABELS[variant].format(r=args.lora_r, ratio=args.hft_ratio)

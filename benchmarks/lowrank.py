@@ -42,7 +42,9 @@ from common import (  # noqa: I001  (common must come first: it fixes sys.path b
     free_memory,
     markdown_table,
     measure,
+    random_token_batches,
     ratio,
+    time_training_step,
 )
 
 import torch
@@ -102,29 +104,10 @@ def prepare_step(variant: str, model: torch.nn.Module, r: int) -> torch.nn.Modul
 
 
 # ----------------------------------------------------------------------------------------------- training
-def random_ids(args, device, batch: int, seq: int, n: int, offset: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(args.seed + offset)
-    return [torch.randint(0, args.vocab, (batch, seq), generator=g).to(device) for _ in range(max(1, n))]
-
-
 def run_step(variant: str, r: int, args, device, dtype, batches) -> dict:
     model = prepare_step(variant, build_model(args, device, dtype), r)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr)
-    feed = itertools.cycle(batches)
-    last = {}
-
-    def step():
-        ids = next(feed)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        last["loss"] = loss.detach()
-
-    m = measure(step, args.warmup, args.steps, device)
-    return {"trainable": sum(p.numel() for p in params), "ms": m.median_ms, "gib": m.peak_gib, "times": m.times_ms,
-            "loss": float(last["loss"])}  # fmt: skip
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    return time_training_step(model, optimizer, batches, args.warmup, args.steps, device)
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -200,7 +183,7 @@ def _log(row: dict) -> None:
 
 def run(args) -> tuple[list[dict], list[dict]]:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    train_batches = random_ids(args, device, args.batch, args.seq, args.warmup + args.steps, 1)
+    train_batches = random_token_batches(args.seed + 1, args.vocab, args.batch, args.seq, args.warmup + args.steps, device)
     step_rows = []
     frozen = None
     for r in args.ranks:
@@ -213,7 +196,9 @@ def run(args) -> tuple[list[dict], list[dict]]:
             frozen = row if variant == "frozen" else frozen
             step_rows.append(row)
             _log(row)
-    fwd_batches = random_ids(args, device, args.fwd_batch, args.fwd_seq, args.warmup + args.steps, 2)
+    fwd_batches = random_token_batches(
+        args.seed + 2, args.vocab, args.fwd_batch, args.fwd_seq, args.warmup + args.steps, device
+    )
     fwd_rows = []
     for i, (kind, label, fused, n) in enumerate(forward_rows(args)):
         name = "base" if kind == "base" else f"fwd{i}"
