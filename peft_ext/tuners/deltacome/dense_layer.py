@@ -9,16 +9,18 @@ from torch import nn
 
 from peft_ext.tuners.base_originals import KeepsBaseOriginals
 from peft_ext.tuners.mixed_batch import route_rows
+from peft_ext.tuners.one_adapter_forward import OneAdapterForward
 
 from .layer import INFERENCE_ONLY, DeltaComeTunerLayer
 
 
-class DeltaComeDense(nn.Module, KeepsBaseOriginals, DeltaComeTunerLayer):
+class DeltaComeDense(OneAdapterForward, nn.Module, KeepsBaseOriginals, DeltaComeTunerLayer):
     """A small module the fine-tune changed (a norm, by default) stored whole: each adapter holds the fine-tune's
     values of its parameters (`deltacome_dense[adapter]`, buffers) and runs the base module with them. Unlike PEFT's
     modules_to_save, rows of a mixed batch (`adapter_names=`) each get their own adapter's values."""
 
     adapter_layer_names = ("deltacome_dense",)
+    method_label = "Delta-CoMe"
     other_param_names = ()
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
@@ -41,30 +43,21 @@ class DeltaComeDense(nn.Module, KeepsBaseOriginals, DeltaComeTunerLayer):
         self.deltacome_dense[adapter_name] = BufferDict(values, persistent=True)
         self.set_adapter(self.active_adapters)
 
-    def _call(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _check_can_run(self) -> None:
+        if self.training and torch.is_grad_enabled():
+            raise RuntimeError(INFERENCE_ONLY.format(name=type(self.get_base_layer()).__name__))
+
+    def _single_forward(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
         params = {n: t.to(getattr(base, n).dtype) for n, t in self.deltacome_dense[adapter_name].items()}
         return torch.func.functional_call(base, params, (x, *args), kwargs)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.training and torch.is_grad_enabled() and (adapter_names or self.active_adapters):
-            raise RuntimeError(INFERENCE_ONLY.format(name=type(self.get_base_layer()).__name__))
-        if adapter_names is not None:
-            return route_rows(x, adapter_names, lambda name, rows_x: (
-                self._call(name, rows_x, *args, **kwargs) if name in self.deltacome_dense
-                else self.base_layer(rows_x, *args, **kwargs)
-            ))  # fmt: skip
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.deltacome_dense]
-        if not active:
-            return self.base_layer(x, *args, **kwargs)
-        return self._call(active[-1], x, *args, **kwargs)
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
+        self._check_can_run()
+        return route_rows(x, adapter_names, lambda name, rows_x: (
+            self._single_forward(name, rows_x, *args, **kwargs) if name in self.deltacome_dense
+            else self.base_layer(rows_x, *args, **kwargs)
+        ))  # fmt: skip
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)

@@ -14,6 +14,7 @@ from peft_ext.kernels.delta_format import PackedDelta
 from peft_ext.kernels.delta_reference import reference_delta_part
 from peft_ext.kernels.sign_format import SignDelta, sign_delta_part
 from peft_ext.tuners.base_originals import KeepsBaseOriginals
+from peft_ext.tuners.one_adapter_forward import OneAdapterForward
 
 from .representation import build_packed, build_sign, empty_tensors, random_tensors
 
@@ -41,12 +42,13 @@ class DeltaComeTunerLayer(BaseTunerLayer):
     """What every Delta-CoMe layer is (the tuner's `tuner_layer_cls`: set_adapter / delete_adapter reach all)."""
 
 
-class DeltaComeLinear(nn.Module, KeepsBaseOriginals, DeltaComeTunerLayer):
+class DeltaComeLinear(OneAdapterForward, nn.Module, KeepsBaseOriginals, DeltaComeTunerLayer):
     """Wraps one linear layer (nn.Linear or Conv1D). Each adapter is a compressed delta held in buffers
     (`deltacome_delta[adapter]`: the packed bands of U and V, scales, mins, sigma; or a baseline's tensors) and
     added to the frozen base: y = base(x) + delta(x), the delta never built densely."""
 
     adapter_layer_names = ("deltacome_delta",)
+    method_label = "Delta-CoMe"
     other_param_names = ()
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
@@ -116,36 +118,20 @@ class DeltaComeLinear(nn.Module, KeepsBaseOriginals, DeltaComeTunerLayer):
         a, b = d
         return lowrank_linear(x, weight, bias, a, b, 1.0)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.deltacome_delta]
-        if not active:
-            return self.base_layer(x, *args, **kwargs)
+    def _check_can_run(self) -> None:
         if self.training and torch.is_grad_enabled():
             raise RuntimeError(INFERENCE_ONLY.format(name=type(self.get_base_layer()).__name__))
-        if len(active) > 1:
-            raise ValueError(
-                f"Delta-CoMe runs one compressed delta at a time, but {active} are active: call "
-                f"model.set_adapter(name) with one name, or pass adapter_names= per row for a mixed batch."
-            )
+
+    def _single_forward(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or kwargs:
             raise TypeError(f"{type(self.get_base_layer()).__name__} takes only x here, got extra arguments.")
-        return self._adapted(x, active[0])
+        return self._adapted(x, adapter_name)
 
     def _mixed_batch_forward(self, x, *args, adapter_names: list[str], **kwargs):
         """Rows of one batch under different deltas: the base GEMM once, then each row's own delta."""
         if len(adapter_names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows.")
-        if self.training and torch.is_grad_enabled():
-            raise RuntimeError(INFERENCE_ONLY.format(name=type(self.get_base_layer()).__name__))
+        self._check_can_run()
         names = [a for a in dict.fromkeys(adapter_names) if a in self.deltacome_delta]
         packed = [a for a in names if self.delta_meta[a][0] == "deltacome"]
         if packed:  # one kernel launch serves one group size: the most common; other tenants' rows come after

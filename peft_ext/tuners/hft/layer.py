@@ -11,9 +11,10 @@ from torch import nn
 
 from peft_ext.tuners.base_originals import KeepsBaseOriginals
 from peft_ext.tuners.mixed_batch import route_rows
+from peft_ext.tuners.one_adapter_forward import OneAdapterForward
 
 
-class HftLayer(nn.Module, KeepsBaseOriginals, BaseTunerLayer):
+class HftLayer(OneAdapterForward, nn.Module, KeepsBaseOriginals, BaseTunerLayer):
     """Wraps one selected module. Each adapter owns trainable copies of the module's own parameters
     (`hft_weight[adapter]["weight"]`, `["bias"]`), used in place of the frozen base parameters: one matmul,
     as in full fine-tuning. The base module stays untouched, so disabling, unloading and several adapters
@@ -21,6 +22,7 @@ class HftLayer(nn.Module, KeepsBaseOriginals, BaseTunerLayer):
     """
 
     adapter_layer_names = ("hft_weight", "hft_index")
+    method_label = "HFT"
     other_param_names = ()
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
@@ -119,25 +121,8 @@ class HftLayer(nn.Module, KeepsBaseOriginals, BaseTunerLayer):
             return F.linear(x, params.get("weight", base.weight), params.get("bias", base.bias))
         return torch.func.functional_call(base, params, (x, *args), kwargs)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.hft_weight]
-        if not active:
-            return self.base_layer(x, *args, **kwargs)
-        if len(active) > 1:
-            raise ValueError(
-                f"HFT runs one adapter at a time, but {active} are active on {type(self.get_base_layer()).__name__}: "
-                f"call model.set_adapter(name) with one name, or pass adapter_names= per row for mixed batches."
-            )
-        return self._call_with(self.adapted_parameters(active[0]), x, *args, **kwargs)
+    def _single_forward(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._call_with(self.adapted_parameters(adapter_name), x, *args, **kwargs)
 
     def _mixed_batch_forward(self, x, *args, adapter_names: list[str], **kwargs):
         """Rows of one batch under different adapters: one call per adapter on its rows."""
