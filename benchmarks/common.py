@@ -44,6 +44,10 @@ _drop_repo_root_from_sys_path()
 
 import torch  # noqa: E402  (after the sys.path fix above)
 
+# --dtype spellings: every script accepts the long names, the training scripts the short ones as well
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPE_ALIASES = {**DTYPES, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 
 # ------------------------------------------------------------------------------------------------ measuring
 class Measurement(NamedTuple):
@@ -328,6 +332,16 @@ def fill_from_preset(args, preset: dict):
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
+
+
+def add_kernel_bench_args(parser, cpu_reps: int, small_flag: str) -> None:
+    """The options every kernel benchmark takes: dtype, do_bench timing, device, --out."""
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per variant (CUDA)")
+    parser.add_argument("--warmup-ms", type=int, default=50, help="do_bench warm-up time per variant (CUDA)")
+    parser.add_argument("--cpu-reps", type=int, default=cpu_reps, help="timed calls per variant off CUDA")
+    parser.add_argument("--device", default=None, help=f"default: cuda if available, else cpu (needs {small_flag})")
+    parser.add_argument("--out", default=None, help="also append the header and tables to this markdown file")
 
 
 def kernel_device(requested: Optional[str], small: bool, script: str, flag: str) -> torch.device:

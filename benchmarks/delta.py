@@ -37,12 +37,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common import env_header, fill_from_preset, fmt_ms, fmt_ratio, kernel_device, measure, publish  # noqa: I001  (first: fixes sys.path)
+from common import (  # noqa: I001  (first: fixes sys.path)
+    DTYPES, add_kernel_bench_args, env_header, fill_from_preset, fmt_ms, fmt_ratio, kernel_device, measure, publish,
+)
 
 import torch
 import torch.nn.functional as F
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 GOAL_BANDS = {(4096, 4096): "8:2,3:32,2:968", (14336, 4096): "8:2,3:32,2:1428"}
 DEFAULTS = dict(
     shapes="4096x4096,14336x4096", bands=None, batches="1,4,16", prefill=2048, group_size=128,
@@ -322,14 +323,9 @@ def parse_args(argv=None):
     p.add_argument("--mt-tenants", default=None, help=f"tenant counts of the multi-tenant timing (default {DEFAULTS['mt_tenants']})")
     p.add_argument("--mt-batch", type=int, default=None, help=f"rows of the multi-tenant batch (default {DEFAULTS['mt_batch']})")
     p.add_argument("--copy-mib", type=int, default=None, help=f"buffer of the copy-bandwidth measurement (default {DEFAULTS['copy_mib']})")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--graph-copies", type=int, default=4, help="input copies per CUDA graph (distinct buffers)")
-    p.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per variant (CUDA)")
-    p.add_argument("--warmup-ms", type=int, default=50, help="do_bench warm-up time per variant (CUDA)")
-    p.add_argument("--cpu-reps", type=int, default=1, help="timed calls per variant off CUDA")
     p.add_argument("--skip-multi", action="store_true", help="no multi-tenant timing table")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu (needs --smoke)")
-    p.add_argument("--out", default=None, help="also append the header and tables to this markdown file")
+    add_kernel_bench_args(p, cpu_reps=1, small_flag="--smoke")
     args = p.parse_args(argv)
     return fill_from_preset(args, SMOKE if args.smoke else DEFAULTS)
 

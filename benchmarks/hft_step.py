@@ -32,6 +32,7 @@ from common import (  # noqa: I001  (common must come first: it fixes sys.path b
     build_llama,
     publish,
     NA,
+    DTYPE_ALIASES,
     default_device,
     env_header,
     fmt_gib,
@@ -65,8 +66,6 @@ LABELS = {
     "hft-inplace": "ref: HFT's matrix selection trained in place (not HFT)",
 }
 DEFAULT_VARIANTS = ["frozen", "full", "lora", "hft", "hft-layer"]
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}  # fmt: skip
 GOAL = 0.75
 
 
@@ -121,7 +120,7 @@ def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype, ba
 
 def run(args) -> list[dict]:
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    dtype = DTYPE_ALIASES[args.dtype]
     batches = random_token_batches(args.seed + 1, args.vocab, args.batch, args.seq, args.warmup + args.steps, device)
     rows = []
     for variant in args.variants:
@@ -218,7 +217,7 @@ def parse_args(argv=None):
     for name, kind in (("hidden", int), ("ffn", int), ("layers", int), ("heads", int), ("kv-heads", int),
                        ("vocab", int), ("batch", int), ("seq", int)):  # fmt: skip
         p.add_argument(f"--{name}", type=kind, default=None, help=f"default {ANCHOR[name.replace('-', '_')]}")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default bfloat16)")
+    p.add_argument("--dtype", choices=sorted(DTYPE_ALIASES), default=None, help="weight dtype (default bfloat16)")
     p.add_argument("--steps", type=int, default=None, help="timed steps, median reported (default 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -236,7 +235,7 @@ def parse_args(argv=None):
     fill_from_preset(args, TINY if args.tiny else ANCHOR)
     if args.device is None:
         args.device = "cpu" if args.tiny else default_device()
-    args.dtype = str(DTYPES[args.dtype]).removeprefix("torch.")  # one spelling: bf16 -> bfloat16
+    args.dtype = str(DTYPE_ALIASES[args.dtype]).removeprefix("torch.")  # one spelling: bf16 -> bfloat16
     args.variants = list(LABELS) if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in LABELS]
     if unknown:

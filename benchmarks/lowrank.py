@@ -33,6 +33,7 @@ from common import (  # noqa: I001  (common must come first: it fixes sys.path b
     build_llama,
     publish,
     NA,
+    DTYPE_ALIASES,
     default_device,
     env_header,
     fmt_gib,
@@ -65,8 +66,6 @@ STEP_LABELS = {
     "lora-bf16": "ref: PEFT LoRA r={r}, bf16 adapter weights (autocast_adapter_dtype=False)",
 }
 DEFAULT_VARIANTS = ["frozen", "lora", "lora-fused", "cola"]
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}  # fmt: skip
 STEP_GOAL, ONE_ADAPTER_GOAL, MIXED_GOAL = 1.10, 1.1, 1.3
 
 
@@ -182,7 +181,7 @@ def _log(row: dict) -> None:
 
 
 def run(args) -> tuple[list[dict], list[dict]]:
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), DTYPE_ALIASES[args.dtype]
     train_batches = random_token_batches(args.seed + 1, args.vocab, args.batch, args.seq, args.warmup + args.steps, device)
     step_rows = []
     frozen = None
@@ -285,7 +284,7 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="a shape that runs on CPU in seconds (smoke test)")
     for name in ("hidden", "ffn", "layers", "heads", "kv-heads", "vocab", "batch", "seq", "fwd-batch", "fwd-seq"):
         p.add_argument(f"--{name}", type=int, default=None, help=f"default {ANCHOR[name.replace('-', '_')]}")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default bfloat16)")
+    p.add_argument("--dtype", choices=sorted(DTYPE_ALIASES), default=None, help="weight dtype (default bfloat16)")
     p.add_argument("--steps", type=int, default=None, help="timed repetitions, median reported (default 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed repetitions first (default 2)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -302,7 +301,7 @@ def parse_args(argv=None):
     fill_from_preset(args, TINY if args.tiny else ANCHOR)
     if args.device is None:
         args.device = "cpu" if args.tiny else default_device()
-    args.dtype = str(DTYPES[args.dtype]).removeprefix("torch.")
+    args.dtype = str(DTYPE_ALIASES[args.dtype]).removeprefix("torch.")
     args.variants = list(STEP_LABELS) if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in STEP_LABELS]
     if unknown:

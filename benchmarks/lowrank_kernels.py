@@ -33,12 +33,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common import env_header, fill_from_preset, fmt_ms, fmt_ratio, kernel_device, measure, publish  # noqa: I001  (first: fixes sys.path)
+from common import (  # noqa: I001  (first: fixes sys.path)
+    DTYPES, add_kernel_bench_args, env_header, fill_from_preset, fmt_ms, fmt_ratio, kernel_device, measure, publish,
+)
 
 import torch
 import torch.nn.functional as F
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ANCHOR = dict(tokens=8192, infer_tokens=4096, seq=512, shapes="2048x2048,5632x2048,2048x5632", ranks="16,64", adapters="4,16")
 TINY = dict(tokens=96, infer_tokens=64, seq=16, shapes="48x40", ranks="4", adapters="2,3")
 
@@ -263,14 +264,9 @@ def parse_args(argv=None):
     p.add_argument("--shapes", default=None, help=f"comma-separated OUTxIN (default {ANCHOR['shapes']})")
     p.add_argument("--ranks", default=None, help=f"comma-separated ranks (default {ANCHOR['ranks']})")
     p.add_argument("--adapters", default=None, help=f"adapters per mixed batch, comma-separated (default {ANCHOR['adapters']})")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    p.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per variant (CUDA)")
-    p.add_argument("--warmup-ms", type=int, default=50, help="do_bench warm-up time per variant (CUDA)")
-    p.add_argument("--cpu-reps", type=int, default=2, help="timed calls per variant off CUDA")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-infer", action="store_true")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu (needs --tiny)")
-    p.add_argument("--out", default=None, help="also append the header and tables to this markdown file")
+    add_kernel_bench_args(p, cpu_reps=2, small_flag="--tiny")
     args = p.parse_args(argv)
     return fill_from_preset(args, TINY if args.tiny else ANCHOR)
 
