@@ -334,6 +334,32 @@ def fill_from_preset(args, preset: dict):
     return args
 
 
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """"4096x4096,14336x4096" -> [(4096, 4096), (14336, 4096)] (OUTxIN)."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            out_f, in_f = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--shapes: {item!r} is not OUTxIN (e.g. 4096x4096)") from None
+        shapes.append((out_f, in_f))
+    return shapes
+
+
+class KernelBench:
+    """Times one call: Triton's do_bench (median, L2 flushed) on CUDA, `measure` elsewhere (interpreter smoke tests)."""
+
+    def __init__(self, device: torch.device, rep_ms: int, warmup_ms: int, cpu_reps: int):
+        self.device, self.rep_ms, self.warmup_ms, self.cpu_reps = device, rep_ms, warmup_ms, cpu_reps
+
+    def time_ms(self, fn) -> float:
+        if self.device.type == "cuda":
+            from triton.testing import do_bench
+
+            return do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median")
+        return measure(fn, warmup=1, reps=self.cpu_reps, device=self.device).median_ms
+
+
 def add_kernel_bench_args(parser, cpu_reps: int, small_flag: str) -> None:
     """The options every kernel benchmark takes: dtype, do_bench timing, device, --out."""
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")

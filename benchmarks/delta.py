@@ -38,7 +38,16 @@ import argparse
 import sys
 
 from common import (  # noqa: I001  (first: fixes sys.path)
-    DTYPES, add_kernel_bench_args, env_header, fill_from_preset, fmt_ms, fmt_ratio, kernel_device, measure, publish,
+    DTYPES,
+    KernelBench,
+    add_kernel_bench_args,
+    env_header,
+    fill_from_preset,
+    fmt_ms,
+    fmt_ratio,
+    kernel_device,
+    parse_shapes,
+    publish,
 )
 
 import torch
@@ -54,10 +63,6 @@ SMOKE = dict(
     tenants="1,4", mt_tenants="2,4", mt_batch=4, copy_mib=8,
 )  # fmt: skip
 GOAL_RATIO, GOAL_BW = 1.15, 0.70
-
-
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
 
 
 def parse_bands(text: str) -> tuple[tuple[int, int], ...]:
@@ -79,17 +84,7 @@ def fmt_bands(bands) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ timing
-class Bench:
-    def __init__(self, device: torch.device, rep_ms: int, warmup_ms: int, cpu_reps: int):
-        self.device, self.rep_ms, self.warmup_ms, self.cpu_reps = device, rep_ms, warmup_ms, cpu_reps
-
-    def time_ms(self, fn) -> float:
-        if self.device.type == "cuda":
-            from triton.testing import do_bench
-
-            return do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median")
-        return measure(fn, warmup=1, reps=self.cpu_reps, device=self.device).median_ms
-
+class Bench(KernelBench):
     def graph_ms(self, fns) -> "float | None":
         """Per-call ms of the calls `fns` (one per copy of the inputs) captured in one CUDA graph, replayed under
         do_bench (L2 flushed before each replay; the copies' buffers are distinct, so each call reads from HBM):

@@ -34,7 +34,16 @@ import argparse
 import sys
 
 from common import (  # noqa: I001  (first: fixes sys.path)
-    DTYPES, add_kernel_bench_args, env_header, fill_from_preset, fmt_ms, fmt_ratio, kernel_device, measure, publish,
+    DTYPES,
+    KernelBench,
+    add_kernel_bench_args,
+    env_header,
+    fill_from_preset,
+    fmt_ms,
+    fmt_ratio,
+    kernel_device,
+    parse_shapes,
+    publish,
 )
 
 import torch
@@ -44,26 +53,8 @@ ANCHOR = dict(tokens=8192, infer_tokens=4096, seq=512, shapes="2048x2048,5632x20
 TINY = dict(tokens=96, infer_tokens=64, seq=16, shapes="48x40", ranks="4", adapters="2,3")
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    shapes = []
-    for item in text.split(","):
-        out_f, in_f = (int(v) for v in item.lower().split("x"))
-        shapes.append((out_f, in_f))
-    return shapes
-
-
 # ------------------------------------------------------------------------------------------------ timing
-class Bench:
-    def __init__(self, device: torch.device, rep_ms: int, warmup_ms: int, cpu_reps: int):
-        self.device, self.rep_ms, self.warmup_ms, self.cpu_reps = device, rep_ms, warmup_ms, cpu_reps
-
-    def time_ms(self, fn) -> float:
-        if self.device.type == "cuda":
-            from triton.testing import do_bench
-
-            return do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median")
-        return measure(fn, warmup=1, reps=self.cpu_reps, device=self.device).median_ms
-
+class Bench(KernelBench):
     def peak_extra_mib(self, fn):
         """Peak memory allocated during one call, above what was allocated before it (CUDA only)."""
         if self.device.type != "cuda":
