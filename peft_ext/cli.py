@@ -45,11 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         "new-task accuracy, old world-knowledge accuracy and LM loss on English text (forgetting) side by side; "
         "save results.json, results.csv and plots. The default finishes in a few minutes on a laptop CPU.",
     )
-    demo.add_argument("--config", metavar="YAML", help="a demo config (e.g. recipes/hft_forgetting.yaml); default: built-in")
-    demo.add_argument("--output-dir", "--out", dest="output_dir", metavar="DIR", help="where results go (default ./outputs/demo)")
-    demo.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help=SET_HELP.format(example="max_steps=60 --set seeds=[0,1,2] --set learning_rate.lora=5e-4"),
+    _add_experiment_args(
+        demo, config_help="a demo config (e.g. recipes/hft_forgetting.yaml); default: built-in",
+        out_help="where results go (default ./outputs/demo)",
+        set_example="max_steps=60 --set seeds=[0,1,2] --set learning_rate.lora=5e-4",
     )
 
     evaluate = commands.add_parser(
@@ -84,13 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         "base, fine-tune and every compressed fine-tune on the task. Prints a markdown table; writes results.md, "
         "results.json and the adapters. The shipped recipe takes a few minutes on a 2-core CPU.",
     )
-    reproduce.add_argument(
-        "--config", metavar="YAML", help="the experiment (e.g. recipes/deltacome_reproduction.yaml); default: built-in"
-    )
-    reproduce.add_argument("--output-dir", "--out", dest="output_dir", metavar="DIR", help="where results go")
-    reproduce.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help=SET_HELP.format(example="max_steps=10 --set budgets=[1/16] --set methods=[deltacome,lowrank]"),
+    _add_experiment_args(
+        reproduce, config_help="the experiment (e.g. recipes/deltacome_reproduction.yaml); default: built-in",
+        out_help="where results go", set_example="max_steps=10 --set budgets=[1/16] --set methods=[deltacome,lowrank]",
     )
 
     cola = commands.add_parser(
@@ -102,12 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
         "results.json. recipes/cola_vs_lora.yaml takes about a minute on a 2-core CPU.",
     )
     cola.add_argument("recipe", metavar="RECIPE.yaml", help="e.g. recipes/cola_vs_lora.yaml or recipes/cola_vs_lora_capacity.yaml")
-    cola.add_argument("--output-dir", "--out", dest="output_dir", metavar="DIR", help="where results go (default: the recipe's output_dir)")
-    cola.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help=SET_HELP.format(example="steps=100 --set seeds=[0]"),
+    _add_experiment_args(
+        cola, config_help=None, out_help="where results go (default: the recipe's output_dir)",
+        set_example="steps=100 --set seeds=[0]",
     )
     return parser
+
+
+def _add_experiment_args(parser, config_help: str | None, out_help: str, set_example: str) -> None:
+    """--config YAML (unless the recipe is positional), --output-dir DIR, --set KEY=VALUE: what every experiment takes."""
+    if config_help:
+        parser.add_argument("--config", metavar="YAML", help=config_help)
+    parser.add_argument("--output-dir", "--out", dest="output_dir", metavar="DIR", help=out_help)
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP.format(example=set_example)
+    )
 
 
 def _add_compress_parser(commands) -> None:
