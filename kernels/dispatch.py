@@ -44,7 +44,7 @@ BACKENDS = ("triton", "reference")
 # ------------------------------------------------------------------------------------------------ backend
 def interpret_mode() -> bool:
     """True when Triton's interpreter is on (TRITON_INTERPRET read now, the way triton.jit reads it)."""
-    if HAS_TRITON:
+    if HAS_TRITON and hasattr(triton, "knobs"):  # triton >= 3.4; older ones read the variable as below
         return bool(triton.knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 

@@ -335,6 +335,17 @@ def test_interpreter_uses_the_kernels(monkeypatch):
         lowrank_linear(**layer, scale=0.5, backend="reference")
 
 
+@pytest.mark.parametrize("value, expected", [("1", True), ("0", False), (None, False)])
+def test_interpret_mode_without_triton_knobs(monkeypatch, value, expected):
+    """Triton < 3.4 (torch 2.4 to 2.7) has no triton.knobs: the mode is read from TRITON_INTERPRET instead."""
+    monkeypatch.delattr(dispatch.triton, "knobs", raising=False)
+    if value is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert dispatch.interpret_mode() is expected
+
+
 def test_float64_and_large_rank_go_to_the_reference():
     layer = make_layer((5,), 140, 135, 8, FP64, FP64)
     assert choose_backend(layer["x"], 8) == "reference"
