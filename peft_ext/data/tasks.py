@@ -12,13 +12,15 @@ Evaluation data (lists of dicts, for peft_ext.evaluation): `new_task_probes`, `o
 from __future__ import annotations
 
 import os
-
-from datasets import Dataset, load_dataset
+from typing import TYPE_CHECKING
 
 from .english_text import english_text
 from .fictional_world import fictional_probes, fictional_qa, fictional_statements
 from .preferences import addition_preferences
 from .world_knowledge import world_knowledge_probes
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 BUILTIN_DATASETS = {
     "fictional-facts": lambda: [{"text": s} for s in fictional_statements()],
@@ -29,6 +31,8 @@ BUILTIN_DATASETS = {
 
 
 def builtin_dataset(name: str) -> Dataset:
+    from datasets import Dataset  # here, not at the top: the scorers and tokenizers of peft_ext.data do not need it
+
     if name not in BUILTIN_DATASETS:
         raise ValueError(f"unknown built-in dataset {name!r}; the built-in ones are {sorted(BUILTIN_DATASETS)}")
     return Dataset.from_list(BUILTIN_DATASETS[name]())
@@ -39,6 +43,8 @@ def load_training_data(name_or_path: str) -> Dataset:
     if name_or_path in BUILTIN_DATASETS:
         return builtin_dataset(name_or_path)
     if os.path.isfile(name_or_path) and name_or_path.endswith((".json", ".jsonl")):
+        from datasets import load_dataset
+
         return load_dataset("json", data_files=name_or_path, split="train")
     raise ValueError(
         f"data {name_or_path!r} is neither a built-in dataset ({', '.join(sorted(BUILTIN_DATASETS))}) nor an "
