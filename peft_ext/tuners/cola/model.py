@@ -5,16 +5,17 @@ from typing import Optional
 
 from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from peft_ext.tuners.unmatched_targets import NamesUnmatchedTargets
 
 from .bnb import ColaLinear4bit, is_bnb_4bit
 from .config import ColaConfig
 from .layer import ColaChain, ColaLinear, link_seed
 
 
-class ColaModel(LoraModel):
+class ColaModel(NamesUnmatchedTargets, LoraModel):
     """COLA as a PEFT tuner: LoRA's model with `ColaLinear` layers (see `ColaConfig`). Everything LoRA's tuner
     does (targeting, rank/alpha patterns, modules_to_save, several adapters, mixed batches) applies.
 
@@ -37,20 +38,6 @@ class ColaModel(LoraModel):
     def _prepare_model(self, peft_config: ColaConfig, model: nn.Module) -> None:
         super()._prepare_model(peft_config, model)
         _tag_model(model)
-
-    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        config = self.peft_config[adapter_name]
-        try:
-            super().inject_adapter(model, adapter_name, *args, **kwargs)
-        except NoMatchingPeftModuleError as err:
-            raise NoMatchingPeftModuleError(
-                f"ColaConfig(target_modules={config.target_modules!r}, exclude_modules={config.exclude_modules!r}) "
-                f"matches no nn.Linear / Conv1D module of {type(model).__name__}: check target_modules. ({err})"
-            ) from err
-        for name in ("target_modules", "exclude_modules"):  # "all-linear" was expanded into a set of names
-            value = getattr(config, name)
-            if isinstance(value, (set, frozenset)):
-                setattr(config, name, sorted(value))
 
     @staticmethod
     def _create_new_module(lora_config: ColaConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:

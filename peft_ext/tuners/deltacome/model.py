@@ -4,10 +4,10 @@ import math
 from contextlib import contextmanager
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
-from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
 from peft_ext.tuners.mixed_batch import adapter_names_hooks
+from peft_ext.tuners.unmatched_targets import NamesUnmatchedTargets
 
 from .config import DeltaComeConfig
 from .dense_layer import DeltaComeDense
@@ -17,7 +17,7 @@ from .representation import method_bands
 PROBE_RTOL = 1 / 64  # a base reloaded in bf16 / fp16 still matches; another checkpoint does not
 
 
-class DeltaComeModel(BaseTuner):
+class DeltaComeModel(NamesUnmatchedTargets, BaseTuner):
     """Delta-CoMe as a PEFT tuner: each targeted linear layer becomes a `DeltaComeLinear` holding compressed deltas.
 
     Example:
@@ -51,17 +51,7 @@ class DeltaComeModel(BaseTuner):
                     f"{' ...' if len(missing) > 3 else ''} that {type(model).__name__} does not have: load it onto "
                     f"its base model ({config.base_model_name_or_path or 'see adapter_config.json'})."
                 )
-        try:
-            super().inject_adapter(model, adapter_name, *args, **kwargs)
-        except NoMatchingPeftModuleError as err:
-            raise NoMatchingPeftModuleError(
-                f"DeltaComeConfig(target_modules={config.target_modules!r}) matches no nn.Linear / Conv1D module of "
-                f"{type(model).__name__}: check target_modules. ({err})"
-            ) from err
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(config, name)
-            if isinstance(value, (set, frozenset)):
-                setattr(config, name, sorted(value))
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     @staticmethod
     def _check_target_module_exists(peft_config: DeltaComeConfig, key: str) -> bool:
