@@ -28,12 +28,7 @@ def plot_training_loss(runs: list[dict], path: Path) -> Path:
         steps, losses = zip(*run["loss_curve"]) if run["loss_curve"] else ((), ())
         ax.plot(steps, losses, **style)
     ax.set(xlabel="step", ylabel="training loss", title="Training loss on the new task")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, [ax], path)
 
 
 def plot_score_curves(runs: list[dict], base: dict, path: Path) -> Path:
@@ -48,6 +43,10 @@ def plot_score_curves(runs: list[dict], base: dict, path: Path) -> Path:
     axes[0].set(xlabel="step", ylabel="new-task accuracy", title="Learning")
     axes[1].set(xlabel="new-task accuracy", ylabel="LM loss change (up = forgetting)", title="Forgetting: English text")
     axes[2].set(xlabel="new-task accuracy", ylabel="old-knowledge accuracy change", title="Forgetting: world knowledge")
+    return _save(fig, axes, path)
+
+
+def _save(fig, axes, path: Path) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
