@@ -255,7 +255,6 @@ def test_gathered_kernel_under_the_interpreter(llama, triton_interpreter, kernel
 
 # ---------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_kernels_on_cuda(llama):
     ref, fused = lora_pair(lambda: llama().to("cuda", torch.bfloat16))
     ids = torch.randint(0, 64, (4, 33), device="cuda")

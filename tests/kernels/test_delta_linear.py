@@ -25,7 +25,7 @@ from peft_ext.kernels import dispatch
 
 from peft_ext.kernels import delta as dm
 
-from .accuracy import BF16, FP16, FP32, FP64, TOL, needs_cuda, rel_err
+from .accuracy import BF16, FP16, FP32, FP64, TOL, rel_err
 
 
 def make(lead, K, N, bands, group_size, dtype, bias=True, seed=0, device="cpu"):
@@ -413,7 +413,6 @@ BENCH_SHAPES = [(4096, 4096, ((8, 2), (3, 32), (2, 968))), (14336, 4096, ((8, 2)
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("out_f,in_f,bands", BENCH_SHAPES)
 @pytest.mark.parametrize("M", [1, 4, 16, 300])
 def test_gpu_benchmark_shapes_match_reference(out_f, in_f, bands, M):
@@ -425,7 +424,6 @@ def test_gpu_benchmark_shapes_match_reference(out_f, in_f, bands, M):
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("tenants", [4, 16])
 def test_gpu_gathered_decode(tenants):
     out_f, in_f, bands = BENCH_SHAPES[0]

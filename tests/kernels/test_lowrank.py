@@ -20,7 +20,7 @@ from peft_ext.kernels import dispatch
 from peft_ext.kernels import lowrank as lowrank_module
 from peft_ext.kernels.lowrank import lowrank_weight_grad, shrink_expand
 
-from .accuracy import BF16, FP16, FP32, FP64, TOL, needs_cuda, rel_err
+from .accuracy import BF16, FP16, FP32, FP64, TOL, rel_err
 
 
 def make_layer(lead, K, N, R, dtype, adapter_dtype, bias=True, device="cpu", seed=0):
@@ -399,7 +399,6 @@ def test_bad_scalars():
 
 # ---------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("R", [1, 16, 64, 128])
 @pytest.mark.parametrize("dtype,adapter_dtype", [(BF16, FP32), (BF16, BF16), (FP16, FP32), (FP32, FP32)])
 def test_gpu_matches_reference(R, dtype, adapter_dtype):
@@ -416,7 +415,6 @@ def test_gpu_matches_reference(R, dtype, adapter_dtype):
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_gpu_dropout_matches_reference():
     layer = make_layer((1000,), 512, 384, 16, BF16, FP32, device="cuda")
     names = ("x", "lora_a", "lora_b")

@@ -19,7 +19,7 @@ from peft_ext.kernels import dispatch
 from peft_ext.kernels import lowrank as lowrank_module
 from peft_ext.kernels import lowrank_gathered as gathered_module
 
-from .accuracy import BF16, FP16, FP32, FP64, TOL, needs_cuda, rel_err
+from .accuracy import BF16, FP16, FP32, FP64, TOL, rel_err
 
 
 def make_batch(lead, K, N, R, L, dtype, adapter_dtype, bias=True, device="cpu", seed=0, index_shape=None):
@@ -245,7 +245,6 @@ def test_kernel_compiles_for_h100(compile_sm90, monkeypatch, R):
 
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("L", [1, 4, 16])
 @pytest.mark.parametrize("R", [8, 16, 64, 128])
 def test_gpu_matches_reference(L, R):
@@ -261,7 +260,6 @@ def test_gpu_matches_reference(L, R):
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_gpu_decode_batch():
     """Decode-sized batch: one token per sequence, every sequence its own adapter."""
     batch = make_batch((16,), 1024, 1024, 16, 16, BF16, FP32, device="cuda")
