@@ -108,6 +108,7 @@ def test_mismatched_architectures_exit_2(folders, tmp_path, capsys):
     from transformers import LlamaForCausalLM
 
     LlamaForCausalLM(config).save_pretrained(tmp_path / "other", safe_serialization=True)
+    capsys.readouterr()  # transformers' "Writing model shards" bar, when its progress bars are on
     argv = ["compress", "--base", folders["base"], "--finetuned", str(tmp_path / "other"), "--out", str(tmp_path / "o"), *SMALL]
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -136,6 +137,7 @@ def test_budget_too_small_for_the_bands_exit_2_before_any_work(folders, tmp_path
     ],
 )
 def test_bad_options_exit_2_naming_the_option(folders, tmp_path, capsys, extra, flag):
+    capsys.readouterr()  # whatever building the folders printed
     assert main(compress_args(folders, tmp_path / "o", *extra)) == 2
     err = capsys.readouterr().err
     assert err.startswith("peft-ext compress: error:") and flag in err, err
