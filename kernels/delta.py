@@ -91,7 +91,7 @@ from .dispatch import (
     target_programs,
     tl,
 )
-from .reference import rows_adapter_index
+from .reference import check_adapter_index, check_index_dtype, rows_adapter_index
 
 __all__ = ["delta_linear", "delta_linear_gathered"]
 
@@ -539,24 +539,6 @@ def delta_linear(
     return y2d.view(*x.shape[:-1], out_features)
 
 
-def _check_index(adapter_index) -> None:
-    if not isinstance(adapter_index, torch.Tensor):
-        raise TypeError(f"adapter_index must be an integer tensor, got {type(adapter_index).__name__}.")
-    dt = adapter_index.dtype
-    if dt.is_floating_point or dt.is_complex or dt == torch.bool:
-        raise TypeError(f"adapter_index must be an integer tensor (int32/int64), got {dt}.")
-
-
-def _index_out_of_range(row_index: torch.Tensor, num_deltas: int) -> None:
-    bad = (row_index < -1) | (row_index >= num_deltas)
-    if bool(bad.any()):
-        values = sorted(set(row_index[bad].tolist()))[:8]
-        raise ValueError(
-            f"adapter_index out of range: got {values} (showing up to 8); valid values are -1 (no delta) and "
-            f"0..{num_deltas - 1} for {num_deltas} deltas."
-        )
-
-
 def delta_linear_gathered(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -590,11 +572,11 @@ def delta_linear_gathered(
             f"deltas have group sizes {group_sizes}; the deltas served together on one layer must share one "
             f"group_size (their band schedules may differ)."
         )
-    _check_index(adapter_index)
+    check_index_dtype(adapter_index)
     row_index = rows_adapter_index(adapter_index, x.shape)
     L = len(deltas)
     if check_index:
-        _index_out_of_range(row_index, L)
+        check_adapter_index(row_index, L, no_entry="no delta", entries="{count} deltas")
 
     chosen = _backend(x, deltas, backend)
     if chosen == "reference" or _needs_grad(x, weight, bias):

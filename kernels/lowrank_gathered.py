@@ -53,7 +53,7 @@ from .dispatch import (
     tl,
 )
 from .lowrank import gpu_rowblock_config
-from .reference import reference_lowrank_linear_gathered, rows_adapter_index
+from .reference import check_adapter_index, check_index_dtype, reference_lowrank_linear_gathered, rows_adapter_index
 
 __all__ = ["AdapterSegments", "lowrank_linear_gathered", "plan_adapter_segments"]
 
@@ -143,25 +143,6 @@ def _gathered_config(M: int, R: int, device: torch.device) -> dict:
     return gpu_rowblock_config(M, R, device)  # same tiles as the dense kernel
 
 
-def check_adapter_index(row_index: torch.Tensor, num_adapters: int) -> None:
-    """ValueError if some index is outside [-1, num_adapters). Syncs when row_index is on a GPU."""
-    bad = (row_index < -1) | (row_index >= num_adapters)
-    if bool(bad.any()):
-        values = sorted(set(row_index[bad].tolist()))[:8]
-        raise ValueError(
-            f"adapter_index out of range: got {values} (showing up to 8); valid values are -1 (no adapter) and "
-            f"0..{num_adapters - 1} for a stack of {num_adapters} adapters."
-        )
-
-
-def _check_index_dtype(adapter_index: torch.Tensor) -> None:
-    if not isinstance(adapter_index, torch.Tensor):
-        raise TypeError(f"adapter_index must be an integer tensor, got {type(adapter_index).__name__}.")
-    dt = adapter_index.dtype
-    if dt.is_floating_point or dt.is_complex or dt == torch.bool:
-        raise TypeError(f"adapter_index must be an integer tensor (int32/int64), got {dt}.")
-
-
 def plan_adapter_segments(
     adapter_index: torch.Tensor,
     num_adapters: int,
@@ -176,7 +157,7 @@ def plan_adapter_segments(
     device: where x lives (default: the index's).
     check_index: raise ValueError on an index outside [-1, num_adapters) (a host sync for a CUDA index).
     """
-    _check_index_dtype(adapter_index)
+    check_index_dtype(adapter_index)
     if num_adapters < 1:
         raise ValueError(f"num_adapters must be >= 1, got {num_adapters}.")
     row_index = rows_adapter_index(adapter_index, x_shape)
@@ -265,7 +246,7 @@ def lowrank_linear_gathered(
             )
         row_index = plan.row_index
     else:
-        _check_index_dtype(adapter_index)
+        check_index_dtype(adapter_index)
         row_index = rows_adapter_index(adapter_index, x.shape)
         if check_index:
             check_adapter_index(row_index, L)

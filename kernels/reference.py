@@ -77,6 +77,29 @@ def rows_adapter_index(adapter_index: torch.Tensor, x_shape: Sequence[int]) -> t
     )
 
 
+def check_index_dtype(adapter_index) -> None:
+    """TypeError unless adapter_index is an integer tensor (the gathered kernels' per-row index)."""
+    if not isinstance(adapter_index, torch.Tensor):
+        raise TypeError(f"adapter_index must be an integer tensor, got {type(adapter_index).__name__}.")
+    dt = adapter_index.dtype
+    if dt.is_floating_point or dt.is_complex or dt == torch.bool:
+        raise TypeError(f"adapter_index must be an integer tensor (int32/int64), got {dt}.")
+
+
+def check_adapter_index(
+    row_index: torch.Tensor, count: int, no_entry: str = "no adapter", entries: str = "a stack of {count} adapters"
+) -> None:
+    """ValueError if some index is outside [-1, count). Syncs when row_index is on a GPU. `no_entry` and `entries`
+    name what the index selects in the message (-1 = `no_entry`; `entries` formatted with count)."""
+    bad = (row_index < -1) | (row_index >= count)
+    if bool(bad.any()):
+        values = sorted(set(row_index[bad].tolist()))[:8]
+        raise ValueError(
+            f"adapter_index out of range: got {values} (showing up to 8); valid values are -1 ({no_entry}) and "
+            f"0..{count - 1} for {entries.format(count=count)}."
+        )
+
+
 def reference_lowrank_linear_gathered(
     x: torch.Tensor,
     weight: torch.Tensor,
