@@ -2,17 +2,30 @@
 
 The .pth line imports `_peft_ext_autoload`, which imports peft_ext right after peft, so plain PEFT code
 (`PeftModel.from_pretrained`, `AutoPeftModelForCausalLM`) loads peft-ext adapters without `import peft_ext`.
+Also the package list, found here rather than written by hand in pyproject.toml: every package under
+peft_ext/, and the top-level folder kernels/ (with its sub-packages) as peft_ext.kernels (pyproject.toml's
+package-dir maps it; it must never be installed as a top-level `kernels`, Hugging Face's package name).
+A folder without `__init__.py` is not a package and is left out (tests/test_packaging.py checks there is none).
 Everything else about the package is declared in pyproject.toml.
 """
 
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
 
 PTH = "peft_ext_autoload.pth"
-PTH_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), PTH)
+HERE = os.path.dirname(os.path.abspath(__file__))
+PTH_SOURCE = os.path.join(HERE, PTH)
+
+
+def _packages(folder, name):
+    """`name` for the folder itself, plus every package below it, renamed under `name`."""
+    return [name, *(f"{name}.{sub}" for sub in find_packages(os.path.join(HERE, folder)))]
+
+
+PACKAGES = [*_packages("peft_ext", "peft_ext"), *_packages("kernels", "peft_ext.kernels")]
 
 
 class BuildPyWithPth(build_py):
@@ -48,4 +61,4 @@ class EditableWheelWithPth(editable_wheel):
         return _StrategyWithPth(super()._select_strategy(*args, **kwargs))
 
 
-setup(cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth})
+setup(packages=PACKAGES, cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth})
