@@ -30,9 +30,7 @@ import peft_ext  # noqa: F401  (registers peft-ext's methods with PEFT)
 from peft_ext.data import load_model, load_training_data
 from peft_ext.overrides import apply_overrides, load_yaml
 from peft_ext.trainer_defaults import device_defaults, quiet_defaults
-from peft_ext.training import ColaChainCallback, HftReselectCallback
-from peft_ext.tuners.cola import ColaConfig
-from peft_ext.tuners.hft import HftConfig
+from peft_ext.training import attach_companions
 
 TRAINERS = {"sft": (SFTTrainer, SFTConfig), "dpo": (DPOTrainer, DPOConfig)}
 
@@ -83,18 +81,6 @@ def build_peft_config(method: dict) -> PeftConfig:
         raise ValueError(f"method {peft_type}: {error}") from None
 
 
-def method_callbacks(peft_config: PeftConfig | None) -> list:
-    """The callbacks that drive the method over the run: HFT's re-selection, COLA's chain of links."""
-    callbacks = [HftReselectCallback()] if wants_reselect(peft_config) else []
-    if isinstance(peft_config, ColaConfig):
-        callbacks.append(ColaChainCallback())
-    return callbacks
-
-
-def wants_reselect(peft_config: PeftConfig | None) -> bool:
-    return isinstance(peft_config, HftConfig) and peft_config.reselect != "never"
-
-
 def build_trainer(recipe: Recipe):
     """The TRL trainer of `recipe`, with the model, data, method and callbacks in place (not yet trained)."""
     model, tokenizer = load_model(recipe.model)
@@ -108,6 +94,8 @@ def build_trainer(recipe: Recipe):
     else:
         adapter_config = None
     trainer_cls, args_cls = TRAINERS[recipe.trainer]
+    # what the method declares it needs over the run (HFT's re-selection, COLA's chain, ...)
+    trainer_cls, callbacks = attach_companions(trainer_cls, adapter_config)
     args = args_cls(output_dir=recipe.output_dir, **{**device_defaults(), **quiet_defaults(), **recipe.trainer_args})
     extra = {}
     if recipe.trainer == "dpo" and adapter_config is None:
@@ -119,7 +107,7 @@ def build_trainer(recipe: Recipe):
         train_dataset=load_training_data(recipe.data),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=method_callbacks(adapter_config) or None,
+        callbacks=callbacks or None,
         **extra,
     )
 

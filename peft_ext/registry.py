@@ -1,30 +1,80 @@
-"""Make PEFT accept peft-ext's methods as native peft types.
+"""Make PEFT accept new methods as native peft types: peft-ext's own, and any user's (the public extension API).
 
-PEFT's `register_peft_method` only accepts a name that is already a member of its closed `PeftType`
-str-enum. `add_peft_type` adds the member the way `enum.EnumType` itself does (name == value, so
-`PeftType("HFT")`, `PeftType.HFT`, json and pickle all work), then `register_method` calls PEFT's public
-registration. Both are idempotent (re-import, `importlib.reload`) and refuse to overwrite a method that
-someone else (e.g. a future PEFT release) registered under the same name.
+PEFT's `register_peft_method` only accepts a name that is already a member of its closed `PeftType` str-enum
+(huggingface/peft#2273: a new method still needs edits inside PEFT). `register_method` adds the member the way
+`enum.EnumType` itself does (name == value, so `PeftType("HFT")`, `PeftType.HFT`, json and pickle all work), then
+calls PEFT's public registration:
+
+    import peft_ext
+    from my_package.config import ScaleConfig      # a dataclass subclassing peft_ext.PeftExtConfig
+    from my_package.model import ScaleModel        # a peft.tuners.tuners_utils.BaseTuner subclass
+    peft_ext.register_method("SCALE", ScaleConfig, ScaleModel)   # prefix: ScaleModel.prefix
+
+After that `get_peft_model`, `PeftModel.from_pretrained`, TRL's `peft_config=` and the rest accept `ScaleConfig`.
+Registration is idempotent (re-import, `importlib.reload`) and refuses to overwrite a method that another class
+(another package, or a future PEFT release) registered under the same name.
+
+With peft-ext imported, an adapter folder whose `peft_type` nobody registered fails with `UnknownPeftTypeError`,
+which names the field, the package the adapter asks for (`peft_ext_requirement`) and the fix, instead of PEFT's
+bare `KeyError: 'SCALE'`. (This wraps two PEFT classmethods, `PeftConfig._get_peft_type` and
+`PeftConfig.from_peft_type`, only to check the type: a known type takes PEFT's path unchanged.)
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+from dataclasses import dataclass
+
+from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import PeftType, register_peft_method
 
 
 class RegistrationError(RuntimeError):
-    """A peft-ext method clashes with something PEFT already knows under the same name."""
+    """A method registration that clashes with something PEFT already knows under the same name."""
+
+
+class UnknownPeftTypeError(KeyError, ValueError):
+    """An adapter whose `peft_type` no installed package registered (a KeyError, as PEFT's own, for callers that
+    catch that)."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    config_cls: type
+    model_cls: type
+    prefix: str
+
+    @property
+    def package(self) -> str:
+        return self.config_cls.__module__.split(".")[0]
+
+
+_METHODS: dict[str, MethodInfo] = {}
 
 
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _package(cls: type) -> str:
+    return cls.__module__.split(".")[0]
+
+
 def add_peft_type(name: str) -> PeftType:
     """Add `name` (upper case) to PEFT's `PeftType` enum and return the member; a no-op if present."""
-    if name != name.upper() or not name.isidentifier():
-        raise ValueError(f"peft type names are upper-case identifiers (PEFT's convention), got {name!r}")
+    if not isinstance(name, str) or name != name.upper() or not name.isidentifier() or name.endswith("_"):
+        raise ValueError(
+            f"register_method(name=...): peft type names are upper-case identifiers not ending in '_' (PEFT's "
+            f"convention, e.g. 'SCALE'), got {name!r}."
+        )
     if name in PeftType._member_map_:
         return PeftType[name]
     member = str.__new__(PeftType, name)
@@ -42,36 +92,141 @@ def add_peft_type(name: str) -> PeftType:
     return member
 
 
-def register_method(name: str, config_cls: type, model_cls: type, prefix: str) -> PeftType:
-    """Register a peft-ext method with PEFT under `name` (e.g. "HFT"), idempotently.
+def _check_classes(name: str, config_cls, model_cls, prefix) -> str:
+    if not (isinstance(config_cls, type) and issubclass(config_cls, PeftConfig)):
+        raise TypeError(
+            f"register_method({name!r}, config_cls=...) needs the method's config class, a dataclass subclassing "
+            f"peft_ext.PeftExtConfig (or peft.PeftConfig); got {config_cls!r}."
+        )
+    if not (isinstance(model_cls, type) and issubclass(model_cls, BaseTuner)):
+        raise TypeError(
+            f"register_method({name!r}, model_cls=...) needs the method's tuner class, a subclass of "
+            f"peft.tuners.tuners_utils.BaseTuner; got {model_cls!r}."
+        )
+    prefix = prefix if prefix is not None else getattr(model_cls, "prefix", None)
+    if not isinstance(prefix, str) or not prefix.endswith("_") or not prefix[:-1].isidentifier():
+        raise ValueError(
+            f"register_method({name!r}, prefix=...): the prefix of the adapter's parameter names must be an "
+            f"identifier ending in '_' (e.g. 'scale_'), set as {model_cls.__name__}.prefix or passed as prefix=; got "
+            f"{prefix!r}."
+        )
+    return prefix
 
-    Re-registering the same classes (same module and qualified name, as after `importlib.reload`) rebinds
-    them; a different class already registered under the name raises `RegistrationError`.
+
+def register_method(name: str, config_cls: type, model_cls: type, prefix: str | None = None) -> PeftType:
+    """Register a method with PEFT under the peft type `name` (upper case, e.g. "SCALE"); returns the member.
+
+    `config_cls` is the method's config (subclass `peft_ext.PeftExtConfig`: it sets `peft_type` for you and stamps
+    the package requirement into adapter_config.json), `model_cls` its `BaseTuner`, and `prefix` the prefix of its
+    adapter parameters (default `model_cls.prefix`). Re-registering the same classes (same module and qualified
+    name, as after `importlib.reload`) rebinds them; another class under a registered name raises
+    `RegistrationError` naming the package that holds the name.
     """
-    peft_type = add_peft_type(name)
-    known_config = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
-    if known_config is not None:
+    prefix = _check_classes(name, config_cls, model_cls, prefix)
+    if isinstance(name, str) and name in PeftType._member_map_ and PeftType[name] in PEFT_TYPE_TO_CONFIG_MAPPING:
+        peft_type = PeftType[name]
+        known_config = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
         known_model = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
         same = _qualname(known_config) == _qualname(config_cls) and (
             known_model is None or _qualname(known_model) == _qualname(model_cls)
         )
         if not same:
             raise RegistrationError(
-                f"PEFT already has a method called {name!r} ({_qualname(known_config)}), so peft-ext cannot register "
-                f"{_qualname(config_cls)} under that name. Upgrade peft-ext, or pin peft to a version without "
-                f"its own {name!r}."
+                f"PEFT already has a method called {name!r}, registered by the package '{_package(known_config)}' "
+                f"({_qualname(known_config)}), so '{_package(config_cls)}' cannot register {_qualname(config_cls)} "
+                f"under that name: choose another name in register_method(name=...)."
             )
         # importlib.reload: point PEFT at the fresh classes
         PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
         PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
         PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
-        return peft_type
-    register_peft_method(name=name.lower(), config_cls=config_cls, model_cls=model_cls, prefix=prefix)
+    else:
+        peft_type = add_peft_type(name)
+        register_peft_method(name=name.lower(), config_cls=config_cls, model_cls=model_cls, prefix=prefix)
+    _METHODS[name] = MethodInfo(name, config_cls, model_cls, prefix)
+    _install_unknown_type_check()
     return peft_type
 
 
+def peft_type_of(config_cls: type) -> PeftType:
+    """The peft type a config class (or its nearest registered base class) was registered under."""
+    for cls in config_cls.__mro__:
+        for peft_type, registered in PEFT_TYPE_TO_CONFIG_MAPPING.items():
+            if registered is cls or (isinstance(registered, type) and _qualname(registered) == _qualname(cls)):
+                return peft_type
+    raise RegistrationError(
+        f"{config_cls.__name__} is not registered with PEFT: call peft_ext.register_method(NAME, "
+        f"{config_cls.__name__}, YourTunerModel) in your method's package __init__ before making configs."
+    )
+
+
 def registered_methods() -> dict[str, type]:
-    """The peft-ext methods PEFT now knows: peft type name -> config class."""
-    return {
-        t.value: cfg for t, cfg in PEFT_TYPE_TO_CONFIG_MAPPING.items() if cfg.__module__.startswith("peft_ext.")
-    }
+    """The methods registered through peft-ext (its own and users'): peft type name -> config class."""
+    return {name: info.config_cls for name, info in _METHODS.items()}
+
+
+def method_info(name: str) -> MethodInfo:
+    return _METHODS[name]
+
+
+# ------------------------------------------------------------------------------------ unknown peft types
+def _unknown_type_error(peft_type, where: str, requirement: str | None) -> UnknownPeftTypeError:
+    known = ", ".join(sorted(str(getattr(t, "value", t)) for t in PEFT_TYPE_TO_CONFIG_MAPPING))
+    if requirement:
+        fix = f"It was saved with {requirement} (its peft_ext_requirement): pip install -U '{requirement}'."
+    else:
+        fix = (
+            "Install the package that defines it (the adapter's README.md / model card names it), or upgrade peft "
+            "if it is one of PEFT's newer methods."
+        )
+    return UnknownPeftTypeError(
+        f"{where} has peft_type {str(peft_type)!r}, which no installed package registers with PEFT. {fix} "
+        f"Known peft types: {known}."
+    )
+
+
+def _is_known(peft_type) -> bool:
+    try:
+        return peft_type in PEFT_TYPE_TO_CONFIG_MAPPING
+    except TypeError:  # unhashable: let PEFT report it
+        return True
+
+
+def _defining_class(name: str) -> type:
+    return next(c for c in PeftConfig.__mro__ if name in c.__dict__)
+
+
+def _install_unknown_type_check() -> None:
+    owner = _defining_class("_get_peft_type")
+    get_type = owner.__dict__["_get_peft_type"].__func__
+    if not getattr(get_type, "_peft_ext_checked", False):
+
+        @functools.wraps(get_type)
+        def _get_peft_type(cls, model_id, **hf_hub_download_kwargs):
+            peft_type = get_type(cls, model_id, **hf_hub_download_kwargs)
+            if not _is_known(peft_type):
+                subfolder = hf_hub_download_kwargs.get("subfolder")
+                path = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
+                config_file = os.path.join(path, "adapter_config.json")
+                requirement = None
+                if os.path.isfile(config_file):
+                    with open(config_file, encoding="utf-8") as f:
+                        requirement = json.load(f).get("peft_ext_requirement")
+                raise _unknown_type_error(peft_type, config_file, requirement)
+            return peft_type
+
+        _get_peft_type._peft_ext_checked = True
+        owner._get_peft_type = classmethod(_get_peft_type)
+
+    owner = _defining_class("from_peft_type")
+    from_type = owner.__dict__["from_peft_type"].__func__
+    if not getattr(from_type, "_peft_ext_checked", False):
+
+        @functools.wraps(from_type)
+        def from_peft_type(cls, **kwargs):
+            if "peft_type" in kwargs and not _is_known(kwargs["peft_type"]):
+                raise _unknown_type_error(kwargs["peft_type"], "The adapter config", kwargs.get("peft_ext_requirement"))
+            return from_type(cls, **kwargs)
+
+        from_peft_type._peft_ext_checked = True
+        owner.from_peft_type = classmethod(from_peft_type)

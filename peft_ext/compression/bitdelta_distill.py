@@ -301,7 +301,7 @@ class _Student:
     def of_result(cls, base: nn.Module, result) -> "_Student":
         from peft_ext.kernels.sign_format import SignDelta
 
-        from peft_ext.tuners.deltacome.layer import logical_weight
+        from peft_ext.tuners.base import logical_weight
 
         state, prefix = result.state_dict, "base_model.model."
         layers, dense = {}, {}
@@ -400,10 +400,11 @@ class _WeightPlusScaledSigns(torch.autograd.Function):
 def _layer(path: str, module: nn.Module, sign):
     """(parameter path, base weight, signs as int8 (out, in), Conv1D?, a fresh fp32 alpha leaf)."""
     from peft_ext.kernels.delta_format import unpack_bitplanes
+    from peft_ext.tuners.base import is_conv1d
 
     signs = (unpack_bitplanes(sign.words.unsqueeze(0), sign.in_features).T * 2 - 1).to(torch.int8)
     return (
-        path, module.weight.detach(), signs.to(module.weight.device), type(module).__name__ == "Conv1D",
+        path, module.weight.detach(), signs.to(module.weight.device), is_conv1d(module),
         sign.alpha.detach().to(module.weight.device, torch.float32).reshape(()).clone(),
     )
 

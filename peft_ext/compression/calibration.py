@@ -12,6 +12,8 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from peft_ext.tuners.base import in_out_features
+
 Calibration = Union[None, torch.Tensor, Sequence[str]]
 
 
@@ -43,7 +45,7 @@ def calibration_batches(
 
 
 def layer_inputs(module: nn.Module) -> int:
-    return module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.in_features
+    return in_out_features(module)[0]
 
 
 def hessian_chunks(model: nn.Module, names: Sequence[str], max_bytes: int) -> Iterator[list[str]]:

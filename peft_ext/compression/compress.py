@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from peft_ext.tuners.base import in_out_features, is_conv1d, is_linear_like
 from peft_ext.tuners.deltacome import DeltaComeConfig
 from peft_ext.tuners.deltacome.compress_layer import compress_layer
 from peft_ext.tuners.deltacome.layer import base_probes
@@ -146,7 +147,7 @@ def compress_delta(
         hessians = collect_hessians(ft_model, chunk, batches, device) if ft_model is not None else {}
         for name in chunk:
             bar.set_postfix_str(name)
-            conv1d = type(structure.get_submodule(name)).__name__ == "Conv1D"
+            conv1d = is_conv1d(structure.get_submodule(name))
             w_base = base_src.get(f"{name}.weight").to(device=device, dtype=torch.float32)
             w_ft = ft_src.get(f"{name}.weight").to(device=device, dtype=torch.float32)
             if not (torch.isfinite(w_base).all() and torch.isfinite(w_ft).all()):
@@ -275,7 +276,7 @@ def _targeted_linear_modules(structure: nn.Module, config: DeltaComeConfig) -> l
     config = _maybe_include_all_linear_layers(config, structure)
     names = [
         n for n, m in structure.named_modules()
-        if n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and check_target_module_exists(config, n)
+        if n and is_linear_like(m) and check_target_module_exists(config, n)
     ]
     if not names:
         raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer of {type(structure).__name__}.")
@@ -297,8 +298,7 @@ def _preflight(structure: nn.Module, targets: list[str], config: DeltaComeConfig
     if config.method != "deltacome":
         return
     for name in targets:
-        weight = structure.get_submodule(name).weight
-        out_f, in_f = weight.shape[::-1] if type(structure.get_submodule(name)).__name__ == "Conv1D" else weight.shape
+        in_f, out_f = in_out_features(structure.get_submodule(name))
         solve_bands(out_f, in_f, config.budget_fraction, config.bands, config.group_size, name)
 
 

@@ -303,7 +303,7 @@ def heldout_hessians(model, tokenizer, names, config) -> dict:
 def output_errors(base, finetuned, compressed, hessians, names) -> dict:
     """Per layer sqrt(tr(E H E^T) / tr(dW H dW^T)), E = W_ft - W_compressed, dW = W_ft - W_base: the relative error
     of the delta's contribution to the layer's outputs on the inputs H was collected on."""
-    from peft_ext.tuners.deltacome.layer import logical_weight
+    from peft_ext.tuners.base import logical_weight
 
     errors = {}
     for name in names:

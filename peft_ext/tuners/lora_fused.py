@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import VARIANT_KWARG_KEYS, LoraLayer
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from peft_ext.kernels import (
     AdapterSegments,
@@ -48,6 +47,7 @@ from peft_ext.kernels import (
     reference_lowrank_linear_gathered,
 )
 from peft_ext.kernels.dispatch import BACKENDS, HAS_TRITON, TRITON_DTYPES, autocast_base, interpret_mode
+from peft_ext.tuners.base import is_conv1d, logical_weight
 
 __all__ = ["FusedLoraLinear", "accelerate_lora", "remove_lora_acceleration", "fused_path_report"]
 
@@ -68,8 +68,7 @@ class FusedLoraLinear(LoraLinear):
     def base_weight_and_bias(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The base layer's weight as (out, in) (a transposed view for Conv1D) and its bias."""
         base = self.get_base_layer()
-        weight = base.weight.t() if isinstance(base, Conv1D) else base.weight
-        return weight, base.bias
+        return logical_weight(base), base.bias
 
     def fused_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(x, W, b) for the kernels, cast to the autocast dtype under torch.autocast (as F.linear would). Done here
@@ -88,7 +87,7 @@ class FusedLoraLinear(LoraLinear):
         if args or any(v is not None for k, v in (kwargs or {}).items() if k != "adapter_names"):
             return "extra forward arguments"
         base = self.get_base_layer()
-        if type(base) is not nn.Linear and not isinstance(base, Conv1D):
+        if type(base) is not nn.Linear and not is_conv1d(base):
             return f"base layer is {type(base).__name__}, not nn.Linear / Conv1D"
         if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
             return "base layer has forward hooks"

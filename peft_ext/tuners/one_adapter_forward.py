@@ -14,15 +14,10 @@ import torch
 class OneAdapterForward:
     """Mixin for a BaseTunerLayer whose adapters replace (rather than add up): list it before nn.Module.
 
-    Subclasses set `method_label` and implement `_single_forward(adapter, x, *args, **kwargs)` and
-    `_mixed_batch_forward(x, *args, adapter_names, **kwargs)`; `_check_can_run()` may refuse a forward (it runs
+    Subclasses set `method_label` (ExactMerge's default otherwise) and implement `_single_forward(adapter, x, *args, **kwargs)` and
+    `_mixed_batch_forward(x, *args, adapter_names, **kwargs)`; `_check_can_run()` (PeftExtLayer's default accepts) may refuse a forward (it runs
     when an adapter is about to run). The adapters of a layer are the keys of its first `adapter_layer_names` entry.
     """
-
-    method_label = "This method"
-
-    def _check_can_run(self) -> None:
-        pass
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)

@@ -6,6 +6,7 @@ from typing import Optional, Union
 
 from peft import LoraConfig
 
+from peft_ext.registry import peft_type_of
 from peft_ext.tuners.config_base import PeftExtConfig
 
 # LoRA options COLA refuses: each makes a link something other than a plain low-rank product B A, so links could
@@ -78,11 +79,13 @@ class ColaConfig(LoraConfig, PeftExtConfig):
     current_link: int = field(default=0, metadata={"help": "Links merged so far (state; 0 for a new adapter)."})
     link_boundaries: Optional[list[int]] = field(default=None, metadata={"help": "Merge steps (state)."})
 
+    def training_companions(self) -> tuple[str, ...]:
+        """COLA's chain callback: merges each link and starts the next on schedule."""
+        return ("peft_ext.training.cola_chain:ColaChainCallback",)
+
     def __post_init__(self):
         super().__post_init__()
-        from peft_ext.tuners.cola import PEFT_TYPE  # registered on import of peft_ext.tuners.cola
-
-        self.peft_type = PEFT_TYPE
+        self.peft_type = peft_type_of(type(self))  # LoraConfig's __post_init__ set it to LORA
         # LoraConfig turns lists into sets; sorted lists keep adapter_config.json and config comparisons stable
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)

@@ -8,11 +8,10 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraLayer
-from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from peft_ext.kernels.dispatch import MAX_TRITON_RANK
-from peft_ext.tuners.base_originals import KeepsBaseOriginals
+from peft_ext.tuners.base import ExactMerge
 from peft_ext.tuners.lora_fused import VARIANT_KEYS, FusedLoraLinear
 
 
@@ -187,7 +186,7 @@ class ColaChain:
         return delta.t() if self.fan_in_fan_out else delta
 
 
-class ColaLinear(ColaChain, KeepsBaseOriginals, FusedLoraLinear):
+class ColaLinear(ColaChain, ExactMerge, FusedLoraLinear):
     """A LoRA layer holding a chain: the link being trained (`lora_A`, `lora_B`, PEFT's own, rank r_k) and the
     links already merged, as frozen factors with their scaling folded in:
 
@@ -247,37 +246,18 @@ class ColaLinear(ColaChain, KeepsBaseOriginals, FusedLoraLinear):
         return y
 
     # -------------------------------------------------------------------------------------- merge
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Write the chain into the base weight. The original weight tensor is kept, so `unmerge` (and
-        `disable_adapter`, `unload`) restore it bit for bit; while merged it costs one extra copy of the weight."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        base = self.get_base_layer()
-        for adapter in adapter_names:
-            if adapter not in self.lora_A:
-                continue
-            weight = base.weight
-            new = (weight.data.float() + self.get_delta_weight(adapter).to(weight.device)).to(weight.dtype)
-            if safe_merge and not torch.isfinite(new).all():
-                raise ValueError(
-                    f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken: its COLA factors "
-                    f"in {type(base).__name__} hold NaN or inf."
-                )
-            self.write_base_value("weight", new)
-            self.merged_adapters.append(adapter)
+    method_label = "COLA"
+
+    def merged_values(self, adapter: str) -> dict[str, torch.Tensor]:
+        """The base weight plus the whole chain's update (ExactMerge keeps the original for `unmerge`)."""
+        weight = self.get_base_layer().weight
+        return {"weight": (weight.data.float() + self.get_delta_weight(adapter).to(weight.device)).to(weight.dtype)}
 
     def unmerge(self) -> None:
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        KeepsBaseOriginals.unmerge(self)
-
-    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]):
-        """`merge_and_unload`: the merged base layer; `unload`: the exact original base layer."""
-        if merge:
-            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        elif self.merged:
-            self.unmerge()
-        return self.get_base_layer()
+        ExactMerge.unmerge(self)
 
     def __repr__(self) -> str:
         return "cola." + super().__repr__()

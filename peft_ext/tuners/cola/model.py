@@ -6,16 +6,14 @@ from typing import Optional
 from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers.pytorch_utils import Conv1D
-
-from peft_ext.tuners.unmatched_targets import NamesUnmatchedTargets
+from peft_ext.tuners.base import PeftExtTuner, is_conv1d
 
 from .bnb import ColaLinear4bit, is_bnb_4bit
 from .config import ColaConfig
 from .layer import ColaChain, ColaLinear, link_seed
 
 
-class ColaModel(NamesUnmatchedTargets, LoraModel):
+class ColaModel(PeftExtTuner, LoraModel):
     """COLA as a PEFT tuner: LoRA's model with `ColaLinear` layers (see `ColaConfig`). Everything LoRA's tuner
     does (targeting, rank/alpha patterns, modules_to_save, several adapters, mixed batches) applies.
 
@@ -28,16 +26,13 @@ class ColaModel(NamesUnmatchedTargets, LoraModel):
     """
 
     prefix: str = "lora_"
+    routes_adapter_names = False  # LoRA's own mixed-batch hooks reach COLA's layers (LoRA layers)
 
     # ------------------------------------------------------------------------------------------- injection
     def _check_new_adapter_config(self, config) -> None:
         if not isinstance(config, ColaConfig):
             raise TypeError(f"a COLA model takes ColaConfig adapters, got {type(config).__name__}.")
         super()._check_new_adapter_config(config)
-
-    def _prepare_model(self, peft_config: ColaConfig, model: nn.Module) -> None:
-        super()._prepare_model(peft_config, model)
-        _tag_model(model)
 
     @staticmethod
     def _create_new_module(lora_config: ColaConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
@@ -50,7 +45,7 @@ class ColaModel(NamesUnmatchedTargets, LoraModel):
                 warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting it to False.")
                 lora_config.fan_in_fan_out = False
             return ColaLinear(target, adapter_name, config=lora_config, **kwargs)
-        if isinstance(base, Conv1D):
+        if is_conv1d(base):
             if not lora_config.fan_in_fan_out:
                 warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting it to True.")
                 lora_config.fan_in_fan_out = True
@@ -130,17 +125,6 @@ class ColaModel(NamesUnmatchedTargets, LoraModel):
         if links:
             config.current_link = next(iter(links.values()))
         return state_dict
-
-
-def _tag_model(model: nn.Module) -> None:
-    # the model card PEFT writes lists the base model's `model_tags`: say which method and package made the adapter
-    tags = ["peft-ext", "cola"]
-    add_tags = getattr(model, "add_model_tags", None)
-    if callable(add_tags):
-        add_tags(tags)
-    else:  # a plain nn.Module: PEFT reads the attribute all the same
-        existing = list(getattr(model, "model_tags", None) or [])
-        model.model_tags = existing + [t for t in tags if t not in existing]
 
 
 __all__ = ["ColaModel"]

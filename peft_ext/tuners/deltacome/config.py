@@ -64,9 +64,6 @@ class DeltaComeConfig(PeftExtConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from . import PEFT_TYPE  # the member added to PEFT's enum at import
-
-        self.peft_type = PEFT_TYPE
         if self.method not in METHODS:
             raise ValueError(f"DeltaComeConfig.method must be one of {METHODS}, got {self.method!r}.")
         if self.quantizer not in QUANTIZERS:

@@ -1,36 +1,23 @@
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from peft_ext.tuners.base_originals import KeepsBaseOriginals
 from peft_ext.tuners.mixed_batch import route_rows
 from peft_ext.tuners.one_adapter_forward import OneAdapterForward
 
-from .layer import INFERENCE_ONLY, DeltaComeTunerLayer
+from .layer import DeltaComeTunerLayer
 
 
-class DeltaComeDense(OneAdapterForward, nn.Module, KeepsBaseOriginals, DeltaComeTunerLayer):
+class DeltaComeDense(OneAdapterForward, DeltaComeTunerLayer):
     """A small module the fine-tune changed (a norm, by default) stored whole: each adapter holds the fine-tune's
     values of its parameters (`deltacome_dense[adapter]`, buffers) and runs the base module with them. Unlike PEFT's
     modules_to_save, rows of a mixed batch (`adapter_names=`) each get their own adapter's values."""
 
     adapter_layer_names = ("deltacome_dense",)
-    method_label = "Delta-CoMe"
-    other_param_names = ()
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.deltacome_dense = nn.ModuleDict()
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self._active_adapter = adapter_name
-        self.kwargs = kwargs
 
     def update_layer(self, adapter_name: str, init_weights: bool, seed: int) -> None:
         values = {}
@@ -42,10 +29,6 @@ class DeltaComeDense(OneAdapterForward, nn.Module, KeepsBaseOriginals, DeltaCome
             values[pname] = value
         self.deltacome_dense[adapter_name] = BufferDict(values, persistent=True)
         self.set_adapter(self.active_adapters)
-
-    def _check_can_run(self) -> None:
-        if self.training and torch.is_grad_enabled():
-            raise RuntimeError(INFERENCE_ONLY.format(name=type(self.get_base_layer()).__name__))
 
     def _single_forward(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
@@ -59,17 +42,9 @@ class DeltaComeDense(OneAdapterForward, nn.Module, KeepsBaseOriginals, DeltaCome
             else self.base_layer(rows_x, *args, **kwargs)
         ))  # fmt: skip
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        for name in adapter_names:
-            if name not in self.deltacome_dense:
-                continue
-            values = dict(self.deltacome_dense[name].items())
-            if safe_merge and not all(torch.isfinite(v).all() for v in values.values()):
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken.")
-            for pname, value in values.items():
-                self.write_base_value(pname, value)
-            self.merged_adapters.append(name)
+    def merged_values(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The fine-tune's values replace the module's."""
+        return dict(self.deltacome_dense[adapter_name].items())
 
     def __repr__(self) -> str:
-        return "deltacome_dense." + super().__repr__()
+        return "deltacome_dense." + nn.Module.__repr__(self)

@@ -6,14 +6,13 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from peft_ext.kernels import delta_linear, delta_linear_gathered, lowrank_linear
 from peft_ext.kernels.delta_format import PackedDelta
 from peft_ext.kernels.delta_reference import reference_delta_part
 from peft_ext.kernels.sign_format import SignDelta, sign_delta_part
-from peft_ext.tuners.base_originals import KeepsBaseOriginals
+from peft_ext.tuners.base import PeftExtLayer, is_conv1d, logical_weight
 from peft_ext.tuners.one_adapter_forward import OneAdapterForward
 
 from .representation import build_packed, build_sign, empty_tensors, random_tensors
@@ -25,11 +24,6 @@ INFERENCE_ONLY = (
 )
 
 
-def logical_weight(base: nn.Module) -> torch.Tensor:
-    """The (out, in) weight: transformers' Conv1D (GPT-2) stores it as (in, out)."""
-    return base.weight.T if type(base).__name__ == "Conv1D" else base.weight
-
-
 def base_probes(base: nn.Module, n: int = 16) -> list[float]:
     """A fingerprint of a base weight: n values at fixed evenly spaced positions (fp32, as plain floats)."""
     w = logical_weight(base)
@@ -38,29 +32,26 @@ def base_probes(base: nn.Module, n: int = 16) -> list[float]:
     return [float(v) for v in w.detach()[rows.to(w.device), cols.to(w.device)].float().cpu()]
 
 
-class DeltaComeTunerLayer(BaseTunerLayer):
+class DeltaComeTunerLayer(PeftExtLayer):
     """What every Delta-CoMe layer is (the tuner's `tuner_layer_cls`: set_adapter / delete_adapter reach all)."""
 
+    method_label = "Delta-CoMe"
 
-class DeltaComeLinear(OneAdapterForward, nn.Module, KeepsBaseOriginals, DeltaComeTunerLayer):
+    def _check_can_run(self) -> None:
+        if self.training and torch.is_grad_enabled():
+            raise RuntimeError(INFERENCE_ONLY.format(name=type(self.get_base_layer()).__name__))
+
+
+class DeltaComeLinear(OneAdapterForward, DeltaComeTunerLayer):
     """Wraps one linear layer (nn.Linear or Conv1D). Each adapter is a compressed delta held in buffers
     (`deltacome_delta[adapter]`: the packed bands of U and V, scales, mins, sigma; or a baseline's tensors) and
     added to the frozen base: y = base(x) + delta(x), the delta never built densely."""
 
     adapter_layer_names = ("deltacome_delta",)
-    method_label = "Delta-CoMe"
-    other_param_names = ()
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.deltacome_delta = nn.ModuleDict()
+        super().__init__(base_layer, adapter_name, **kwargs)
         self.delta_meta: dict[str, tuple[str, tuple, int]] = {}  # adapter -> (method, (bits, n) bands, group_size)
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self._active_adapter = adapter_name
-        self.kwargs = kwargs
-        self.out_features, self.in_features = logical_weight(base_layer).shape
 
     # ----------------------------------------------------------------------------------------------- state
     def update_layer(self, adapter_name: str, method: str, bands, group_size: int, init_weights: bool, seed: int, name: str) -> None:
@@ -118,10 +109,6 @@ class DeltaComeLinear(OneAdapterForward, nn.Module, KeepsBaseOriginals, DeltaCom
         a, b = d
         return lowrank_linear(x, weight, bias, a, b, 1.0)
 
-    def _check_can_run(self) -> None:
-        if self.training and torch.is_grad_enabled():
-            raise RuntimeError(INFERENCE_ONLY.format(name=type(self.get_base_layer()).__name__))
-
     def _single_forward(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or kwargs:
             raise TypeError(f"{type(self.get_base_layer()).__name__} takes only x here, got extra arguments.")
@@ -151,26 +138,13 @@ class DeltaComeLinear(OneAdapterForward, nn.Module, KeepsBaseOriginals, DeltaCom
         return y
 
     # ----------------------------------------------------------------------------------------------- merge
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Adds the dense delta into the base weight; `unmerge` restores the original weight bit for bit (it is
-        kept while merged: one extra copy of this layer's weight)."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+    def merged_values(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The base weight plus the dense delta (built only for merging)."""
         base = self.get_base_layer()
-        for name in adapter_names:
-            if name not in self.deltacome_delta:
-                continue
-            with torch.no_grad():
-                delta = self.get_delta_weight(name)
-                if type(base).__name__ == "Conv1D":
-                    delta = delta.T
-                new = (base.weight.float() + delta.to(base.weight.device)).to(base.weight.dtype)
-                if safe_merge and not torch.isfinite(new).all():
-                    raise ValueError(
-                        f"NaNs detected in the merged weights. The adapter {name} seems to be broken: its compressed "
-                        f"delta on {type(base).__name__} holds NaN or inf."
-                    )
-                self.write_base_value("weight", new)
-            self.merged_adapters.append(name)
+        delta = self.get_delta_weight(adapter_name)
+        if is_conv1d(base):
+            delta = delta.T
+        return {"weight": (base.weight.float() + delta.to(base.weight.device)).to(base.weight.dtype)}
 
     def __repr__(self) -> str:
-        return "deltacome." + super().__repr__()
+        return "deltacome." + nn.Module.__repr__(self)

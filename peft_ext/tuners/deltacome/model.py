@@ -1,13 +1,11 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from peft_ext.tuners.mixed_batch import adapter_names_hooks
-from peft_ext.tuners.unmatched_targets import NamesUnmatchedTargets
+from peft_ext.tuners.base import PeftExtTuner, in_out_features, is_linear_like
 
 from .config import DeltaComeConfig
 from .dense_layer import DeltaComeDense
@@ -17,7 +15,7 @@ from .representation import method_bands
 PROBE_RTOL = 1 / 64  # a base reloaded in bf16 / fp16 still matches; another checkpoint does not
 
 
-class DeltaComeModel(NamesUnmatchedTargets, BaseTuner):
+class DeltaComeModel(PeftExtTuner, BaseTuner):
     """Delta-CoMe as a PEFT tuner: each targeted linear layer becomes a `DeltaComeLinear` holding compressed deltas.
 
     Example:
@@ -36,9 +34,6 @@ class DeltaComeModel(NamesUnmatchedTargets, BaseTuner):
         if peft_config.target_modules is None:
             raise ValueError("DeltaComeConfig.target_modules is None: give module names or 'all-linear'.")
         return peft_config
-
-    def _prepare_model(self, peft_config: DeltaComeConfig, model: nn.Module) -> None:
-        _tag_model(model)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         config = self.peft_config[adapter_name]
@@ -68,14 +63,14 @@ class DeltaComeModel(NamesUnmatchedTargets, BaseTuner):
             self._replace_module(parent, target_name, new_module, target)
             return
         kind = type(base).__name__
-        if not (isinstance(base, nn.Linear) or kind == "Conv1D") or kind in ("Linear4bit", "Linear8bitLt"):
+        if not is_linear_like(base) or kind in ("Linear4bit", "Linear8bitLt"):
             raise ValueError(
                 f"Delta-CoMe stores deltas of full-precision linear layers (nn.Linear, Conv1D); {current_key} is a "
                 f"{kind}. Leave it out of target_modules (a quantized base: compress against and load onto the "
                 f"unquantized base)."
             )
         _check_probe(peft_config, current_key, base)
-        out_features, in_features = (base.weight.shape[1], base.weight.shape[0]) if kind == "Conv1D" else base.weight.shape
+        in_features, out_features = in_out_features(base)
         stored = (peft_config.layer_bands or {}).get(current_key)
         bands = method_bands(peft_config.method, out_features, in_features, peft_config, current_key, stored)
         args = dict(
@@ -92,13 +87,6 @@ class DeltaComeModel(NamesUnmatchedTargets, BaseTuner):
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for _, p in model.named_parameters():
             p.requires_grad = False
-
-    @contextmanager
-    def _enable_peft_forward_hooks(self, *args, **kwargs):
-        adapter_names = kwargs.pop("adapter_names", None)
-        merged = any(m.merged for m in self.model.modules() if isinstance(m, DeltaComeTunerLayer))
-        with adapter_names_hooks(self, DeltaComeTunerLayer, adapter_names, merged, kwargs.get("num_beams", 1)):
-            yield
 
 
 def _check_probe(config: DeltaComeConfig, name: str, base: nn.Module) -> None:
@@ -121,12 +109,3 @@ def _check_probe(config: DeltaComeConfig, name: str, base: nn.Module) -> None:
             f"Load the base it was made from ({config.base_model_name_or_path or 'see adapter_config.json'})."
         )
 
-
-def _tag_model(model: nn.Module) -> None:
-    tags = ["peft-ext", "deltacome"]
-    add_tags = getattr(model, "add_model_tags", None)
-    if callable(add_tags):
-        add_tags(tags)
-    else:
-        existing = list(getattr(model, "model_tags", None) or [])
-        model.model_tags = existing + [t for t in tags if t not in existing]

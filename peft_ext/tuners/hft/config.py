@@ -72,11 +72,12 @@ class HftConfig(PeftExtConfig):
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
     layers_pattern: Optional[Union[list[str], str]] = field(default=None)
 
+    def training_companions(self) -> tuple[str, ...]:
+        """HFT's stage re-selection callback, unless reselect="never"."""
+        return () if self.reselect == "never" else ("peft_ext.training.hft_reselect:HftReselectCallback",)
+
     def __post_init__(self):
         super().__post_init__()
-        from peft_ext.tuners.hft import PEFT_TYPE  # registered on import of peft_ext.tuners.hft
-
-        self.peft_type = PEFT_TYPE
         if isinstance(self.target_modules, list):
             self.target_modules = sorted(set(self.target_modules))
         if isinstance(self.target_modules, set):

@@ -6,15 +6,14 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from peft_ext.tuners.base_originals import KeepsBaseOriginals
+from peft_ext.tuners.base import PeftExtLayer, output_dim
 from peft_ext.tuners.mixed_batch import route_rows
 from peft_ext.tuners.one_adapter_forward import OneAdapterForward
 
 
-class HftLayer(OneAdapterForward, nn.Module, KeepsBaseOriginals, BaseTunerLayer):
+class HftLayer(OneAdapterForward, PeftExtLayer):
     """Wraps one selected module. Each adapter owns trainable copies of the module's own parameters
     (`hft_weight[adapter]["weight"]`, `["bias"]`), used in place of the frozen base parameters: one matmul,
     as in full fine-tuning. The base module stays untouched, so disabling, unloading and several adapters
@@ -26,16 +25,9 @@ class HftLayer(OneAdapterForward, nn.Module, KeepsBaseOriginals, BaseTunerLayer)
     other_param_names = ()
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.hft_weight = nn.ModuleDict()
-        self.hft_index = nn.ModuleDict()
+        super().__init__(base_layer, adapter_name, **kwargs)
         # PEFT's own switch for copies that stay frozen: modules trained in an earlier stage only
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self._active_adapter = adapter_name
-        self.kwargs = kwargs
 
     # ----------------------------------------------------------------------------------------------- state
     def update_layer(
@@ -81,8 +73,7 @@ class HftLayer(OneAdapterForward, nn.Module, KeepsBaseOriginals, BaseTunerLayer)
         return base.weight.shape[self._row_dim("weight", base.weight)]
 
     def _row_dim(self, pname: str, p: torch.Tensor) -> int:
-        # output rows: dim 0 everywhere except Conv1D's (in, out) weight
-        return 1 if pname == "weight" and p.dim() == 2 and type(self.get_base_layer()).__name__ == "Conv1D" else 0
+        return output_dim(self.get_base_layer(), pname, p)
 
     def adapted_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The tensors the module computes with under `adapter_name` (name -> tensor, autograd-connected)."""
@@ -135,27 +126,11 @@ class HftLayer(OneAdapterForward, nn.Module, KeepsBaseOriginals, BaseTunerLayer)
         return route_rows(x, adapter_names, run)
 
     # ----------------------------------------------------------------------------------------------- merge
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Write the adapter's weights into the base module. The first merge replaces the base values exactly;
-        a further adapter adds its delta. `unmerge` restores the original values bit for bit."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        base = self.get_base_layer()
-        for name in adapter_names:
-            if name not in self.hft_weight:
-                continue
-            with torch.no_grad():
-                new = {n: t.detach() for n, t in self.adapted_parameters(name).items()}
-                if self.merged_adapters:  # stack: W0 + sum of deltas
-                    new = {n: getattr(base, n) + (t - self.original_base_value(n)) for n, t in new.items()}
-                if safe_merge and not all(torch.isfinite(t).all() for t in new.values()):
-                    raise ValueError(
-                        f"NaNs detected in the merged weights. The adapter {name} seems to be broken: its weights "
-                        f"in {type(base).__name__} hold NaN or inf."
-                    )
-                for n, t in new.items():
-                    self.write_base_value(n, t)
-            self.merged_adapters.append(name)
-
-    def __repr__(self) -> str:
-        return "hft." + super().__repr__()
+    def merged_values(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The first merged adapter replaces the base values exactly; a further one adds its delta."""
+        new = {n: t.detach() for n, t in self.adapted_parameters(adapter_name).items()}
+        if self.merged_adapters:  # stack: W0 + sum of deltas
+            base = self.get_base_layer()
+            new = {n: getattr(base, n) + (t - self.original_base_value(n)) for n, t in new.items()}
+        return new
 

@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 
-from peft_ext.tuners.mixed_batch import adapter_names_hooks
+from peft_ext.tuners.base import PeftExtTuner
 
 from .config import HftConfig
 from .layer import HftLayer
@@ -14,7 +13,7 @@ from .selection import draw, find_candidates, is_supported, named_base_modules, 
 from .state_dict import deltas_from_weights, weights_from_deltas
 
 
-class HftModel(BaseTuner):
+class HftModel(PeftExtTuner, BaseTuner):
     """Half Fine-Tuning as a PEFT tuner: wraps the selected modules in `HftLayer` (see `HftConfig`).
 
     Example:
@@ -49,7 +48,6 @@ class HftModel(BaseTuner):
         trained = set(peft_config.trained_modules or ()) | set(peft_config.selected_modules)
         _check_names_exist(model, trained, "trained_modules")
         peft_config.trained_modules = sorted(trained)
-        _tag_model(model)
 
     @staticmethod
     def _check_target_module_exists(peft_config: HftConfig, key: str) -> bool:
@@ -125,14 +123,6 @@ class HftModel(BaseTuner):
     def _trainable_copies(self, adapter_name: str) -> list[torch.nn.Parameter]:
         return [p for _, m in self.hft_layers(adapter_name) if m.is_trainable(adapter_name) for p in m.hft_weight[adapter_name].values()]
 
-    # -------------------------------------------------------------------------------- mixed-adapter batches
-    @contextmanager
-    def _enable_peft_forward_hooks(self, *args, **kwargs):
-        adapter_names = kwargs.pop("adapter_names", None)
-        merged = any(layer.merged for _, layer in self.hft_layers())
-        with adapter_names_hooks(self, HftLayer, adapter_names, merged, kwargs.get("num_beams", 1)):
-            yield
-
     # ------------------------------------------------------------------------------- saving and loading
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
@@ -163,12 +153,3 @@ def _check_names_exist(model: torch.nn.Module, names, field: str) -> None:
             f"Conv1D, nn.Embedding and norm layers."
         )
 
-
-def _tag_model(model: torch.nn.Module) -> None:
-    # the model card PEFT writes lists the base model's `model_tags`: say which method and package made the adapter
-    tags = ["peft-ext", "hft"]
-    add_tags = getattr(model, "add_model_tags", None)
-    if callable(add_tags):
-        add_tags(tags)
-    else:  # a plain nn.Module: PEFT reads the attribute all the same
-        model.model_tags = [*(getattr(model, "model_tags", None) or []), *(t for t in tags if t not in (getattr(model, "model_tags", None) or []))]

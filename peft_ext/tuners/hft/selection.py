@@ -19,6 +19,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, check_targ
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
+from peft_ext.tuners.base import is_linear_like
+
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
@@ -31,10 +33,6 @@ class Candidate:
 
 def is_norm(module: nn.Module) -> bool:
     return "Norm" in type(module).__name__ and isinstance(getattr(module, "weight", None), nn.Parameter)
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 def is_supported(module: nn.Module) -> bool:

@@ -1,0 +1,141 @@
+"""Contract item 4: merge_and_unload, unload, disable_adapter, merge/unmerge, safe_merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
+
+from ..entries import modules_to_save_names
+from ..harness import adapter_tensors, assert_equal, assert_state_equal, output, trained_peft_model
+from ..marks import per_model
+
+__all__ = [
+    "test_merge_and_unload_matches_unmerged",
+    "test_unload_returns_exact_base",
+    "test_disable_adapter_gives_base_output",
+    "test_merge_then_unmerge_restores_exactly",
+    "test_safe_merge_detects_nan",
+]
+
+MERGE_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+MERGE_ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
+
+
+def _no_tuner_layers(model: torch.nn.Module) -> None:
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    assert not any("modules_to_save" in n or "base_layer" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@per_model()
+def test_merge_and_unload_matches_unmerged(entry, spec, dtype):
+    model, _ = trained_peft_model(entry, spec, dtype=dtype)
+    inputs = spec.inputs(dtype=dtype)
+    unmerged = output(spec, model, inputs)
+    assert not torch.equal(unmerged, output(spec, spec.make(0, dtype), inputs)), "adapter is trivial"
+    doc = entry.documented_error("merge", spec.kind)
+    if doc is not None:
+        with pytest.raises(doc.error, match=doc.match):
+            model.merge_and_unload()
+        return
+    merged = model.merge_and_unload()
+    _no_tuner_layers(merged)
+    assert type(merged) is type(spec.make(0))
+    torch.testing.assert_close(output(spec, merged, inputs), unmerged, rtol=MERGE_RTOL[dtype], atol=MERGE_ATOL[dtype])
+    # the merged model has the base's architecture: same parameter names and shapes
+    base = spec.make(0, dtype)
+    assert {n: p.shape for n, p in merged.named_parameters()} == {n: p.shape for n, p in base.named_parameters()}
+
+
+@per_model()
+def test_unload_returns_exact_base(entry, spec):
+    model, _ = trained_peft_model(entry, spec)
+    base = spec.make(0)
+    doc = entry.documented_error("unload", spec.kind)
+    if doc is not None:
+        with pytest.raises(doc.error, match=doc.match):
+            model.unload()
+        return
+    # PEFT's documented unload() keeps the active adapter's trained copy of each modules_to_save module (the
+    # classifier of SEQ_CLS): "Unloading in case of ModulesToSave means to simply return the wrapped module"
+    # (peft.utils.other.ModulesToSaveWrapper). Everything else must be the exact base.
+    kept = {
+        name.removeprefix("base_model.model."): {k: v.clone() for k, v in m.modules_to_save[m.active_adapter].state_dict().items()}
+        for name, m in model.named_modules()
+        if isinstance(m, ModulesToSaveWrapper)
+    }
+    assert sorted(kept) == modules_to_save_names(base, model.peft_config["default"].modules_to_save)
+    unloaded = model.unload()
+    _no_tuner_layers(unloaded)
+    reference = spec.make(0)
+    for name, state in kept.items():
+        reference.get_submodule(name).load_state_dict(state)
+    assert_state_equal(unloaded, reference, "unload() vs base")
+    assert_equal(output(spec, unloaded), output(spec, reference), "unload() output vs base")
+    if not kept:
+        assert_state_equal(unloaded, base, "unload() vs base")
+        assert_equal(output(spec, unloaded), output(spec, base), "unload() output vs base")
+
+
+@per_model()
+def test_disable_adapter_gives_base_output(entry, spec):
+    model, _ = trained_peft_model(entry, spec)
+    base_out = output(spec, spec.make(0))
+    adapted = output(spec, model)
+    assert not torch.equal(adapted, base_out)
+    doc = entry.documented_error("disable", spec.kind)
+    if doc is not None:
+        with pytest.raises(doc.error, match=doc.match):
+            with model.disable_adapter():
+                output(spec, model)
+        return
+    with model.disable_adapter():
+        assert_equal(output(spec, model), base_out, "disable_adapter() vs base")
+    assert_equal(output(spec, model), adapted, "after disable_adapter()")
+
+
+@per_model()
+def test_merge_then_unmerge_restores_exactly(entry, spec):
+    model, _ = trained_peft_model(entry, spec)
+    adapted = output(spec, model)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    doc = entry.documented_error("merge", spec.kind)
+    if doc is not None:
+        with pytest.raises(doc.error, match=doc.match):
+            model.merge_adapter()
+        return
+    model.merge_adapter()
+    torch.testing.assert_close(output(spec, model), adapted, rtol=MERGE_RTOL[torch.float32], atol=MERGE_ATOL[torch.float32])
+    model.unmerge_adapter()
+    assert_equal(output(spec, model), adapted, "after merge_adapter + unmerge_adapter")
+    for name, p in model.named_parameters():
+        assert_equal(p.detach(), weights[name], f"{name} after merge + unmerge")
+    # and the base is still exact under it
+    with model.disable_adapter():
+        assert_equal(output(spec, model), output(spec, spec.make(0)), "disabled after unmerge")
+    # while merged, the base weights carry the adapter: disabling must still give the base exactly
+    model.merge_adapter()
+    with model.disable_adapter():
+        assert_equal(output(spec, model), output(spec, spec.make(0)), "disabled while merged")
+
+
+@per_model()
+def test_safe_merge_detects_nan(entry, spec):
+    model, _ = trained_peft_model(entry, spec)
+    tensors = adapter_tensors(model, entry)
+    names = [n for n, t in tensors.items() if ".modules_to_save." not in n and t.is_floating_point()]
+    assert names
+    with torch.no_grad():
+        tensors[names[0]].fill_(float("nan"))
+    doc = entry.documented_error("safe_merge", spec.kind) or entry.documented_error("merge", spec.kind)
+    if doc is not None:
+        with pytest.raises(doc.error, match=doc.match):
+            model.merge_and_unload(safe_merge=True)
+        return
+    with pytest.raises(ValueError, match=r"(?i)nan"):
+        model.merge_and_unload(safe_merge=True)
+    # the failed safe merge left the base weights untouched
+    with model.disable_adapter():
+        assert_equal(output(spec, model), output(spec, spec.make(0)), "base after refused safe merge")
