@@ -1,4 +1,4 @@
-"""Shared fixtures: deterministic seeds, the machine's two cores, no network."""
+"""Shared fixtures: deterministic seeds, the machine's two cores, no network; the contract suite's plugin."""
 
 import os
 
@@ -13,20 +13,16 @@ import torch  # noqa: E402
 # orders of magnitude slower on the 2-core CI machine, so each worker computes on one thread.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
+# the contract suite (peft_ext.testing): parametrises tests/contract/test_contract_*.py over tests/contract/methods.py,
+# and gives every test the `tmp_adapter_dir` fixture (a fresh folder for save_pretrained)
+pytest_plugins = ["peft_ext.testing.plugin"]
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same global RNG state (models seed themselves as well)."""
     torch.manual_seed(0)
     yield
-
-
-@pytest.fixture
-def tmp_adapter_dir(tmp_path):
-    """A fresh folder for save_pretrained."""
-    path = tmp_path / "adapter"
-    path.mkdir()
-    return path
 
 
 def pytest_collection_modifyitems(config, items):

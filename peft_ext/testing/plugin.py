@@ -68,11 +68,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def _model_kinds(kinds, where: str) -> tuple[str, ...]:
-    if isinstance(kinds, str):
-        kinds = [kinds]
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
     unknown = [k for k in kinds if k not in MODEL_KINDS]
     if unknown or not kinds:
-        raise ValueError(f"{where}: unknown model kind(s) {unknown or kinds}; the kinds are {', '.join(MODEL_KINDS)}")
+        what = f"unknown model kind(s) {unknown}" if unknown else "no model kind given"
+        raise ValueError(f"{where}: {what}; the kinds are {', '.join(MODEL_KINDS)}")
     return tuple(k for k in MODEL_KINDS if k in kinds)  # always in MODEL_KINDS order: stable ids
 
 
@@ -112,7 +112,7 @@ class _Selection:
         kinds = tuple(MODEL_KINDS)
         if getattr(module, MODELS_ATTR, None) is not None:
             try:
-                kinds = _model_kinds(list(getattr(module, MODELS_ATTR)), MODELS_ATTR)
+                kinds = _model_kinds(getattr(module, MODELS_ATTR), MODELS_ATTR)
             except ValueError as err:
                 fail(str(err))
         option = config.stash.get(_KINDS, None)

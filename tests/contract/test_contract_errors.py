@@ -1,120 +1,12 @@
-"""Contract item 8: bad inputs each raise a clear error (type, and a message that names the problem)."""
+"""Contract item 8: bad inputs each raise a clear error, on our methods.
 
-from __future__ import annotations
+The tests live in peft_ext/testing/contract/errors.py; peft_ext.testing.plugin (enabled in tests/conftest.py)
+parametrises them over the entries below.
+"""
 
-import pytest
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft_ext.testing.contract.errors import *  # noqa: F403
 
-from .harness import CASES, METHOD_CASES, assert_equal, output, trained_peft_model
-from .methods import METHODS
-from .models import MODELS
+from .methods import METHODS, VARIANTS
 
-BAD_CONFIG_CASES = [
-    pytest.param(entry, bad, id=f"{entry.name}-{bad.id}") for entry in METHODS for bad in entry.bad_configs
-]
-
-
-@pytest.mark.parametrize("entry, spec", CASES)
-def test_unknown_target_module(entry, spec):
-    config = entry.make_config(spec.kind, target_modules=["nonexistent"])
-    with pytest.raises(ValueError, match=r"nonexistent") as info:
-        get_peft_model(spec.make(0), config)
-    assert "target_modules" in str(info.value)
-
-
-@pytest.mark.parametrize("entry, bad", BAD_CONFIG_CASES)
-def test_out_of_range_config(entry, bad):
-    spec = MODELS["llama"]
-    if bad.when == "config":
-        with pytest.raises(bad.error, match=bad.match):
-            entry.make_config(spec.kind, **bad.overrides)
-    else:
-        config = entry.make_config(spec.kind, **bad.overrides)
-        with pytest.raises(bad.error, match=bad.match):
-            get_peft_model(spec.make(0), config)
-
-
-@pytest.mark.parametrize("entry", METHOD_CASES)
-def test_selection_with_nothing_trainable(entry):
-    """On the 2-layer Llama: a pool and ratio that leave no module to train must not give a silent no-op."""
-    bad = entry.nothing_trainable
-    spec = MODELS["llama"]
-    assert bad is not None, f"{entry.name}: give nothing_trainable (a config that trains nothing) in methods.py"
-    config = entry.make_config(spec.kind, **bad.overrides)
-    with pytest.raises(bad.error, match=bad.match):
-        get_peft_model(spec.make(0), config)
-
-
-def _saved(entry, spec, path, **save_kwargs):
-    model, _ = trained_peft_model(entry, spec)
-    model.save_pretrained(path, **save_kwargs)
-    return model
-
-
-@pytest.mark.parametrize("entry", METHOD_CASES)
-def test_adapter_from_another_base_model(entry, tmp_adapter_dir):
-    """Saved on hidden size 32, loaded onto hidden size 16: the error says so (shape / another base model)."""
-    spec = MODELS["llama"]
-    _saved(entry, spec, tmp_adapter_dir)
-    other = spec.make(0, hidden=16)
-    with pytest.raises((ValueError, RuntimeError), match=r"(?i)shape|another base model") as info:
-        PeftModel.from_pretrained(other, tmp_adapter_dir)
-    assert "another base model" in str(info.value) or "shape" in str(info.value)
-
-
-@pytest.mark.parametrize("entry", METHOD_CASES)
-def test_adapter_from_another_architecture(entry, tmp_adapter_dir):
-    """Saved on the tiny Llama, loaded onto GPT-2: module names do not exist there."""
-    _saved(entry, MODELS["llama"], tmp_adapter_dir)
-    with pytest.raises(ValueError, match=r"(?i)another base model|does not have|not found|match"):
-        PeftModel.from_pretrained(MODELS["gpt2"].make(0), tmp_adapter_dir)
-
-
-@pytest.mark.parametrize("entry", METHOD_CASES)
-def test_truncated_safetensors_is_named(entry, tmp_adapter_dir):
-    spec = MODELS["llama"]
-    _saved(entry, spec, tmp_adapter_dir)
-    weights = tmp_adapter_dir / "adapter_model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"adapter_model\.safetensors") as info:
-        PeftModel.from_pretrained(spec.make(0), tmp_adapter_dir)
-    assert str(weights) in str(info.value) and "corrupt" in str(info.value).lower()
-    # the config file itself is fine and still readable on its own
-    assert type(PeftConfig.from_pretrained(tmp_adapter_dir)) is entry.config_cls
-    # a corrupt header (not just a short file)
-    weights.write_bytes(b"\xff" * 64)
-    with pytest.raises(ValueError, match=r"adapter_model\.safetensors"):
-        PeftModel.from_pretrained(spec.make(0), tmp_adapter_dir)
-
-
-@pytest.mark.parametrize("entry", METHOD_CASES)
-def test_pickle_only_folder_is_refused(entry, tmp_adapter_dir):
-    spec = MODELS["llama"]
-    model = _saved(entry, spec, tmp_adapter_dir, safe_serialization=False)
-    files = sorted(p.name for p in tmp_adapter_dir.iterdir())
-    assert "adapter_model.bin" in files and "adapter_model.safetensors" not in files, files
-    with pytest.raises(ValueError, match=r"(?i)adapter_model\.bin.*safetensors"):
-        PeftModel.from_pretrained(spec.make(0), tmp_adapter_dir)
-    # the same folder, converted to safetensors where it is trusted, loads exactly
-    expected = output(spec, model)
-    model.save_pretrained(tmp_adapter_dir)
-    (tmp_adapter_dir / "adapter_model.bin").unlink()
-    assert_equal(output(spec, PeftModel.from_pretrained(spec.make(0), tmp_adapter_dir)), expected, "converted")
-
-
-@pytest.mark.parametrize("entry", METHOD_CASES)
-def test_load_adapter_checks_the_folder_too(entry, tmp_path):
-    """PeftModel.load_adapter (a second adapter from a folder) goes through the same checks."""
-    spec = MODELS["llama"]
-    good, bad = tmp_path / "good", tmp_path / "bad"
-    model = _saved(entry, spec, good)
-    _saved(entry, spec, bad, safe_serialization=False)
-    loaded = PeftModel.from_pretrained(spec.make(0), good)
-    with pytest.raises(ValueError, match=r"(?i)adapter_model\.bin.*safetensors"):
-        loaded.load_adapter(bad, adapter_name="other")
-    assert set(loaded.peft_config) == {"default"}
-    loaded.load_adapter(good, adapter_name="again")
-    loaded.set_adapter("again")
-    assert_equal(output(spec, loaded), output(spec, model), "load_adapter")
-
+PEFT_EXT_CONTRACT_METHODS = METHODS
+PEFT_EXT_CONTRACT_VARIANTS = VARIANTS

@@ -94,8 +94,10 @@ def test_cpu_bf16_autocast(entry, spec):
     assert any(g.abs().sum() > 0 for g in grads)
 
 
-@per_model(transformers_only=True)  # gradient_checkpointing_enable() is a transformers PreTrainedModel feature: the
-def test_gradient_checkpointing_same_grads(entry, spec):  # plain torch MLP has no such switch (and no blocks)
+# gradient_checkpointing_enable() is a transformers PreTrainedModel feature: the plain torch MLP has no such switch
+# (and no blocks to checkpoint), so the item runs on the transformers models only
+@per_model(transformers_only=True)
+def test_gradient_checkpointing_same_grads(entry, spec):
     def grads(checkpointing: bool):
         model, _ = peft_model(entry, spec, **entry.nonidentity_overrides)
         if checkpointing:

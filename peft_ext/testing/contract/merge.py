@@ -16,6 +16,7 @@ __all__ = [
     "test_unload_returns_exact_base",
     "test_disable_adapter_gives_base_output",
     "test_merge_then_unmerge_restores_exactly",
+    "test_merged_model_moved_to_another_dtype_unmerges_and_disables",
     "test_safe_merge_detects_nan",
 ]
 
@@ -119,6 +120,33 @@ def test_merge_then_unmerge_restores_exactly(entry, spec):
     model.merge_adapter()
     with model.disable_adapter():
         assert_equal(output(spec, model), output(spec, spec.make(0)), "disabled while merged")
+
+
+@per_model()
+def test_merged_model_moved_to_another_dtype_unmerges_and_disables(entry, spec):
+    """A merge keeps the original base tensors for unmerge; `model.to(torch.bfloat16)` while merged must convert
+    them with the model, so that unmerge / disable_adapter() give the base converted the same way and the next
+    forward runs (keeping them outside the module's tensors left an fp32 weight in a bf16 model)."""
+    model, _ = trained_peft_model(entry, spec)
+    doc = entry.documented_error("merge", spec.kind)
+    if doc is not None:
+        with pytest.raises(doc.error, match=doc.match):
+            model.merge_adapter()
+        return
+    model.merge_adapter()
+    model.to(torch.bfloat16)
+    base = spec.make(0).to(torch.bfloat16)
+    inputs = spec.inputs(dtype=torch.bfloat16)
+    with model.disable_adapter():
+        assert_equal(output(spec, model, inputs), output(spec, base, inputs), "disabled after merge + .to(bf16)")
+    model.merge_adapter()
+    model.unmerge_adapter()
+    for name, p in model.get_base_model().named_parameters():
+        if "base_layer" in name:
+            assert p.dtype == torch.bfloat16, f"{name} is {p.dtype} after unmerge"
+    assert torch.isfinite(output(spec, model, inputs).float()).all()
+    with model.disable_adapter():
+        assert_equal(output(spec, model, inputs), output(spec, base, inputs), "disabled after unmerge in bf16")
 
 
 @per_model()
