@@ -18,11 +18,13 @@ A method is one folder `peft_ext/tuners/<method>/` (config.py, layer.py, model.p
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers, check_adapters_to_merge
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
@@ -178,6 +180,29 @@ def tag_model(model: nn.Module, method: str) -> None:
         model.model_tags = existing + [t for t in tags if t not in existing]
 
 
+def _expand_all_linear(config, model: nn.Module) -> None:
+    """Expand target_modules="all-linear" as PEFT does, also counting linear layers already wrapped by a tuner layer.
+
+    PEFT recognises a wrapped linear layer only by "Linear" in its class name (a convention of its own tuners), so a
+    second adapter with "all-linear" would otherwise match none of the layers the first one wrapped."""
+    target = getattr(config, "target_modules", None)
+    if not (isinstance(target, str) and target.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
+        return
+    wrapped = {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, BaseTunerLayer) and "Linear" not in type(module).__name__
+        and is_linear_like(module.get_base_layer())
+    }
+    if not wrapped:
+        return  # PEFT's own expansion sees every linear layer
+    expanded = set(_maybe_include_all_linear_layers(copy.copy(config), model).target_modules)
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    skip = {n for n, m in model.named_modules() if head is not None and (m is head or m is getattr(head, "base_layer", None))}
+    config.target_modules = expanded | {name.rsplit(".", 1)[-1] for name in wrapped - skip}
+
+
 class PeftExtTuner:
     """Mixin for a tuner (list it before `BaseTuner` or `LoraModel`): model-card tags, `adapter_names=` mixed
     batches for every `tuner_layer_cls` layer, and a clear error when target_modules match nothing. After injection
@@ -190,6 +215,7 @@ class PeftExtTuner:
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         config = self.peft_config[adapter_name]
         tag_model(model, str(getattr(config.peft_type, "value", config.peft_type)))
+        _expand_all_linear(config, model)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except NoMatchingPeftModuleError as err:

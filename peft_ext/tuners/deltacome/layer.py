@@ -65,6 +65,23 @@ class DeltaComeLinear(OneAdapterForward, DeltaComeTunerLayer):
         self.delta_meta[adapter_name] = (method, tuple(tuple(b) for b in bands), group_size)
         self.set_adapter(self.active_adapters)
 
+    def _apply(self, fn, recurse=True):
+        """`model.to(torch.bfloat16)` converts every floating buffer; a compressed delta's are a storage format (fp16
+        scales and mins, fp32 sigma, int32 codes) that the kernels read as such: they move device, never dtype (a
+        round trip through bf16 would also lose the fp16 scales' precision)."""
+        deltas = self._modules.pop("deltacome_delta")
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            self._modules["deltacome_delta"] = deltas
+        for buffers in deltas.values():
+            for key, tensor in list(buffers._buffers.items()):
+                moved = fn(tensor)
+                if moved.dtype != tensor.dtype:
+                    moved = tensor.to(moved.device)
+                buffers._buffers[key] = moved
+        return result
+
     def delta(self, adapter_name: str):
         """The adapter as a PackedDelta / SignDelta / (A, B) pair over the current buffers (no copy)."""
         method, bands, group_size = self.delta_meta[adapter_name]
