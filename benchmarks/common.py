@@ -132,16 +132,20 @@ def device_name(device: torch.device | str) -> str:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"{torch.cuda.get_device_name(index)} (CUDA {torch.version.cuda})"
     if device.type == "cpu":
-        model = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        return f"CPU {model}, {torch.get_num_threads()} threads"
+        return f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
     return str(device)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo where there is one)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return model
 
 
 def git_revision() -> str:

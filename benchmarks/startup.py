@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import command_line, cpu_model, git_revision
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PTH = "peft_ext_autoload.pth"
 MODULE = "_peft_ext_autoload"
@@ -141,36 +143,7 @@ def _versions() -> str:
 
 
 def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
-
-
-def _git_revision() -> str:
-    try:
-        sha = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "n/a"
-    return f"{sha}{' + uncommitted changes' if dirty else ''}" if sha else "n/a"
-
-
-def _command() -> str:
-    exe = Path(sys.executable)
-    try:
-        rel = os.path.relpath(exe)
-        exe_text = rel if not rel.startswith("..") else str(exe)
-    except ValueError:
-        exe_text = str(exe)
-    return shlex.join([exe_text, *sys.argv])
+    return f"CPU {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
 def main(argv=None) -> int:
@@ -250,7 +223,7 @@ def main(argv=None) -> int:
         f"{nopyc_ms:+.2f} ms ({_fmt(nopyc_us, 0)} µs)."
     )
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    header = f"{now} · {_machine()} · {_versions()} · git {_git_revision()}\n\nCommand: `{_command()}`"
+    header = f"{now} · {_machine()} · {_versions()} · git {git_revision()}\n\nCommand: `{command_line()}`"
     detail = (
         f"{args.runs} timed runs per variant (after {args.warmup} warm-up rounds), interleaved; "
         f"`-X importtime`: median of {args.importtime_runs} runs. All runs with PYTHONDONTWRITEBYTECODE=1, "

@@ -229,6 +229,17 @@ class PeftExtTuner:
             if isinstance(value, (set, frozenset)):
                 setattr(config, name, sorted(value))
 
+    def _add_to_layer(self, layer_cls, target, adapter_name, parent, target_name, **update_args) -> nn.Module:
+        """PEFT's `_create_and_replace` step: add `adapter_name` to `target` if it already is a `layer_cls`, else wrap
+        it in a new one (`layer_cls(target, adapter_name)`, then `update_layer(adapter_name, **update_args)`)."""
+        if isinstance(target, layer_cls):
+            target.update_layer(adapter_name, **update_args)
+            return target
+        new_module = layer_cls(target, adapter_name)
+        new_module.update_layer(adapter_name, **update_args)
+        self._replace_module(parent, target_name, new_module, target)
+        return new_module
+
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         if not self.routes_adapter_names:

@@ -3,8 +3,8 @@
 from peft_ext.registry import register_method
 
 from .config import ColaConfig
-from .layer import ColaChain, ColaLinear
-from .bnb import ColaLinear4bit
+from .layer import ColaChain, ColaLinear  # noqa: F401  (ColaChain: the layer types' shared part)
+from .bnb import ColaLinear4bit  # noqa: F401  (the 4-bit layer, for isinstance checks)
 from .model import ColaModel
 from .export import export_as_lora
 

@@ -55,12 +55,8 @@ class DeltaComeModel(PeftExtTuner, BaseTuner):
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if current_key in (peft_config.dense_modules or ()):
-            if isinstance(target, DeltaComeDense):
-                target.update_layer(adapter_name, peft_config.init_weights, peft_config.seed)
-                return
-            new_module = DeltaComeDense(target, adapter_name)
-            new_module.update_layer(adapter_name, peft_config.init_weights, peft_config.seed)
-            self._replace_module(parent, target_name, new_module, target)
+            args = dict(init_weights=peft_config.init_weights, seed=peft_config.seed)
+            self._add_to_layer(DeltaComeDense, target, adapter_name, parent, target_name, **args)
             return
         kind = type(base).__name__
         if not is_linear_like(base) or kind in ("Linear4bit", "Linear8bitLt"):
@@ -77,12 +73,7 @@ class DeltaComeModel(PeftExtTuner, BaseTuner):
             method=peft_config.method, bands=bands, group_size=peft_config.group_size,
             init_weights=peft_config.init_weights, seed=peft_config.seed, name=current_key,
         )
-        if isinstance(target, DeltaComeLinear):
-            target.update_layer(adapter_name, **args)
-            return
-        new_module = DeltaComeLinear(target, adapter_name)
-        new_module.update_layer(adapter_name, **args)
-        self._replace_module(parent, target_name, new_module, target)
+        self._add_to_layer(DeltaComeLinear, target, adapter_name, parent, target_name, **args)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for _, p in model.named_parameters():

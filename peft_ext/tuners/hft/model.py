@@ -63,12 +63,7 @@ class HftModel(PeftExtTuner, BaseTuner):
             name=current_key,
             init_weights=peft_config.init_weights,
         )
-        if isinstance(target, HftLayer):
-            target.update_layer(adapter_name, **args)
-            return
-        new_module = HftLayer(target, adapter_name)
-        new_module.update_layer(adapter_name, **args)
-        self._replace_module(parent, target_name, new_module, target)
+        self._add_to_layer(HftLayer, target, adapter_name, parent, target_name, **args)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """fp16 copies become fp32 masters (as PEFT does for adapters): fp16 weights cannot be trained with a

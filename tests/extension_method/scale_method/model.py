@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from torch import nn
 
 from peft_ext.tuners.base import PeftExtTuner, is_linear_like
 
@@ -23,9 +22,4 @@ class ScaleModel(PeftExtTuner, BaseTuner):
         if not is_linear_like(base):
             raise ValueError(f"Scale wraps nn.Linear and Conv1D layers; {current_key} is {type(base).__name__}.")
         args = dict(init_weights=peft_config.init_weights, seed=peft_config.seed, name=current_key)
-        if isinstance(target, ScaleLayer):
-            target.update_layer(adapter_name, **args)
-            return
-        new_module = ScaleLayer(target, adapter_name)
-        new_module.update_layer(adapter_name, **args)
-        self._replace_module(parent, target_name, new_module, target)
+        self._add_to_layer(ScaleLayer, target, adapter_name, parent, target_name, **args)
