@@ -18,7 +18,7 @@ from peft_ext.compression import CompressionResult, compress_delta
 
 _METHOD_NAMES = []
 for _package in load_methods():
-    for _name in _package.__all__:
+    for _name in getattr(_package, "__all__", ()):
         globals()[_name] = getattr(_package, _name)
         _METHOD_NAMES.append(_name)
 del _package, _name

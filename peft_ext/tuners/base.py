@@ -112,14 +112,20 @@ class ExactMerge:
                 continue
             with torch.no_grad():
                 new = self.merged_values(name)
-                if safe_merge and not all(torch.isfinite(t).all() for t in new.values()):
-                    raise ValueError(
-                        f"NaNs detected in the merged weights. The adapter {name} seems to be broken: its "
-                        f"{self.method_label} update of {type(self.get_base_layer()).__name__} holds NaN or inf."
-                    )
+                if safe_merge:
+                    self.check_finite(name, new)
                 for pname, value in new.items():
                     self.write_base_value(pname, value)
             self.merged_adapters.append(name)
+
+    def check_finite(self, adapter_name: str, values: dict[str, torch.Tensor]) -> None:
+        """`safe_merge`: refuse merged values holding NaN or inf, naming the adapter and the layer."""
+        if not all(torch.isfinite(t).all() for t in values.values()):
+            raise ValueError(
+                f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken: its "
+                f"{self.method_label} update of {type(self.get_base_layer()).__name__} holds NaN or inf. Nothing "
+                f"was merged."
+            )
 
     def unmerge(self) -> None:
         base = self.get_base_layer()
@@ -228,6 +234,32 @@ class PeftExtTuner:
             value = getattr(config, name, None)
             if isinstance(value, (set, frozenset)):
                 setattr(config, name, sorted(value))
+
+    # -------------------------------------------------------------------------------------- safe merges
+    def _check_safe_merge(self, adapter_names: Optional[list[str]]) -> None:
+        """`safe_merge=True`: check every layer's merged values for NaN / inf before any layer is touched (PEFT merges
+        layer by layer, so a bad last layer would leave the earlier ones merged, or already unloaded)."""
+        for module in self.model.modules():
+            if not isinstance(module, ExactMerge):
+                continue
+            adapters = getattr(module, module.adapter_layer_names[0])
+            requested = module.active_adapters if adapter_names is None else adapter_names
+            for name in requested:
+                if name in adapters and name not in module.merged_adapters:
+                    with torch.no_grad():
+                        module.check_finite(name, module.merged_values(name))
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self._check_safe_merge(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge and safe_merge:
+            self._check_safe_merge(adapter_names)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
 
     def _add_to_layer(self, layer_cls, target, adapter_name, parent, target_name, **update_args) -> nn.Module:
         """PEFT's `_create_and_replace` step: add `adapter_name` to `target` if it already is a `layer_cls`, else wrap

@@ -155,8 +155,8 @@ def test_safe_merge_detects_nan(entry, spec):
     tensors = adapter_tensors(model, entry)
     names = [n for n, t in tensors.items() if ".modules_to_save." not in n and t.is_floating_point()]
     assert names
-    with torch.no_grad():
-        tensors[names[0]].fill_(float("nan"))
+    with torch.no_grad():  # the last layer's: a merge going layer by layer has touched the others by then
+        tensors[names[-1]].fill_(float("nan"))
     doc = entry.documented_error("safe_merge", spec.kind) or entry.documented_error("merge", spec.kind)
     if doc is not None:
         with pytest.raises(doc.error, match=doc.match):
@@ -164,6 +164,11 @@ def test_safe_merge_detects_nan(entry, spec):
         return
     with pytest.raises(ValueError, match=r"(?i)nan"):
         model.merge_and_unload(safe_merge=True)
-    # the failed safe merge left the base weights untouched
+    # the failed safe merge left every layer untouched: the base exact, nothing merged, nothing unloaded
     with model.disable_adapter():
         assert_equal(output(spec, model), output(spec, spec.make(0)), "base after refused safe merge")
+    assert not any(getattr(m, "merged", False) for m in model.modules() if isinstance(m, BaseTunerLayer))
+    assert any(isinstance(m, BaseTunerLayer) for m in model.modules()), "the refused merge_and_unload unloaded layers"
+    with pytest.raises(ValueError, match=r"(?i)nan"):
+        model.merge_adapter(safe_merge=True)
+    assert not any(getattr(m, "merged", False) for m in model.modules() if isinstance(m, BaseTunerLayer))
