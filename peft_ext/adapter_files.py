@@ -32,8 +32,8 @@ def check_adapter_folder(path: str, subfolder: Optional[str] = None) -> None:
         if pickles:
             raise AdapterFileError(
                 f"{folder} holds {pickles[0]} but no {SAFETENSORS_NAME}: peft-ext loads safetensors only (a pickle "
-                f"can run code). Convert it where you trust it: `PeftModel.from_pretrained(...)` then "
-                f"`save_pretrained(folder, safe_serialization=True)`."
+                f"can run code). Convert it once, where you trust the file: `safetensors.torch.save_file("
+                f"torch.load('{pickles[0]}', weights_only=True), '{SAFETENSORS_NAME}')` in that folder."
             )
         return  # no weights at all: PEFT reports that itself
     check_safetensors_file(weights)

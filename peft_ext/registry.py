@@ -17,7 +17,9 @@ Registration is idempotent (re-import, `importlib.reload`) and refuses to overwr
 With peft-ext imported, an adapter folder whose `peft_type` nobody registered fails with `UnknownPeftTypeError`,
 which names the field, the package the adapter asks for (`peft_ext_requirement`) and the fix, instead of PEFT's
 bare `KeyError: 'SCALE'`. (This wraps two PEFT classmethods, `PeftConfig._get_peft_type` and
-`PeftConfig.from_peft_type`, only to check the type: a known type takes PEFT's path unchanged.)
+`PeftConfig.from_peft_type`, only to check the type: a known type takes PEFT's path unchanged.) And since loading
+never unpickles, `PeftModel.save_pretrained(..., safe_serialization=False)` of an adapter registered here is refused
+before anything is written (a wrapper that checks that one argument, then calls PEFT's own).
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ def register_method(name: str, config_cls: type, model_cls: type, prefix: str | 
         peft_type = add_peft_type(name)
         register_peft_method(name=name.lower(), config_cls=config_cls, model_cls=model_cls, prefix=prefix)
     _METHODS[name] = MethodInfo(name, config_cls, model_cls, prefix)
-    _install_unknown_type_check()
+    _install_peft_checks()
     return peft_type
 
 
@@ -194,6 +196,41 @@ def _is_known(peft_type) -> bool:
 
 def _defining_class(name: str) -> type:
     return next(c for c in PeftConfig.__mro__ if name in c.__dict__)
+
+
+def _is_registered_here(config) -> bool:
+    return any(type(config) is info.config_cls or isinstance(config, info.config_cls) for info in _METHODS.values())
+
+
+def _install_peft_checks() -> None:
+    _install_unknown_type_check()
+    _install_safe_save_check()
+
+
+def _install_safe_save_check() -> None:
+    """Loading never unpickles, so `save_pretrained(..., safe_serialization=False)` of an adapter registered here is
+    refused before anything is written (it would make a folder that cannot be loaded)."""
+    from peft import PeftModel
+
+    save = PeftModel.save_pretrained
+    if getattr(save, "_peft_ext_checked", False):
+        return
+
+    @functools.wraps(save)
+    def save_pretrained(self, save_directory, *args, safe_serialization: bool = True, **kwargs):
+        if not safe_serialization:
+            configs = getattr(self, "peft_config", {}) or {}
+            names = sorted(n for n, c in configs.items() if _is_registered_here(c))
+            if names:
+                raise ValueError(
+                    f"save_pretrained(safe_serialization=False) would write a pickle (adapter_model.bin) for the "
+                    f"peft-ext adapter(s) {names}, which peft-ext never loads (a pickle can run code): call "
+                    f"save_pretrained(..., safe_serialization=True), the default. Nothing was written."
+                )
+        return save(self, save_directory, *args, safe_serialization=safe_serialization, **kwargs)
+
+    save_pretrained._peft_ext_checked = True
+    PeftModel.save_pretrained = save_pretrained
 
 
 def _install_unknown_type_check() -> None:

@@ -17,6 +17,7 @@ __all__ = [
     "test_adapter_from_another_architecture",
     "test_truncated_safetensors_is_named",
     "test_pickle_only_folder_is_refused",
+    "test_unsafe_save_is_refused_before_writing",
     "test_load_adapter_checks_the_folder_too",
 ]
 
@@ -52,9 +53,18 @@ def test_selection_with_nothing_trainable(entry):
         get_peft_model(spec.make(0), config)
 
 
-def _saved(entry, spec, path, **save_kwargs):
+def _saved(entry, spec, path, pickled: bool = False):
+    """A trained adapter saved to `path`; `pickled=True` leaves only adapter_model.bin (a pickle, as made by other
+    tools or older versions: peft-ext itself refuses to write one) beside adapter_config.json."""
     model, _ = trained_peft_model(entry, spec)
-    model.save_pretrained(path, **save_kwargs)
+    model.save_pretrained(path)
+    if pickled:
+        import torch
+        from safetensors.torch import load_file
+
+        weights = path / "adapter_model.safetensors"
+        torch.save(load_file(weights), path / "adapter_model.bin")
+        weights.unlink()
     return model
 
 
@@ -98,16 +108,31 @@ def test_truncated_safetensors_is_named(entry, tmp_adapter_dir):
 @per_method
 def test_pickle_only_folder_is_refused(entry, tmp_adapter_dir):
     spec = MODELS["llama"]
-    model = _saved(entry, spec, tmp_adapter_dir, safe_serialization=False)
+    model = _saved(entry, spec, tmp_adapter_dir, pickled=True)
     files = sorted(p.name for p in tmp_adapter_dir.iterdir())
     assert "adapter_model.bin" in files and "adapter_model.safetensors" not in files, files
     with pytest.raises(ValueError, match=r"(?i)adapter_model\.bin.*safetensors"):
         PeftModel.from_pretrained(spec.make(0), tmp_adapter_dir)
-    # the same folder, converted to safetensors where it is trusted, loads exactly
+    # the same folder, converted to safetensors as the message says, loads exactly
+    import torch
+    from safetensors.torch import save_file
+
     expected = output(spec, model)
-    model.save_pretrained(tmp_adapter_dir)
-    (tmp_adapter_dir / "adapter_model.bin").unlink()
+    pickle_file = tmp_adapter_dir / "adapter_model.bin"
+    save_file(torch.load(pickle_file, weights_only=True), tmp_adapter_dir / "adapter_model.safetensors")
+    pickle_file.unlink()
     assert_equal(output(spec, PeftModel.from_pretrained(spec.make(0), tmp_adapter_dir)), expected, "converted")
+
+
+@per_method
+def test_unsafe_save_is_refused_before_writing(entry, tmp_path):
+    """Loading never unpickles, so saving a pickle is refused up front, naming the fix (safetensors, the default)."""
+    spec = MODELS["llama"]
+    model, _ = trained_peft_model(entry, spec)
+    folder = tmp_path / "adapter"
+    with pytest.raises(ValueError, match=r"safe_serialization=True"):
+        model.save_pretrained(folder, safe_serialization=False)
+    assert not folder.exists() or not any(folder.iterdir()), "files were written before the refusal"
 
 
 @per_method
@@ -116,7 +141,7 @@ def test_load_adapter_checks_the_folder_too(entry, tmp_path):
     spec = MODELS["llama"]
     good, bad = tmp_path / "good", tmp_path / "bad"
     model = _saved(entry, spec, good)
-    _saved(entry, spec, bad, safe_serialization=False)
+    _saved(entry, spec, bad, pickled=True)
     loaded = PeftModel.from_pretrained(spec.make(0), good)
     with pytest.raises(ValueError, match=r"(?i)adapter_model\.bin.*safetensors"):
         loaded.load_adapter(bad, adapter_name="other")
