@@ -9,6 +9,7 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_
 
 from peft_ext import ColaConfig
 from peft_ext.tuners.cola import ColaChain
+from peft_ext.tuners.cola.layer import link_seed
 from peft_ext.kernels import dropout_keep_mask
 
 CONFIG = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, seed=0)
@@ -335,3 +336,34 @@ def test_lora_adapter_arithmetic_is_refused(llama):
     model, _ = chain_model(llama, links=1)
     with pytest.raises(ValueError, match=r"add_weighted_adapter is not supported for COLA adapters"):
         model.add_weighted_adapter(["default"], [1.0], "combined")
+
+
+def _first_link_a(model):
+    return {name: layer.lora_A["default"].weight.detach().clone() for name, layer in cola_layers(model)}
+
+
+def test_later_links_follow_init_lora_weights(llama):
+    """Every link is drawn as init_lora_weights says: with "gaussian", link 2's A is N(0, 1/r) from its link seed (it
+    was kaiming-uniform whatever the config said); B = 0."""
+    model = get_peft_model(llama(), ColaConfig(**{**CONFIG, "init_lora_weights": "gaussian", "seed": 3}))
+    model.base_model.next_link()
+    for name, layer in cola_layers(model):
+        a = layer.lora_A["default"].weight
+        expected = torch.empty(a.shape)
+        torch.nn.init.normal_(expected, std=1.0 / a.shape[0], generator=torch.Generator().manual_seed(link_seed(3, 1, name)))
+        assert torch.equal(a, expected.to(a.dtype)), name
+        assert not layer.lora_B["default"].weight.any()
+
+
+def test_later_links_vary_with_the_runs_seed_unless_the_config_fixes_one(llama):
+    def next_link_a(torch_seed, config_seed=None):
+        model = get_peft_model(llama(), ColaConfig(**{**CONFIG, "init_lora_weights": True, "seed": config_seed}))
+        torch.manual_seed(torch_seed)  # what the Trainer does with TrainingArguments.seed
+        model.base_model.next_link()
+        return _first_link_a(model)
+
+    one, two, one_again = next_link_a(1), next_link_a(2), next_link_a(1)
+    assert all(not torch.equal(one[n], two[n]) for n in one)  # other run seed: other later links
+    assert all(torch.equal(one[n], one_again[n]) for n in one)  # same run seed (a resumed run): the same links
+    fixed_a, fixed_b = next_link_a(1, config_seed=7), next_link_a(2, config_seed=7)
+    assert all(torch.equal(fixed_a[n], fixed_b[n]) for n in fixed_a)  # a config seed fixes them

@@ -61,8 +61,11 @@ class ColaConfig(LoraConfig, PeftExtConfig):
             the merged factors, so the export stays exact.
         seed: None (default): the first link is drawn from torch's global RNG exactly as LoraConfig's (so COLA and
             LoRA start from the same adapter under the same torch.manual_seed). An int: the first link is drawn
-            from this seed (reproducible per adapter). Later links are always drawn from (seed or 0, link index,
-            module name), so a resumed run re-initialises exactly as an uninterrupted one.
+            from this seed (reproducible per adapter). Later links are drawn from (seed, link index, module name), with
+            the run's seed in place of a None seed (torch's initial seed, set by the Trainer from its `seed`), so
+            they vary from run to run like the first link and a resumed run re-initialises exactly as an
+            uninterrupted one. Every link follows init_lora_weights (kaiming-uniform A, or N(0, 1/r) for
+            "gaussian"; B = 0).
         current_link: the link being trained, 0-based = the number of links merged so far. State, kept up to date
             by the callback and saved with the adapter; leave it at 0 for a new adapter.
         link_boundaries: the global steps at which the callback merges (M - 1 of them), resolved at the start of

@@ -37,6 +37,7 @@ class ColaChain:
             self.cola_merged_A = nn.ModuleDict()
             self.cola_merged_B = nn.ModuleDict()
             self.cola_link_ranks: dict[str, list[int]] = {}
+            self.cola_init: dict[str, object] = {}
             self.frozen_peft_weight_names = {}
         name = kwargs.get("target_name", "") or ""
         ranks = config.ranks_for(r)
@@ -52,6 +53,7 @@ class ColaChain:
         k = config.current_link
         super().update_layer(adapter_name, ranks[k], lora_alpha=lora_alpha, config=config, **kwargs)
         self.cola_link_ranks[adapter_name] = ranks
+        self.cola_init[adapter_name] = config.init_lora_weights
         weight = self.lora_A[adapter_name].weight
         merged = sum(ranks[:k])
         self.cola_merged_A[adapter_name] = MergedFactor(weight.new_zeros(merged, self.in_features))
@@ -110,7 +112,7 @@ class ColaChain:
             lin_a.out_features = lin_b.in_features = rank
             self.set_link_rank(adapter, rank)
         a.grad = b.grad = None
-        self.init_link(adapter, seed)
+        self.init_link(adapter, seed, self.cola_init.get(adapter, True))  # the config's init_lora_weights
         return [a, b]
 
     def set_link_rank(self, adapter: str, rank: int) -> None:
@@ -265,7 +267,11 @@ class ColaLinear(ColaChain, ExactMerge, FusedLoraLinear):
 
 # ----------------------------------------------------------------------------------------------- helpers
 def link_seed(seed: Optional[int], link: int, module_name: str) -> int:
-    return zlib.crc32(f"{0 if seed is None else seed}:{link}:{module_name}".encode())
+    """The seed of one link of one module: from the config's seed, or, when it is None, from the run's (torch's initial
+    seed, which the Trainer sets from TrainingArguments.seed), so later links vary with the run's seed and a
+    resumed run draws them again exactly."""
+    base = torch.initial_seed() if seed is None else seed
+    return zlib.crc32(f"{base}:{link}:{module_name}".encode())
 
 
 def links_for_rank(ranks: list[int], merged_rank: int) -> int:
