@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help=SET_HELP.format(example="trainer_args.max_steps=10"),
+    )
+    train.add_argument(
+        "--import", dest="imports", action="append", default=[], metavar="PACKAGE",
+        help="import PACKAGE first: a package that registers your own method (peft_ext.register_method); repeatable",
     )
 
     demo = commands.add_parser(
@@ -198,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args) -> int:
     from peft_ext.recipe import Recipe, run_recipe
 
-    run_recipe(Recipe.from_yaml(_existing_file(args.recipe), args.overrides))
+    recipe = Recipe.from_yaml(_existing_file(args.recipe), args.overrides)
+    if args.imports:
+        recipe = dataclasses.replace(recipe, imports=[*recipe.imports, *args.imports])
+    run_recipe(recipe)
     return 0
 
 

@@ -11,6 +11,9 @@
       learning_rate: 1e-4
     output_dir: outputs/hft_sft      # the trained adapter (or full model) is saved here
     adapter: null                    # optional: a saved adapter to train further (a new stage), instead of `method`
+    imports: [my_methods]            # optional: packages to import first (a method of your own that registers
+                                     # itself with peft_ext.register_method; installed ones with a "peft_ext.methods"
+                                     # entry point register on their own)
 
 Run it with `peft-ext train RECIPE.yaml [--set trainer_args.max_steps=2 ...]`.
 """
@@ -18,6 +21,7 @@ Run it with `peft-ext train RECIPE.yaml [--set trainer_args.max_steps=2 ...]`.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,8 +48,19 @@ class Recipe:
     trainer_args: dict = field(default_factory=dict)
     output_dir: str = "outputs/recipe"
     adapter: str | None = None
+    imports: list = field(default_factory=list)
 
     def __post_init__(self):
+        if isinstance(self.imports, str):
+            self.imports = [self.imports]
+        for module in self.imports:
+            try:
+                importlib.import_module(module)
+            except ImportError as err:
+                raise ValueError(
+                    f"recipe imports: {module!r} does not import ({err}): give the import name of the package that "
+                    f"registers your method, installed or on PYTHONPATH."
+                ) from err
         if self.trainer not in TRAINERS:
             raise ValueError(f"recipe trainer must be one of {sorted(TRAINERS)}, got {self.trainer!r}")
         if self.method is not None and self.adapter is not None:
@@ -72,8 +87,11 @@ def build_peft_config(method: dict) -> PeftConfig:
     peft_type = str(fields.pop("peft_type")).upper()
     config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
     if config_cls is None:
-        known = ", ".join(sorted(str(t) for t in PEFT_TYPE_TO_CONFIG_MAPPING))
-        raise ValueError(f"unknown peft_type {peft_type!r}; PEFT knows: {known}")
+        known = ", ".join(sorted(str(getattr(t, "value", t)) for t in PEFT_TYPE_TO_CONFIG_MAPPING))
+        raise ValueError(
+            f"unknown peft_type {peft_type!r}; PEFT knows: {known}. A method of your own registers when its package is "
+            f"imported: list it under `imports:` in the recipe (or `peft-ext train --import PACKAGE`)."
+        )
     fields.setdefault("task_type", "CAUSAL_LM")
     try:
         return config_cls(**fields)

@@ -53,10 +53,28 @@ class MethodInfo:
     config_cls: type
     model_cls: type
     prefix: str
+    requirement: str  # what an adapter of this method needs installed, e.g. "peft-ext>=0.1.0"
 
     @property
     def package(self) -> str:
         return self.config_cls.__module__.split(".")[0]
+
+
+def _requirement_of(package: str) -> str:
+    """"dist>=version" for the installed distribution that provides the import package `package` (its import name
+    when no distribution provides it, e.g. code on PYTHONPATH)."""
+    from importlib import metadata
+
+    if package == "peft_ext":
+        from peft_ext.version import __version__
+
+        return f"peft-ext>={__version__}"
+    for dist in metadata.packages_distributions().get(package, []):
+        try:
+            return f"{dist}>={metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return package
 
 
 _METHODS: dict[str, MethodInfo] = {}
@@ -70,13 +88,17 @@ def _package(cls: type) -> str:
     return cls.__module__.split(".")[0]
 
 
-def add_peft_type(name: str) -> PeftType:
-    """Add `name` (upper case) to PEFT's `PeftType` enum and return the member; a no-op if present."""
+def _check_name(name) -> None:
     if not isinstance(name, str) or name != name.upper() or not name.isidentifier() or name.endswith("_"):
         raise ValueError(
             f"register_method(name=...): peft type names are upper-case identifiers not ending in '_' (PEFT's "
             f"convention, e.g. 'SCALE'), got {name!r}."
         )
+
+
+def add_peft_type(name: str) -> PeftType:
+    """Add `name` (upper case) to PEFT's `PeftType` enum and return the member; a no-op if present."""
+    _check_name(name)
     if name in PeftType._member_map_:
         return PeftType[name]
     member = str.__new__(PeftType, name)
@@ -94,6 +116,15 @@ def add_peft_type(name: str) -> PeftType:
     return member
 
 
+def _remove_peft_type(name: str) -> None:
+    member = PeftType._member_map_.pop(name, None)
+    if name in PeftType._member_names_:
+        PeftType._member_names_.remove(name)
+    PeftType._value2member_map_.pop(name, None)
+    if member is not None and PeftType.__dict__.get(name) is member:
+        type.__delattr__(PeftType, name)
+
+
 def _check_classes(name: str, config_cls, model_cls, prefix) -> str:
     if not (isinstance(config_cls, type) and issubclass(config_cls, PeftConfig)):
         raise TypeError(
@@ -105,7 +136,13 @@ def _check_classes(name: str, config_cls, model_cls, prefix) -> str:
             f"register_method({name!r}, model_cls=...) needs the method's tuner class, a subclass of "
             f"peft.tuners.tuners_utils.BaseTuner; got {model_cls!r}."
         )
-    prefix = prefix if prefix is not None else getattr(model_cls, "prefix", None)
+    own_prefix = getattr(model_cls, "prefix", None)
+    if prefix is not None and own_prefix is not None and prefix != own_prefix:
+        raise ValueError(
+            f"register_method({name!r}, prefix={prefix!r}) differs from {model_cls.__name__}.prefix = {own_prefix!r}, "
+            f"which PEFT uses to find the adapter's parameters: leave prefix= out, or set {model_cls.__name__}.prefix."
+        )
+    prefix = prefix if prefix is not None else own_prefix
     if not isinstance(prefix, str) or not prefix.endswith("_") or not prefix[:-1].isidentifier():
         raise ValueError(
             f"register_method({name!r}, prefix=...): the prefix of the adapter's parameter names must be an "
@@ -124,7 +161,14 @@ def register_method(name: str, config_cls: type, model_cls: type, prefix: str | 
     name, as after `importlib.reload`) rebinds them; another class under a registered name raises
     `RegistrationError` naming the package that holds the name.
     """
+    _check_name(name)
     prefix = _check_classes(name, config_cls, model_cls, prefix)
+    for other in _METHODS.values():
+        if other.name != name and _qualname(other.config_cls) == _qualname(config_cls):
+            raise RegistrationError(
+                f"{_qualname(config_cls)} is already registered as {other.name!r}: one config class serves one peft "
+                f"type (its adapter_config.json names it); subclass it for a second name."
+            )
     if isinstance(name, str) and name in PeftType._member_map_ and PeftType[name] in PEFT_TYPE_TO_CONFIG_MAPPING:
         peft_type = PeftType[name]
         known_config = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
@@ -143,9 +187,15 @@ def register_method(name: str, config_cls: type, model_cls: type, prefix: str | 
         PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
         PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
     else:
+        added = name not in PeftType._member_map_
         peft_type = add_peft_type(name)
-        register_peft_method(name=name.lower(), config_cls=config_cls, model_cls=model_cls, prefix=prefix)
-    _METHODS[name] = MethodInfo(name, config_cls, model_cls, prefix)
+        try:
+            register_peft_method(name=name.lower(), config_cls=config_cls, model_cls=model_cls, prefix=prefix)
+        except Exception:
+            if added:  # leave PeftType as it was
+                _remove_peft_type(name)
+            raise
+    _METHODS[name] = MethodInfo(name, config_cls, model_cls, prefix, _requirement_of(_package(config_cls)))
     _install_peft_checks()
     return peft_type
 
@@ -162,6 +212,38 @@ def peft_type_of(config_cls: type) -> PeftType:
     )
 
 
+def requirement_of_config(config_cls: type) -> str | None:
+    """The requirement stamp of a registered method's adapters (None if the class is not registered here)."""
+    for info in _METHODS.values():
+        if config_cls is info.config_cls or issubclass(config_cls, info.config_cls):
+            return info.requirement
+    return None
+
+
+def load_entry_point_methods() -> list[str]:
+    """Import every package that declares an entry point in the group "peft_ext.methods" (so a method package
+    installed with pip registers itself on `import peft_ext`, and through the start-up hook, without an import in
+    the user's script). A package that fails to import is reported with a warning, never breaking peft-ext."""
+    import warnings
+    from importlib import metadata
+
+    loaded = []
+    for entry_point in metadata.entry_points(group="peft_ext.methods"):
+        try:
+            entry_point.load()
+        except Exception as err:  # a broken plugin must not break `import peft_ext` (nor `import peft`)
+            dist = getattr(getattr(entry_point, "dist", None), "name", "?")
+            warnings.warn(
+                f"peft-ext: the method package {entry_point.value!r} (entry point {entry_point.name!r} of {dist}) "
+                f"failed to import and is not registered: {err!r}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        else:
+            loaded.append(entry_point.name)
+    return loaded
+
+
 def registered_methods() -> dict[str, type]:
     """The methods registered through peft-ext (its own and users'): peft type name -> config class."""
     return {name: info.config_cls for name, info in _METHODS.items()}
@@ -173,17 +255,21 @@ def method_info(name: str) -> MethodInfo:
 
 # ------------------------------------------------------------------------------------ unknown peft types
 def _unknown_type_error(peft_type, where: str, requirement: str | None) -> UnknownPeftTypeError:
-    known = ", ".join(sorted(str(getattr(t, "value", t)) for t in PEFT_TYPE_TO_CONFIG_MAPPING))
+    registered = ", ".join(sorted(_METHODS)) or "none"
     if requirement:
-        fix = f"It was saved with {requirement} (its peft_ext_requirement): pip install -U '{requirement}'."
+        fix = (
+            f"It was saved with {requirement} (its peft_ext_requirement): pip install -U '{requirement}', and import "
+            f"that package before loading if it does not register itself (an entry point in group "
+            f"'peft_ext.methods')."
+        )
     else:
         fix = (
-            "Install the package that defines it (the adapter's README.md / model card names it), or upgrade peft "
-            "if it is one of PEFT's newer methods."
+            "Install (and import) the package that defines it (the adapter's README.md / model card names it), or "
+            "upgrade peft if it is one of PEFT's newer methods."
         )
     return UnknownPeftTypeError(
         f"{where} has peft_type {str(peft_type)!r}, which no installed package registers with PEFT. {fix} "
-        f"Known peft types: {known}."
+        f"Registered through peft-ext: {registered} (besides PEFT's own types)."
     )
 
 

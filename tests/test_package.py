@@ -165,3 +165,34 @@ def test_kernel_tests_do_not_become_a_top_level_kernels_module(python_args):
     assert last.startswith("KERNELS "), result.stdout[-2000:]
     kernels_file = last.removeprefix("KERNELS ")
     assert kernels_file == "None" or Path(kernels_file).resolve() == _hf_kernels_init(), result.stdout[-2000:]
+
+
+def test_peft_ext_imports_from_the_repository_root_without_an_editable_install(tmp_path):
+    """A Python started in a checkout's root imports the checkout's peft_ext/ (the working directory comes first on
+    sys.path) even when the installed peft-ext is a wheel; peft_ext.kernels (kernels/ beside it) must be found
+    then too. Simulated with this environment's site-packages minus the editable install of peft-ext."""
+    farm = tmp_path / "site"
+    farm.mkdir()
+    for site_dir in map(Path, site.getsitepackages()):
+        if not site_dir.is_dir():
+            continue
+        for entry in site_dir.iterdir():
+            editable = "peft_ext" in entry.name.lower() or "peft-ext" in entry.name.lower()
+            if not editable and not (farm / entry.name).exists():
+                (farm / entry.name).symlink_to(entry)
+    code = f"""
+import site
+site.addsitedir({str(farm)!r})
+import importlib.util, sys
+from pathlib import Path
+import peft_ext
+from peft_ext.kernels import lowrank_linear, delta_linear
+assert Path(peft_ext.__file__).resolve().parent == Path({str(REPO)!r}) / "peft_ext", peft_ext.__file__
+assert Path(sys.modules["peft_ext.kernels"].__file__).resolve() == Path({str(OUR_INIT)!r})
+import peft_ext.kernels.delta_format
+print("ok", sorted(peft_ext.registered_methods()))
+"""
+    result = _run_in_repo_root(code, "-S")
+    assert result.returncode == 0 and result.stdout.strip().splitlines()[-1:] == ["ok ['COLA', 'DELTACOME', 'HFT']"], (
+        result.stdout[-2000:] + result.stderr[-3000:]
+    )

@@ -10,7 +10,12 @@ Importing this package imports neither pytest nor trl/datasets (the TRL tests im
 docs/contract_suite.md is the reference.
 """
 
-from .entries import (
+import sys as _sys
+
+if "pytest" in _sys.modules:  # under pytest: a failed assert inside the suite shows its values (assertion rewriting)
+    _sys.modules["pytest"].register_assert_rewrite("peft_ext.testing.harness", "peft_ext.testing.contract")
+
+from .entries import (  # noqa: E402
     CONTRACT_ITEMS,
     BadConfig,
     DocumentedError,
@@ -20,8 +25,8 @@ from .entries import (
     modules_to_save_numel,
     variant,
 )
-from .models import MODEL_KINDS, MODELS, ModelSpec
-from .tokenizer import make_tokenizer
+from .models import MODEL_KINDS, MODELS, ModelSpec  # noqa: E402
+from .tokenizer import make_tokenizer  # noqa: E402
 
 __all__ = [
     "MethodEntry",

@@ -166,6 +166,13 @@ class PeftExtLayer(nn.Module, ExactMerge, BaseTunerLayer):
         if is_linear_like(base_layer) and hasattr(base_layer, "weight"):
             self.in_features, self.out_features = in_out_features(base_layer)
 
+    def enable_adapters(self, enabled: bool) -> None:
+        """Disabling (`disable_adapter()`, DPO's reference pass) unmerges first, so the base runs exactly W0 whatever
+        the layer's forward does (PEFT's own layers do this in their forward)."""
+        if not enabled and self.merged:
+            self.unmerge()
+        super().enable_adapters(enabled)
+
     def _check_can_run(self) -> None:
         """Called before an adapter runs in a forward: raise to refuse it (e.g. an inference-only method in a
         training forward). Accepts by default."""

@@ -20,8 +20,9 @@ class PeftExtConfig(PeftConfig):
 
     - `peft_type` is set from the registration (`register_method(NAME, ThisConfig, ThisModel)`), so a config class
       never names its own type.
-    - `peft_ext_requirement` lands in adapter_config.json, so that someone who opens an adapter without peft-ext
-      installed (PEFT then fails with `KeyError: 'HFT'`) sees what to install.
+    - `peft_ext_requirement` lands in adapter_config.json, so that someone who opens an adapter without the package
+      that defines its method (PEFT then fails with `KeyError: 'HFT'`) sees what to install: peft-ext for its own
+      methods, the registering package's distribution (name>=version) for a user's method.
     - `training_companions()` names what a trainer needs to drive the method over a run (see its docstring).
     """
 
@@ -31,9 +32,11 @@ class PeftExtConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from peft_ext.registry import peft_type_of
+        from peft_ext.registry import peft_type_of, requirement_of_config
 
         self.peft_type = peft_type_of(type(self))
+        if self.peft_ext_requirement == REQUIREMENT:  # a method of another package: that package is the requirement
+            self.peft_ext_requirement = requirement_of_config(type(self)) or REQUIREMENT
 
     def training_companions(self) -> tuple[str, ...]:
         """The training companions this adapter needs, as "module:Name" paths (imported only by the trainer side,

@@ -41,7 +41,9 @@ def test_a_users_method_is_a_peft_citizen(tmp_path):
     expected = model(IDS).logits.detach()
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["peft_type"] == "SCALE" and saved["peft_ext_requirement"].startswith("peft-ext>=")
+    # the requirement stamp names the package that registered the method (no distribution provides this test
+    # folder, so its import name; an installed one gives "dist>=version", see the entry-point test)
+    assert saved["peft_type"] == "SCALE" and saved["peft_ext_requirement"] == "tests"
     card = (tmp_path / "README.md").read_text()
     assert "peft-ext" in card and "scale" in card  # the shared tuner base tags the model card
     assert type(PeftConfig.from_pretrained(tmp_path)) is ScaleConfig
@@ -71,7 +73,9 @@ def test_registering_again_is_harmless_and_a_clash_names_the_package():
         ({"config_cls": None}, TypeError, r"config_cls=.*PeftExtConfig.*got None"),
         ({"model_cls": None}, TypeError, r"model_cls=.*BaseTuner.*got None"),
         ({"config_cls": dict}, TypeError, r"config_cls="),
-        ({"prefix": "scale"}, ValueError, r"prefix=.*ending in '_'"),
+        ({"prefix": "other_"}, ValueError, r"prefix='other_'.*differs from ScaleModel.prefix"),
+        ({"model_cls": type("BadPrefixModel", (ScaleModel,), {"prefix": "scale"})}, ValueError, r"prefix=.*ending in '_'"),
+        ({"name": "SCALE3"}, RegistrationError, r"ScaleConfig is already registered as 'SCALE'"),
         ({"name": "scale2"}, ValueError, r"name=.*upper-case"),
         ({"name": "SCALE2_"}, ValueError, r"name=.*not ending in '_'"),
     ],
@@ -80,7 +84,7 @@ def test_a_registration_missing_or_misnaming_a_part_is_refused(kwargs, error, ma
     args = {"name": "SCALE2", "config_cls": ScaleConfig, "model_cls": ScaleModel, **kwargs}
     with pytest.raises(error, match=match):
         register_method(**args)
-    assert "SCALE2" not in PeftType._member_map_  # nothing half-registered
+    assert not {"SCALE2", "SCALE3"} & set(PeftType._member_map_)  # nothing half-registered
 
 
 def test_a_config_class_that_was_never_registered_says_how():
@@ -104,7 +108,7 @@ def test_an_adapter_folder_of_an_unknown_peft_type_names_the_field_and_package(t
             load()
     data.pop("peft_ext_requirement")  # made by some other plugin: no requirement recorded
     config_file.write_text(json.dumps(data))
-    with pytest.raises(KeyError, match=r"peft_type 'SMORE'.*Install the package that defines it"):
+    with pytest.raises(KeyError, match=r"peft_type 'SMORE'.*Install \(and import\) the package that defines it"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
@@ -151,3 +155,10 @@ def test_peft_ext_train_attaches_a_third_party_methods_companion(tmp_path):
     (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, ScaleLogCallback)]
     trainer.train()
     assert callback.seen and all(v > 0 for v in callback.seen)  # the step log and the run summary
+
+
+def test_a_recipe_import_that_fails_names_the_field():
+    from peft_ext.recipe import Recipe
+
+    with pytest.raises(ValueError, match=r"recipe imports: 'no_such_method_package' does not import"):
+        Recipe(model="tiny-llama", data="fictional-facts", imports=["no_such_method_package"])

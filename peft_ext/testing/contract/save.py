@@ -24,7 +24,8 @@ def _config_fields(config) -> dict:
     # is not a transformers model, the class to rebuild it with
     d.pop("inference_mode", None)
     d.pop("auto_mapping", None)
-    return json.loads(json.dumps(d, default=str))
+    # a config may keep target_modules as a set (PEFT's LoraConfig does) or a sorted list: the same field
+    return json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, (set, frozenset)) else str(o)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
