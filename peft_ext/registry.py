@@ -162,19 +162,12 @@ def register_method(name: str, config_cls: type, model_cls: type, prefix: str | 
     `RegistrationError` naming the package that holds the name.
     """
     _check_name(name)
-    prefix = _check_classes(name, config_cls, model_cls, prefix)
-    for other in _METHODS.values():
-        if other.name != name and _qualname(other.config_cls) == _qualname(config_cls):
-            raise RegistrationError(
-                f"{_qualname(config_cls)} is already registered as {other.name!r}: one config class serves one peft "
-                f"type (its adapter_config.json names it); subclass it for a second name."
-            )
-    if isinstance(name, str) and name in PeftType._member_map_ and PeftType[name] in PEFT_TYPE_TO_CONFIG_MAPPING:
-        peft_type = PeftType[name]
-        known_config = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
-        known_model = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
+    taken = name in PeftType._member_map_ and PeftType[name] in PEFT_TYPE_TO_CONFIG_MAPPING
+    if taken and isinstance(config_cls, type):  # the name first: the most useful message when it is taken
+        known_config = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType[name]]
+        known_model = PEFT_TYPE_TO_TUNER_MAPPING.get(PeftType[name])
         same = _qualname(known_config) == _qualname(config_cls) and (
-            known_model is None or _qualname(known_model) == _qualname(model_cls)
+            known_model is None or not isinstance(model_cls, type) or _qualname(known_model) == _qualname(model_cls)
         )
         if not same:
             raise RegistrationError(
@@ -182,6 +175,15 @@ def register_method(name: str, config_cls: type, model_cls: type, prefix: str | 
                 f"({_qualname(known_config)}), so '{_package(config_cls)}' cannot register {_qualname(config_cls)} "
                 f"under that name: choose another name in register_method(name=...)."
             )
+    prefix = _check_classes(name, config_cls, model_cls, prefix)
+    for other in _METHODS.values():
+        if other.name != name and _qualname(other.config_cls) == _qualname(config_cls):
+            raise RegistrationError(
+                f"{_qualname(config_cls)} is already registered as {other.name!r}: one config class serves one peft "
+                f"type (its adapter_config.json names it); subclass it for a second name."
+            )
+    if taken:
+        peft_type = PeftType[name]
         # importlib.reload: point PEFT at the fresh classes
         PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
         PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
