@@ -3,7 +3,10 @@
 from collections import Counter
 
 import pytest
+import torch
 from peft import get_peft_model
+from torch import nn
+from transformers import DebertaV2Config, DebertaV2Model
 
 from peft_ext import HftConfig
 from peft_ext.tuners.hft.selection import block_of, role_of
@@ -96,3 +99,67 @@ def test_bad_pools_are_refused_before_any_module_is_wrapped(llama, kwargs, patte
 def test_bad_config_values(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         HftConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------ issue 11 items 6 and 12
+def _tiny_deberta():
+    torch.manual_seed(0)
+    config = DebertaV2Config(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                             intermediate_size=48, max_position_embeddings=64, relative_attention=True,
+                             norm_rel_ebd="layer_norm", position_buckets=8)
+    return DebertaV2Model(config).eval()
+
+
+@pytest.mark.parametrize("target_modules", [None, ["query_proj", "value_proj", "dense"]])
+def test_layers_to_transform_limits_linear_layers_and_norms(target_modules):
+    """Item 12: the norms (and the default pool) ignored layers_to_transform."""
+    config = HftConfig(target_modules=target_modules, layers_to_transform=[1], layers_pattern="layer", ratio=1.0)
+    names = get_peft_model(_tiny_deberta(), config).peft_config["default"].selected_modules
+    assert names and {block_of(n) for n in names} == {1}, names
+    assert any(n.endswith("LayerNorm") for n in names)
+
+
+def test_exclude_modules_applies_to_norms(llama):
+    """Item 12: exclude_modules did not reach the norms."""
+    config = HftConfig(exclude_modules=["input_layernorm", "q_proj"], ratio=1.0)
+    names = get_peft_model(llama(layers=2), config).peft_config["default"].selected_modules
+    assert not any(n.endswith(("input_layernorm", "q_proj")) for n in names)
+    assert sum(n.endswith("post_attention_layernorm") for n in names) == 2
+
+
+class _EncoderLM(nn.Module):
+    """Blocks of nn.TransformerEncoderLayer: attention is an nn.MultiheadAttention."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, 32)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(32, 4, 48, dropout=0.0, batch_first=True) for _ in range(2)
+        )
+        self.head = nn.Linear(32, 64)
+
+    def forward(self, input_ids):
+        hidden = self.embed(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden)
+        return self.head(hidden)
+
+
+def test_multihead_attention_out_proj_is_not_selected_and_every_copy_trains(input_ids):
+    """Item 6: nn.MultiheadAttention reads out_proj.weight itself, so a copy of out_proj would never train."""
+    torch.manual_seed(0)
+    model = get_peft_model(_EncoderLM(), HftConfig(ratio=1.0))
+    names = model.peft_config["default"].selected_modules
+    assert not any(n.endswith("out_proj") for n in names)
+    assert any(n.endswith("linear1") for n in names) and any(n.endswith("norm1") for n in names)
+    model.train()
+    model(input_ids).logsumexp(-1).mean().backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+
+
+@pytest.mark.parametrize("kwargs", [dict(target_modules=["out_proj", "linear1"]),
+                                    dict(strategy="explicit", selected_modules=["layers.0.self_attn.out_proj"])])
+def test_multihead_attention_out_proj_named_is_refused(kwargs):
+    with pytest.raises(ValueError, match=r"out_proj"):
+        get_peft_model(_EncoderLM(), HftConfig(**kwargs))

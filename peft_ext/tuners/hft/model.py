@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -9,8 +10,22 @@ from peft_ext.tuners.base import PeftExtTuner
 
 from .config import HftConfig
 from .layer import HftLayer
-from .selection import draw, find_candidates, is_supported, named_base_modules, quantized_kind
+from .selection import (
+    Candidate,
+    block_of,
+    check_not_tied,
+    draw,
+    find_candidates,
+    is_supported,
+    named_base_modules,
+    quantized_kind,
+    role_of,
+)
 from .state_dict import deltas_from_weights, weights_from_deltas
+
+# what a saved stage of an adapter consists of (HftModel.load_selection): its selection and what defines later draws
+SELECTION_FIELDS = ("seed", "strategy", "ratio", "candidate_modules", "stage", "selected_modules", "trained_modules",
+                    "trained_stages")
 
 
 class HftModel(PeftExtTuner, BaseTuner):
@@ -28,13 +43,38 @@ class HftModel(PeftExtTuner, BaseTuner):
     target_module_mapping: dict = {}  # the default pool is every linear layer in the blocks (selection.py)
 
     # ------------------------------------------------------------------------------------------- injection
+    def inject_adapter(self, model: torch.nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """Inject into a copy of the adapter's config: PEFT keeps the object the user passed (`get_peft_model`,
+        `add_adapter`), and HFT writes its selection and stage into the config, so the user's `HftConfig` stays as
+        written and one config can make several models or adapters. The draw's pool is fixed here, before
+        target_modules="all-linear" is expanded."""
+        config = copy.deepcopy(self.peft_config[adapter_name])
+        self.peft_config[adapter_name] = config
+        if config.selected_modules is None:
+            self._pool(config, model)
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
     def _prepare_adapter_config(self, peft_config: HftConfig, model_config: dict) -> HftConfig:
         return peft_config
+
+    @staticmethod
+    def _pool(config: HftConfig, model: torch.nn.Module) -> list[Candidate]:
+        """The candidates every draw takes its selection from: `config.candidate_modules`, filled in at the first draw
+        (from target_modules, exclude_modules, train_norms), in the model's order."""
+        if config.candidate_modules is None:
+            candidates = find_candidates(model, config)
+            config.candidate_modules = sorted(c.name for c in candidates)
+            return candidates
+        _check_names_exist(model, config.candidate_modules, "candidate_modules")
+        modules = dict(named_base_modules(model))
+        order = {n: i for i, n in enumerate(modules)}
+        names = sorted(config.candidate_modules, key=order.__getitem__)
+        return [Candidate(n, block_of(n), role_of(n, modules[n])) for n in names]
 
     def _prepare_model(self, peft_config: HftConfig, model: torch.nn.Module) -> None:
         """Draw the selection (or check a saved one against this model) before any module is wrapped."""
         if peft_config.selected_modules is None:
-            candidates = find_candidates(model, peft_config)
+            candidates = self._pool(peft_config, model)
             selected = draw(candidates, peft_config.strategy, peft_config.ratio, peft_config.seed + peft_config.stage)
             if not selected:
                 raise ValueError(
@@ -47,6 +87,7 @@ class HftModel(PeftExtTuner, BaseTuner):
             _check_names_exist(model, peft_config.selected_modules, "selected_modules")
         trained = set(peft_config.trained_modules or ()) | set(peft_config.selected_modules)
         _check_names_exist(model, trained, "trained_modules")
+        check_not_tied(model, trained, peft_config.modules_to_save)  # a given or saved selection too
         peft_config.trained_modules = sorted(trained)
 
     @staticmethod
@@ -69,7 +110,9 @@ class HftModel(PeftExtTuner, BaseTuner):
         """fp16 copies become fp32 masters (as PEFT does for adapters): fp16 weights cannot be trained with a
         GradScaler, which is what `Trainer(fp16=True)` uses. bf16 and fp32 copies keep the base weights' dtype, as
         full fine-tuning would (HFT's copies are half the model: upcasting bf16 would double their memory); load
-        the model in fp32 for fp32 masters."""
+        the model in fp32 for fp32 masters. Copies added later (a re-selection, a resumed checkpoint's stage) get
+        the dtype the adapter's first copies got."""
+        self.__dict__.setdefault("_hft_autocast", {})[adapter_name] = autocast_adapter_dtype
         if not autocast_adapter_dtype:
             return
         for _, layer in self.hft_layers(adapter_name):
@@ -85,10 +128,13 @@ class HftModel(PeftExtTuner, BaseTuner):
                 yield name, module
 
     def reselect(self, adapter_name: Optional[str] = None) -> tuple[list, list]:
-        """Start a new stage: draw a new selection (seed + stage), keep what earlier stages trained, frozen.
+        """Start a new stage: draw a new selection (seed + stage) from the adapter's pool (`candidate_modules`, fixed
+        at the first draw), keep what earlier stages trained, frozen. New copies of fp16 weights are fp32 masters
+        when the first stage's were (`autocast_adapter_dtype`, PEFT's default).
 
-        Returns `(newly_trainable, newly_frozen)` parameter lists, for an optimizer that already exists
-        (`peft_ext.training.HftReselectCallback` updates a Trainer's optimizer with them).
+        Returns `(newly_trainable, newly_frozen)` parameter lists: hand them to the optimizer that trains the adapter
+        (`peft_ext.training.swap_optimizer_params`; `peft_ext.training.HftReselectCallback` does it for a Trainer), or
+        the new half is never trained.
         """
         adapter_name = adapter_name or self.active_adapters[0]
         config: HftConfig = self.peft_config[adapter_name]
@@ -97,23 +143,75 @@ class HftModel(PeftExtTuner, BaseTuner):
                 f"HftConfig.strategy={config.strategy!r} has nothing to re-draw: re-selection needs strategy "
                 f"'matrix' or 'layer' (or set reselect='never')."
             )
+        draft = copy.deepcopy(config)  # the config changes only once the draw succeeded
+        draft.stage += 1
+        draft.selected_modules = None
+        self._prepare_model(draft, self.model)
+        for name in ("stage", "selected_modules", "trained_modules", "candidate_modules"):
+            setattr(config, name, getattr(draft, name))
+        return self._apply_selection(adapter_name)
+
+    def load_selection(self, adapter_name: str, saved: HftConfig, trainable: bool = True) -> tuple[list, list]:
+        """Bring `adapter_name` to a saved stage of the same adapter: the selection, stage, finished runs and pool of
+        `saved` (e.g. the adapter_config.json of a Trainer checkpoint taken after re-selections), and the seed,
+        strategy and ratio that its later draws use. Modules it trained that this adapter does not hold yet are
+        wrapped (their values come with the saved weights), so that the checkpoint's weights then load into it;
+        this is how a run resumes in a new model built from the same HftConfig (`HftReselectCallback` calls it when
+        a Trainer resumes). `trainable=False` leaves every copy frozen. Returns `(newly_trainable, newly_frozen)`.
+        """
+        config: HftConfig = self.peft_config[adapter_name]
+        if not isinstance(saved, HftConfig) or saved.selected_modules is None or saved.trained_modules is None:
+            raise ValueError(
+                f"load_selection needs the saved HftConfig of a drawn adapter (selected_modules and trained_modules "
+                f"filled in, as save_pretrained writes them), got {type(saved).__name__}."
+            )
+        held = {name for name, _ in self.hft_layers(adapter_name)}
+        extra = sorted(held - set(saved.trained_modules))
+        if extra:
+            raise ValueError(
+                f"HFT adapter {adapter_name!r} holds trained copies of {extra[:5]}{' ...' if len(extra) > 5 else ''}, "
+                f"which the saved stage (stage {saved.stage}, seed {saved.seed}) never trained: it is not an earlier "
+                f"state of this adapter. Resume in a model built with the HftConfig the run started from, or load the "
+                f"saved folder as the adapter: PeftModel.from_pretrained(base_model, folder, is_trainable=True)."
+            )
+        _check_names_exist(self.model, saved.trained_modules, "trained_modules")
+        _check_names_exist(self.model, saved.candidate_modules or (), "candidate_modules")
+        for name in SELECTION_FIELDS:
+            value = getattr(saved, name)
+            if value is not None or name != "candidate_modules":  # a file from before the pool was saved keeps this one
+                setattr(config, name, copy.deepcopy(value))
+        return self._apply_selection(adapter_name, trainable)
+
+    def _apply_selection(self, adapter_name: str, trainable: bool = True) -> tuple[list, list]:
+        """Make the layers follow the config's `selected_modules` / `trained_modules`: wrap the trained modules no layer
+        holds yet (or add this adapter to another adapter's wrapper), unfreeze the selected ones, freeze the rest.
+        Returns `(newly_trainable, newly_frozen)`."""
+        config: HftConfig = self.peft_config[adapter_name]
+        fp32_masters = self._fp32_masters(adapter_name)
         before = {id(p): p for p in self._trainable_copies(adapter_name)}
-        config.stage += 1
-        config.selected_modules = None
-        self._prepare_model(config, self.model)
         selected = set(config.selected_modules)
-        layers = dict(self.hft_layers())
+        layers = dict(self.hft_layers(adapter_name))
         for key in config.trained_modules:
-            if key in layers and adapter_name in layers[key].hft_weight:
-                layers[key].set_trainable(adapter_name, key in selected)
-            else:  # first selected in this stage: wrap it (or add this adapter to a wrapper of another one)
+            if key not in layers:  # first trained in this stage: wrap it (or add this adapter to another's wrapper)
                 parent_name, _, target_name = key.rpartition(".")
                 parent = self.model.get_submodule(parent_name) if parent_name else self.model
                 self._create_and_replace(config, adapter_name, getattr(parent, target_name), target_name, parent, key)
                 self.targeted_module_names.append(key)
-                layers = dict(self.hft_layers())
+                layers = dict(self.hft_layers(adapter_name))
+            layers[key].set_trainable(adapter_name, trainable and key in selected)
+        self._cast_adapter_dtype(adapter_name, fp32_masters)
         after = {id(p): p for p in self._trainable_copies(adapter_name)}
         return [p for i, p in after.items() if i not in before], [p for i, p in before.items() if i not in after]
+
+    def _fp32_masters(self, adapter_name: str) -> bool:
+        """Whether this adapter keeps fp32 masters of fp16 weights: as its existing copies do, else as
+        `_cast_adapter_dtype` was told (PEFT's default: yes)."""
+        for _, layer in self.hft_layers(adapter_name):
+            base = layer.get_base_layer()
+            for pname, copy_ in layer.hft_weight[adapter_name].items():
+                if getattr(base, pname).dtype == torch.float16:
+                    return copy_.dtype == torch.float32
+        return self.__dict__.get("_hft_autocast", {}).get(adapter_name, True)
 
     def _trainable_copies(self, adapter_name: str) -> list[torch.nn.Parameter]:
         return [p for _, m in self.hft_layers(adapter_name) if m.is_trainable(adapter_name) for p in m.hft_weight[adapter_name].values()]

@@ -23,7 +23,7 @@ def reset_fraction(
     """Restore a random `fraction` of the trained parameters to their pre-trained values, in place.
 
     - On an HFT model (a PeftModel or tuner holding `HftLayer`s): the trained copies of the active adapter (or
-      `adapter_name`) are reset to the base weights they replace.
+      `adapter_name`) are reset to the base weights they replace (also where those are offloaded to the CPU).
     - On any other model: pass the pre-trained model (or its state dict) as `reference`; every floating-point
       tensor that differs from it is a candidate (the paper's "half-reset" of Llama-2-Chat towards Llama-2).
 
@@ -53,7 +53,7 @@ def reset_fraction(
     for name in names:
         trained, original = pairs[name]
         mask = (torch.rand(trained.shape, generator=generator) < fraction).to(trained.device)
-        trained.copy_(torch.where(mask, original.to(trained.dtype), trained))
+        trained.copy_(torch.where(mask, original.to(trained.device, trained.dtype), trained))
     return names
 
 

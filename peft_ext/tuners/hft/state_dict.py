@@ -1,9 +1,11 @@
 """HFT's adapter files hold deltas: W_ft - W_0 of the trained tensors, relative to the base they were trained on.
 
 Saving turns each `<module>.hft_weight.<adapter>.<param>` into `<module>.hft_delta.<adapter>.<param>`; loading
-adds the base tensor back. A delta is kept only if it reconstructs the trained tensor bit for bit (16-bit
-weights: delta in fp32, exact in practice; fp32 weights: checked per tensor); any other tensor is saved with its
-full values under its `hft_weight` key, so a save/load round trip is always exact.
+adds the base tensor back. The delta is stored in the trained tensor's own dtype (bf16 for a bf16 model, fp32 for
+fp32 weights and for the fp32 masters of an fp16 model), so it is never larger than the full values, and it is kept
+only if `base + delta` (computed in that dtype, as loading does) rebuilds the trained tensor bit for bit; any other
+tensor is saved with its full values under its `hft_weight` key, so a save/load round trip is always exact. Files
+written before (fp32 deltas of 16-bit weights) still load: a delta is added in its own dtype, then cast.
 """
 
 from __future__ import annotations
@@ -55,9 +57,11 @@ def weights_from_deltas(model: torch.nn.Module, config, state_dict: dict, adapte
 
 
 def _delta(value: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    wide = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
-    delta = value.to(wide) - base.to(wide)
-    return delta, torch.equal((base.to(wide) + delta).to(value.dtype), value)
+    """(W_ft - W_0 in W_ft's dtype, whether loading rebuilds W_ft from it bit for bit)."""
+    base = base.to(device=value.device, dtype=value.dtype)
+    wide = torch.promote_types(value.dtype, torch.float32)  # the difference rounded once, to value's dtype
+    delta = (value.to(wide) - base.to(wide)).to(value.dtype)
+    return delta, torch.equal(base + delta, value)  # what weights_from_deltas computes
 
 
 def _layer(model: torch.nn.Module, module_path: str) -> HftLayer:
