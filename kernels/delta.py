@@ -13,14 +13,18 @@ Design (both entry points run the same two kernels; x, y of M rows; fp32 accumul
   1. Triton `_delta_shrink_kernel` ("shrink"): T = (x V) * sigma (M x k, fp32). Grid (row blocks, column
      tiles, splits of `in`). Per step a program dequantises a V tile of BLOCK_I rows (BLOCK_I / 32 words) x
      BLOCK_C columns and accumulates tl.dot(x tile, V tile). At the end of its split of `in` it stores its
-     T tile (one split) or adds it with fp32 atomics (several splits; T zeroed first).
+     T tile (one split) or adds it with fp32 atomics (several splits; T zeroed first). The atomics make the
+     last bits of y depend on the programs' order: with `deterministic=True`, or by default under
+     `torch.use_deterministic_algorithms(True)`, each split stores its own slice of a (splits, M, k) buffer and
+     one torch reduction sums them in a fixed order (in place of the memset).
   2. Triton `_delta_expand_kernel` ("expand"): y += T U^T. Grid (row blocks, blocks of BLOCK_O output rows);
      a program loops over all column tiles (all bands) of its tenant, dequantises the U tile (BLOCK_O x
      BLOCK_C) the same way and accumulates tl.dot(U tile, T tile^T) (the delta's y tile, transposed); the
      epilogue reads its y tile, adds the delta in fp32 and stores y: the add is fused into the only write of y,
      which is rounded once, as in the reference.
-  -> per call: the base GEMM + 2 Triton launches (+ a memset of T when `in` is split), whatever the number of
-     bands, bit widths or tenants.
+  -> per call: the base GEMM + 2 Triton launches (+ a memset of T, or the deterministic path's sum, when `in`
+     is split), whatever the number of bands, bit widths or tenants. Both launches run on x's CUDA device
+     (`dispatch.launch_device`), whichever device is current.
 
 Dequantising bit planes (both kernels): a tile's words are loaded as a (word rows, 1, columns) tensor, i.e.
 one int32 per word, plane and thread (the row->word trick: row i is bit i % 32 of word row i // 32; the
@@ -61,8 +65,10 @@ registers without spills (tests/kernels compile them).
 
 Dtypes: x / weight / bias share one dtype (fp16, bf16, fp32; under torch.autocast they are cast to the
 autocast dtype first, as F.linear would). On the GPU the dequantised tiles and x are bf16/fp16 operands of
-tl.dot (fp32 accumulation); fp32 dots are exact unless torch allows TF32 for CUDA matmuls. In the Triton
-interpreter every tile is fp32 (its bf16 math is wrong, dispatch.compute_dtype).
+tl.dot (fp32 accumulation); fp32 dots are exact unless torch allows TF32 for CUDA matmuls. T is fp32; the
+expand's dot reads it in x's dtype for bf16 (fp32's range) but in fp32 for fp16 inputs (TF32 tensor cores:
+|T| may exceed fp16's 65504, `dispatch.intermediate_compute`). In the Triton interpreter every tile is fp32
+(its bf16 math is wrong, dispatch.compute_dtype).
 
 Backend (dispatch.choose_backend): Triton for CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), else the
 reference; `backend="reference" | "triton"` forces one. With autograd on and x / weight / bias requiring grad,
@@ -87,6 +93,8 @@ from .dispatch import (
     choose_backend,
     compute_dtype,
     dot_precision,
+    intermediate_compute,
+    launch_device,
     lazy_jit,
     target_programs,
     tl,
@@ -109,15 +117,17 @@ assert WORD_BITS == 32  # the kernels' row -> word arithmetic
 def _delta_shrink_kernel(
     X, ORDER, BLOCKS, META, TILES, T,
     K, words_v, rows_per_split,
-    stride_xm, stride_xk, stride_tm,
+    stride_xm, stride_xk, stride_ts, stride_tm,
     GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_ORDER: tl.constexpr, ATOMIC: tl.constexpr, UNIFORM_GROUP: tl.constexpr,
     COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """T[pos, col0 + c] (+)= sigma[col0 + c] * sum over this split's rows i of X[row(pos), i] * V[i, col0 + c],
-    for one row block, one column tile of its tenant and one split of `in`. BLOCK_I: a multiple of 32 (whole
-    words)."""
+    """T[split * stride_ts + pos, col0 + c] (+)= sigma[col0 + c] * sum over this split's rows i of
+    X[row(pos), i] * V[i, col0 + c], for one row block, one column tile of its tenant and one split of `in`:
+    added with fp32 atomics into one zeroed T (ATOMIC), or stored into this split's own slice of T (stride_ts;
+    0 with one split), summed afterwards in a fixed order (the deterministic path). BLOCK_I: a multiple of 32
+    (whole words)."""
     pid_b = tl.program_id(0)
     pid_t = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -190,7 +200,7 @@ def _delta_shrink_kernel(
         acc = tl.dot(x_hi.to(COMPUTE), v_hi.to(COMPUTE), acc, input_precision=DOT_PRECISION)
 
     acc = acc * tl.load(sigma + cols, mask=c_ok, other=0.0)[None, :]  # T = (x V) * sigma, the expand's operand
-    t_ptrs = T + pos.to(tl.int64)[:, None] * stride_tm + cols[None, :]
+    t_ptrs = T + pid_s.to(tl.int64) * stride_ts + pos.to(tl.int64)[:, None] * stride_tm + cols[None, :]
     t_ok = m_ok[:, None] & c_ok[None, :]
     if ATOMIC:
         tl.atomic_add(t_ptrs, acc, mask=t_ok, sem="relaxed")
@@ -206,10 +216,11 @@ def _delta_expand_kernel(
     GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_ORDER: tl.constexpr, UNIFORM_GROUP: tl.constexpr,
-    COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    T_COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Y[row(pos), o] = Y[row(pos), o] + sum_c T[pos, c] * U[o, c] for one row block and BLOCK_O
-    output rows (a multiple of 32: whole words), looping over all column tiles (all bands) of its tenant."""
+    output rows (a multiple of 32: whole words), looping over all column tiles (all bands) of its tenant.
+    T_COMPUTE: the dot's operand dtype (fp32 for fp16 inputs: T may exceed fp16's range)."""
     pid_b = tl.program_id(0)
     pid_o = tl.program_id(1)
     tenant = tl.load(BLOCKS + pid_b * 4)
@@ -246,7 +257,7 @@ def _delta_expand_kernel(
         band_width = tl.load(tile + 3)
         # T^T tile (x V * sigma), BLOCK_C x BLOCK_M
         tt = tl.load(T + pos64[None, :] * stride_tm + cols[:, None], mask=c_ok[:, None] & m_ok[None, :], other=0.0)
-        tt = tt.to(COMPUTE)
+        tt = tt.to(T_COMPUTE)
         w_ptrs = u_words + tl.load(tile + 5) + cs[None, None, :] + word_row[:, None, None] * band_width
         w_ok = w_rows_ok & c_ok[None, None, :]
         plane = words_u * band_width
@@ -272,8 +283,8 @@ def _delta_expand_kernel(
             m_hi = tl.load(u_mins + off_hi, mask=ok_hi, other=0.0).to(tl.float32)
         u_lo = (((pair & 0xFFFF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) * s_lo + m_lo
         u_hi = (((pair >> 16) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) * s_hi + m_hi
-        acc_lo = tl.dot(u_lo.to(COMPUTE), tt, acc_lo, input_precision=DOT_PRECISION)
-        acc_hi = tl.dot(u_hi.to(COMPUTE), tt, acc_hi, input_precision=DOT_PRECISION)
+        acc_lo = tl.dot(u_lo.to(T_COMPUTE), tt, acc_lo, input_precision=DOT_PRECISION)
+        acc_hi = tl.dot(u_hi.to(T_COMPUTE), tt, acc_hi, input_precision=DOT_PRECISION)
 
     if HAS_ORDER:
         rows = tl.load(ORDER + pos, mask=m_ok, other=0).to(tl.int64)
@@ -386,11 +397,12 @@ def _config(rows_per_tenant: int, n_blocks: int, K: int, N: int, group_size: int
     return _Config(block_m, BLOCK_C, block_i, block_o, cdiv(K, rows_per_split), rows_per_split, 4)
 
 
-def _new_workspace(rows: int, cols: int, zero: bool, device: torch.device) -> torch.Tensor:
-    """The fp32 T buffer ((x V) * sigma). Zeroed when the shrink adds into it; tests replace this to poison it."""
+def _new_workspace(shape: tuple, zero: bool, device: torch.device) -> torch.Tensor:
+    """An fp32 T buffer ((x V) * sigma): (rows, cols), or (splits, rows, cols) for the deterministic path's
+    per-split slices. Zeroed when the shrink adds into it; tests replace this to poison it."""
     if zero:
-        return torch.zeros(rows, cols, dtype=torch.float32, device=device)
-    return torch.empty(rows, cols, dtype=torch.float32, device=device)
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+    return torch.empty(shape, dtype=torch.float32, device=device)
 
 
 _BLOCK_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
@@ -415,11 +427,16 @@ def _add_deltas(
     deltas: Sequence[PackedDelta],
     segments: Sequence[tuple[int, int, int]],
     order: Optional[torch.Tensor],
+    deterministic: bool = False,
 ) -> None:
-    """y2d[row] += delta part of the row's tenant, in place: the two Triton launches.
+    """y2d[row] += delta part of the row's tenant, in place: the two Triton launches (on x2d's device).
 
     segments: (tenant, start, end) runs of positions; position p is row order[p] of x2d / y2d (row p when
-    `order` is None). Every position in a segment holds a row of that tenant. All deltas share a group size."""
+    `order` is None). Every position in a segment holds a row of that tenant. All deltas share a group size.
+    When the shrink splits `in` (decode), its splits are added with fp32 atomics into a zeroed T, in whatever
+    order the programs run (the last bits of y vary from run to run); with `deterministic` each split stores its
+    own slice of a (splits, M, k) buffer instead, summed in a fixed order by one torch reduction (which replaces
+    the atomic path's memset: the same number of launches)."""
     segments = [s for s in segments if s[2] > s[1] and deltas[s[0]].rank > 0]
     if not segments:
         return
@@ -432,24 +449,34 @@ def _add_deltas(
     tables = _tables(deltas, BLOCK_C, device)
     blocks = _block_table(segments, block_m, device)
     cfg = _config(rows_per_tenant, blocks.shape[0], K, N, group_size, tables.max_tiles, device)
-    t_buf = _new_workspace(M, tables.max_rank, cfg.splits > 1, device)
+    atomic = cfg.splits > 1 and not deterministic
+    if cfg.splits > 1 and deterministic:
+        t_shrink = _new_workspace((cfg.splits, M, tables.max_rank), False, device)
+    else:
+        t_shrink = _new_workspace((M, tables.max_rank), atomic, device)
+    stride_ts = t_shrink.stride(0) if t_shrink.dim() == 3 else 0
     order_arg = order if order is not None else blocks  # a placeholder, never read without HAS_ORDER
     common = dict(
         GROUP_SIZE=group_size, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, HAS_ORDER=order is not None,
-        COMPUTE=compute_dtype(x2d.dtype), DOT_PRECISION=dot_precision(x2d.dtype), num_warps=cfg.num_warps,
+        DOT_PRECISION=dot_precision(x2d.dtype), num_warps=cfg.num_warps,
     )  # fmt: skip
-    _delta_shrink_kernel[(blocks.shape[0], tables.max_tiles, cfg.splits)](
-        x2d, order_arg, blocks, tables.meta, tables.tiles, t_buf,
-        K, words_per_column(K), cfg.rows_per_split,
-        x2d.stride(0), x2d.stride(1), t_buf.stride(0),
-        BLOCK_I=cfg.block_i, ATOMIC=cfg.splits > 1, UNIFORM_GROUP=group_size % cfg.block_i == 0, **common,
-    )  # fmt: skip
-    _delta_expand_kernel[(blocks.shape[0], cdiv(N, cfg.block_o))](
-        t_buf, order_arg, blocks, tables.meta, tables.tiles, y2d,
-        N, words_per_column(N),
-        t_buf.stride(0), y2d.stride(0), y2d.stride(1),
-        BLOCK_O=cfg.block_o, UNIFORM_GROUP=group_size % cfg.block_o == 0, **common,
-    )  # fmt: skip
+    with launch_device(x2d):
+        _delta_shrink_kernel[(blocks.shape[0], tables.max_tiles, cfg.splits)](
+            x2d, order_arg, blocks, tables.meta, tables.tiles, t_shrink,
+            K, words_per_column(K), cfg.rows_per_split,
+            x2d.stride(0), x2d.stride(1), stride_ts, t_shrink.stride(-2),
+            BLOCK_I=cfg.block_i, ATOMIC=atomic, UNIFORM_GROUP=group_size % cfg.block_i == 0,
+            COMPUTE=compute_dtype(x2d.dtype), **common,
+        )  # fmt: skip
+        # splits in a fixed order; entries no program wrote (other tenants' columns) are summed but never read
+        t_buf = t_shrink.sum(0) if t_shrink.dim() == 3 else t_shrink
+        _delta_expand_kernel[(blocks.shape[0], cdiv(N, cfg.block_o))](
+            t_buf, order_arg, blocks, tables.meta, tables.tiles, y2d,
+            N, words_per_column(N),
+            t_buf.stride(0), y2d.stride(0), y2d.stride(1),
+            BLOCK_O=cfg.block_o, UNIFORM_GROUP=group_size % cfg.block_o == 0,
+            T_COMPUTE=intermediate_compute(x2d.dtype), **common,
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -496,6 +523,10 @@ def _backend(x: torch.Tensor, deltas: Sequence[PackedDelta], backend: Optional[s
     return chosen
 
 
+def _deterministic(requested: Optional[bool]) -> bool:
+    return torch.are_deterministic_algorithms_enabled() if requested is None else bool(requested)
+
+
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -518,12 +549,15 @@ def delta_linear(
     bias: Optional[torch.Tensor],
     delta: PackedDelta,
     backend: Optional[str] = None,
+    deterministic: Optional[bool] = None,
 ) -> torch.Tensor:
     """y = x W^T + b + ((x V) * sigma) U^T with U, V dequantised from `delta` on the fly (module docstring).
 
     x (..., in) fp16 / bf16 / fp32 (float64 runs on the reference), weight (out, in), bias (out,) or None,
     delta a PackedDelta of an (out x in) layer on x's device. backend: None (automatic), "triton" or
-    "reference". Raises ValueError / TypeError on bad shapes, dtypes or devices.
+    "reference". deterministic: bitwise-reproducible output (no fp32 atomics, see `_add_deltas`); None (default)
+    follows `torch.are_deterministic_algorithms_enabled()`. Raises ValueError / TypeError on bad shapes, dtypes
+    or devices.
     """
     if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):  # autocast first, as F.linear
         x, weight, bias = autocast_base(x, weight, bias)
@@ -535,7 +569,7 @@ def delta_linear(
         return reference_delta_linear(x, weight, bias, delta)
     x2d = _rows(x, in_features)
     y2d = _base(x2d, weight, bias)
-    _add_deltas(x2d, y2d, [delta], [(0, 0, x2d.shape[0])], None)
+    _add_deltas(x2d, y2d, [delta], [(0, 0, x2d.shape[0])], None, _deterministic(deterministic))
     return y2d.view(*x.shape[:-1], out_features)
 
 
@@ -547,6 +581,7 @@ def delta_linear_gathered(
     adapter_index: torch.Tensor,
     backend: Optional[str] = None,
     check_index: bool = True,
+    deterministic: Optional[bool] = None,
 ) -> torch.Tensor:
     """Multi-tenant batch: row i (or sequence i) of x adds deltas[adapter_index[i]]; -1 adds nothing; the base
     GEMM runs once for all rows, the deltas in one pair of launches.
@@ -555,7 +590,7 @@ def delta_linear_gathered(
     >= 3 dims), on any device (a CPU index costs no device sync to sort). Every delta must be for this layer's
     (out x in) shape, and all share one group_size (their band schedules may differ). check_index: ValueError
     for an index outside [-1, len(deltas)); with check_index=False such rows come out NaN on the Triton path
-    (base only on the reference).
+    (base only on the reference). deterministic: as in `delta_linear`.
     """
     if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
         x, weight, bias = autocast_base(x, weight, bias)
@@ -594,7 +629,7 @@ def delta_linear_gathered(
         starts.append(starts[-1] + c)
     segments = [(j, starts[j + 1], starts[j + 2]) for j in range(L)]
     order_dev = order.to(device=x.device, dtype=torch.int32, non_blocking=True)
-    _add_deltas(x2d, y2d, deltas, segments, order_dev)
+    _add_deltas(x2d, y2d, deltas, segments, order_dev, _deterministic(deterministic))
     if counts[L + 1]:
         y2d.index_fill_(0, order_dev[starts[L + 1] :].long(), float("nan"))
     return y2d.view(*x.shape[:-1], out_features)

@@ -14,10 +14,16 @@ TRITON_INTERPRET at any time before a launch takes effect (the tests set it per 
 kernels use only Triton builtins (tl.load/store/dot/where/full/trans/...), never triton.language's
 standard-library helpers (tl.sum, tl.max, tl.zeros, tl.cdiv, tl.cumsum): those are themselves jit functions
 created when triton is imported and cannot run in the interpreter if triton was imported with it off.
+
+Launch rules shared by every kernel module: each launch runs inside `launch_device(input)` (Triton launches on
+the current CUDA device, not on the device of its pointers); vectors a kernel indexes as `PTR + i` (bias,
+scales) are made contiguous at the launch; intermediates of fp16 inputs are kept in fp32
+(`intermediate_dtype` / `intermediate_compute`: fp16's range is too small for them under loss scaling).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -107,12 +113,37 @@ def compute_dtype(dtype: torch.dtype):
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
+def intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The storage dtype of the low-rank intermediates (LoRA's xa = x A^T and dyb = dy B) for inputs of `dtype`:
+    fp32 for fp16 inputs, whose range (65504) a loss-scaled dy B or an outlier x A^T can exceed; otherwise the
+    inputs' dtype (bf16 has fp32's range, and rounding xa / dyb to bf16 is the documented dtype rule)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def intermediate_compute(dtype: torch.dtype):
+    """The Triton dtype of the dots that read an intermediate (LoRA's xa / dyb, the delta kernels' T = (x V) sigma)
+    for inputs of `dtype`: fp32 for fp16 inputs, so nothing is rounded to fp16's range (on the GPU these dots run
+    on TF32 tensor cores: `dot_precision` gives "tf32" for fp16 inputs, fp16's 10-bit mantissa with fp32's
+    range); otherwise `compute_dtype`."""
+    return tl.float32 if dtype == torch.float16 else compute_dtype(dtype)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 dots follow torch's matmul setting: exact ("ieee") unless TF32 is allowed for CUDA matmuls.
-    (Ignored for bf16/fp16 operands and by the interpreter.)"""
+    (Ignored for bf16/fp16 operands and by the interpreter. For fp16 inputs it is "tf32": their dots with fp32
+    operands, see `intermediate_compute`, keep fp16's precision.)"""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def launch_device(t: torch.Tensor):
+    """Context manager around a kernel launch: makes `t`'s CUDA device the current one (Triton launches on the
+    current device and its current stream, whatever device the pointers live on), a no-op off CUDA. Every launch
+    of peft_ext.kernels runs inside one, with the device of the launch's input."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def next_pow2(n: int) -> int:

@@ -25,8 +25,16 @@ Design (x, dy of M rows; bf16/fp16/fp32 compute, fp32 accumulation everywhere):
 Dtypes: x and W share one dtype (fp16/bf16/fp32; under torch.autocast they are cast to the autocast dtype
 first, as F.linear would). The adapter weights may be another dtype (typically fp32 masters with bf16 x): the
 kernels load their small tiles and cast them to x's dtype in registers; x is never upcast or copied. xa and
-dyb are rounded to x's dtype (as autocast does); dA / dB are accumulated in fp32 and returned in the adapter
-weights' dtype. fp32 dots are exact ("ieee") unless torch.backends.cuda.matmul.allow_tf32 is set.
+dyb are rounded to x's dtype (as autocast does) for bf16 and fp32 x; for fp16 x they are kept in fp32
+(`dispatch.intermediate_dtype`: under loss scaling dyb = dy B, or xa with outlier activations, can exceed fp16's
+65504) and the dots that read them take fp32 operands (TF32 tensor cores on the GPU: fp16's precision, fp32's
+range). dA / dB are accumulated in fp32 and returned in the adapter weights' dtype. fp32 dots are exact
+("ieee") unless torch.backends.cuda.matmul.allow_tf32 is set.
+
+Devices and strides: every launch runs under `dispatch.launch_device` (x's CUDA device made current: Triton
+launches on the current device, so a tensor on cuda:1 while cuda:0 is current would be read through foreign
+pointers); the bias is made contiguous at the launch (the kernel reads BIAS + n), the other operands are read
+through their strides.
 
 Dropout (only on the low-rank branch, as PEFT LoRA): the keep-mask is drawn with torch
 (`reference.dropout_keep_mask`, honours a torch.Generator) and passed to the kernels as a bool tensor, which
@@ -60,7 +68,10 @@ from .dispatch import (
     choose_backend,
     compute_dtype,
     dot_precision,
+    intermediate_compute,
+    intermediate_dtype,
     interpret_mode,
+    launch_device,
     lazy_jit,
     next_pow2,
     target_programs,
@@ -85,10 +96,11 @@ def _shrink_expand_kernel(
     scale, keep_scale,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_BIAS: tl.constexpr, KEEP_MODE: tl.constexpr, STORE_MID: tl.constexpr, DO_EXPAND: tl.constexpr,
-    COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COMPUTE: tl.constexpr, MID_COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """MID = X' A^T (X' = X * keep / (1-p) if KEEP_MODE == 1) and Y = s * MID B^T (+ bias) (* keep / (1-p) if
-    KEEP_MODE == 2) for BLOCK_M rows per program; MID stays in registers between the two loops."""
+    KEEP_MODE == 2) for BLOCK_M rows per program; MID stays in registers between the two loops. BIAS: contiguous.
+    MID_COMPUTE: the expand's operand dtype (fp32 for fp16 inputs: MID may exceed fp16's range)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -116,13 +128,13 @@ def _shrink_expand_kernel(
 
     # expand: Y[rows] = s * mid B^T (+ bias), N in steps of BLOCK_N
     if DO_EXPAND:
-        mid = acc.to(COMPUTE)  # rounded to x's dtype on the GPU, as the reference
+        mid = acc.to(MID_COMPUTE)  # rounded to x's dtype on the GPU (bf16), as the reference; fp32 for fp16 x
         for n0 in range(0, N, BLOCK_N):
             ns = n0 + tl.arange(0, BLOCK_N)
             n_ok = ns < N
             b_ptrs = B + ns[None, :] * stride_bn + rs[:, None] * stride_br
             b = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            out = tl.dot(mid, b.to(COMPUTE), input_precision=DOT_PRECISION) * scale
+            out = tl.dot(mid, b.to(MID_COMPUTE), input_precision=DOT_PRECISION) * scale
             if HAS_BIAS:
                 out += tl.load(BIAS + ns, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             ym = row_ok[:, None] & n_ok[None, :]
@@ -145,7 +157,8 @@ def _wgrad_kernel(
     HAS_KEEP: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """P[split, r, c] = s * sum over this split's rows m of L[m, r] * T'[m, c]  (T' = T * keep / (1-p) if
-    HAS_KEEP). Grid: (column blocks, splits of M); the splits are summed by the caller."""
+    HAS_KEEP). Grid: (column blocks, splits of M); the splits are summed by the caller. COMPUTE: the dot's
+    operand dtype (fp32 when L is an fp32 intermediate of fp16 inputs)."""
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -212,9 +225,11 @@ def shrink_expand(
     """mid = x' shrink^T (M, r) and out = scale * mid expand^T (+ bias) (M, N), one Triton launch.
 
     x2d (M, K) in the compute dtype; shrink (r, K) and expand (N, r) of any float dtype and strides (e.g. the
-    transposed views lora_b.t() / lora_a.t() in the backward). `keep` (bool, like x2d, or like out when
-    keep_on_output) applies inverted dropout with `dropout_p` to the input or to the output. `expand=None`
-    computes mid only. Returns (out, mid); a buffer not asked for is None. `out` / `mid` may be given.
+    transposed views lora_b.t() / lora_a.t() in the backward); bias (N,) of any stride. `keep` (bool, like x2d,
+    or like out when keep_on_output) applies inverted dropout with `dropout_p` to the input or to the output.
+    `expand=None` computes mid only. Returns (out, mid); a buffer not asked for is None. `out` / `mid` may be
+    given. mid is stored in `intermediate_dtype(x2d.dtype)` (fp32 for fp16 x: a loss-scaled dy B overflows
+    fp16), out in x2d's dtype. The launch runs on x2d's device (`launch_device`).
     """
     M, K = x2d.shape
     R = shrink.shape[0]
@@ -222,9 +237,11 @@ def shrink_expand(
     if out is None and expand is not None:
         out = torch.empty(M, N, dtype=x2d.dtype, device=x2d.device)
     if mid is None and store_mid:
-        mid = torch.empty(M, R, dtype=x2d.dtype, device=x2d.device)
+        mid = torch.empty(M, R, dtype=intermediate_dtype(x2d.dtype), device=x2d.device)
     if M == 0:
         return out, mid
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads BIAS + n (a strided bias was read as if contiguous)
     cfg = _shrink_expand_config(M, R, x2d.device)
     mid_arg = mid if mid is not None else x2d  # placeholders are never dereferenced (constexpr flags)
     out_arg = out if out is not None else mid_arg
@@ -232,24 +249,26 @@ def shrink_expand(
     keep_arg = keep.view(torch.uint8) if keep is not None else x2d
     keep_strides = keep.stride() if keep is not None else (0, 0)
     grid = (cdiv(M, cfg["BLOCK_M"]),)
-    _shrink_expand_kernel[grid](
-        x2d, shrink, exp_arg, bias if bias is not None else x2d, keep_arg, mid_arg, out_arg,
-        M, K, N, R,
-        x2d.stride(0), x2d.stride(1),
-        shrink.stride(0), shrink.stride(1),
-        exp_arg.stride(0), exp_arg.stride(1),
-        keep_strides[0], keep_strides[1],
-        mid_arg.stride(0), mid_arg.stride(1),
-        out_arg.stride(0), out_arg.stride(1),
-        float(scale), 1.0 / (1.0 - dropout_p),
-        HAS_BIAS=bias is not None,
-        KEEP_MODE=0 if keep is None else (2 if keep_on_output else 1),
-        STORE_MID=mid is not None,
-        DO_EXPAND=expand is not None,
-        COMPUTE=compute_dtype(x2d.dtype),
-        DOT_PRECISION=dot_precision(x2d.dtype),
-        **cfg,
-    )
+    with launch_device(x2d):
+        _shrink_expand_kernel[grid](
+            x2d, shrink, exp_arg, bias if bias is not None else x2d, keep_arg, mid_arg, out_arg,
+            M, K, N, R,
+            x2d.stride(0), x2d.stride(1),
+            shrink.stride(0), shrink.stride(1),
+            exp_arg.stride(0), exp_arg.stride(1),
+            keep_strides[0], keep_strides[1],
+            mid_arg.stride(0), mid_arg.stride(1),
+            out_arg.stride(0), out_arg.stride(1),
+            float(scale), 1.0 / (1.0 - dropout_p),
+            HAS_BIAS=bias is not None,
+            KEEP_MODE=0 if keep is None else (2 if keep_on_output else 1),
+            STORE_MID=mid is not None,
+            DO_EXPAND=expand is not None,
+            COMPUTE=compute_dtype(x2d.dtype),
+            MID_COMPUTE=intermediate_compute(x2d.dtype),
+            DOT_PRECISION=dot_precision(x2d.dtype),
+            **cfg,
+        )
     return out, mid
 
 
@@ -283,8 +302,10 @@ def lowrank_weight_grad(
 ) -> torch.Tensor:
     """fp32 scale * left^T right' of shape (r, C), or its transpose (C, r) when `transpose`.
 
-    left (M, r), right (M, C) in one dtype; right' = right * keep / (1 - p) when `keep` is given. M is split
-    into `splits` chunks (default: enough programs to fill the device) whose fp32 partials are summed here.
+    left (M, r): an intermediate (xa or dyb, `intermediate_dtype` of right's dtype, or right's dtype); right
+    (M, C); right' = right * keep / (1 - p) when `keep` is given. M is split into `splits` chunks (default:
+    enough programs to fill the device) whose fp32 partials are summed here (deterministic: no atomics). The
+    dot runs in `intermediate_compute(right.dtype)` (fp32 for fp16: left may exceed fp16's range).
     """
     M, R = left.shape
     C = right.shape[1]
@@ -297,19 +318,20 @@ def lowrank_weight_grad(
     stride_pr, stride_pc = (partial.stride(2), partial.stride(1)) if transpose else (partial.stride(1), partial.stride(2))
     keep_arg = keep.view(torch.uint8) if keep is not None else right
     keep_strides = keep.stride() if keep is not None else (0, 0)
-    _wgrad_kernel[(col_blocks, n_splits)](
-        left, right, keep_arg, partial,
-        M, C, R, rows_per_split,
-        left.stride(0), left.stride(1),
-        right.stride(0), right.stride(1),
-        keep_strides[0], keep_strides[1],
-        partial.stride(0), stride_pr, stride_pc,
-        float(scale), 1.0 / (1.0 - dropout_p),
-        HAS_KEEP=keep is not None,
-        COMPUTE=compute_dtype(right.dtype),
-        DOT_PRECISION=dot_precision(right.dtype),
-        **cfg,
-    )
+    with launch_device(left):
+        _wgrad_kernel[(col_blocks, n_splits)](
+            left, right, keep_arg, partial,
+            M, C, R, rows_per_split,
+            left.stride(0), left.stride(1),
+            right.stride(0), right.stride(1),
+            keep_strides[0], keep_strides[1],
+            partial.stride(0), stride_pr, stride_pc,
+            float(scale), 1.0 / (1.0 - dropout_p),
+            HAS_KEEP=keep is not None,
+            COMPUTE=intermediate_compute(right.dtype),
+            DOT_PRECISION=dot_precision(right.dtype),
+            **cfg,
+        )
     return partial[0] if n_splits == 1 else partial.sum(0)
 
 

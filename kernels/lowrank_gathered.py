@@ -26,6 +26,10 @@ Index checking: with check_index=True (default) an index outside [-1, L) raises 
 tensor on the CPU that check is free; for a CUDA index it costs one host sync per call, so check once when
 building the plan (`plan_adapter_segments(..., check_index=True)`) and reuse the plan.
 
+Dtypes, devices, strides: as kernels/lowrank.py (xa rounded to x's dtype for bf16, kept in fp32 for fp16 x; the
+launch runs on x's CUDA device; scales and bias are made contiguous at the launch, the stacks read through their
+strides).
+
 Gradients: the Triton path is forward-only. When autograd needs gradients (grad mode on and some input
 requires grad), the call runs on the reference, which is differentiable.
 """
@@ -47,7 +51,9 @@ from .dispatch import (
     choose_backend,
     compute_dtype,
     dot_precision,
+    intermediate_compute,
     interpret_mode,
+    launch_device,
     lazy_jit,
     next_pow2,
     tl,
@@ -69,8 +75,10 @@ def _gathered_shrink_expand_kernel(
     stride_bl, stride_bn, stride_br,
     stride_ym, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, MID_COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """One block of rows of one adapter (see the module docstring). SCALES and BIAS: contiguous. MID_COMPUTE:
+    the expand's operand dtype (fp32 for fp16 inputs: x A^T may exceed fp16's range)."""
     pid = tl.program_id(0)
     seg = tl.load(BLOCK_SEG + pid)
     pos = tl.load(SEG_ROW_START + seg) + (pid - tl.load(SEG_BLOCK_START + seg)) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -96,7 +104,7 @@ def _gathered_shrink_expand_kernel(
         a_ptrs = a_base + rs[None, :] * stride_ar + ks[:, None] * stride_ak
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(x.to(COMPUTE), a.to(COMPUTE), acc, input_precision=DOT_PRECISION)
-    mid = acc.to(COMPUTE)  # rounded to x's dtype on the GPU, as the reference
+    mid = acc.to(MID_COMPUTE)  # rounded to x's dtype on the GPU (bf16), as the reference; fp32 for fp16 x
     s = tl.load(SCALES + adapter64)
     rb_ok = rs < tl.where(has_adapter, R, 0)  # no B reads for rows without adapter
 
@@ -109,7 +117,7 @@ def _gathered_shrink_expand_kernel(
             mask=rb_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
-        out = tl.dot(mid, b.to(COMPUTE), input_precision=DOT_PRECISION) * s
+        out = tl.dot(mid, b.to(MID_COMPUTE), input_precision=DOT_PRECISION) * s
         if HAS_BIAS:
             out += tl.load(BIAS + ns, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         out = tl.where(invalid, nan_value, out)
@@ -263,7 +271,10 @@ def lowrank_linear_gathered(
         plan = plan_adapter_segments(row_index, L, (M, x.shape[-1]), device=x.device, check_index=False)
     elif plan.block_seg.device != x.device:
         raise ValueError(f"the AdapterSegments plan lives on {plan.block_seg.device}, x on {x.device}.")
-    scales_t = torch.as_tensor(scales, dtype=torch.float32).to(x.device, non_blocking=True)
+    # the kernel reads SCALES + j and BIAS + n: a strided scales tensor or bias was read as if contiguous
+    scales_t = torch.as_tensor(scales, dtype=torch.float32).to(x.device, non_blocking=True).contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
     N, K = weight.shape
     x2d = x.reshape(-1, K)
     if x2d.stride(-1) != 1:
@@ -272,19 +283,21 @@ def lowrank_linear_gathered(
     if M > 0:
         cfg = _gathered_config(M, rank, x.device)
         cfg["BLOCK_M"] = plan.block_m
-        _gathered_shrink_expand_kernel[(plan.num_blocks,)](
-            x2d, plan.order, plan.block_seg, plan.seg_block_start, plan.seg_row_start, plan.seg_row_end,
-            lora_a_stack, lora_b_stack, scales_t, bias if bias is not None else x2d, y,
-            K, N, rank, L, float("nan"),
-            x2d.stride(0), x2d.stride(1),
-            lora_a_stack.stride(0), lora_a_stack.stride(1), lora_a_stack.stride(2),
-            lora_b_stack.stride(0), lora_b_stack.stride(1), lora_b_stack.stride(2),
-            y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None,
-            COMPUTE=compute_dtype(x.dtype),
-            DOT_PRECISION=dot_precision(x.dtype),
-            **cfg,
-        )
+        with launch_device(x2d):
+            _gathered_shrink_expand_kernel[(plan.num_blocks,)](
+                x2d, plan.order, plan.block_seg, plan.seg_block_start, plan.seg_row_start, plan.seg_row_end,
+                lora_a_stack, lora_b_stack, scales_t, bias if bias is not None else x2d, y,
+                K, N, rank, L, float("nan"),
+                x2d.stride(0), x2d.stride(1),
+                lora_a_stack.stride(0), lora_a_stack.stride(1), lora_a_stack.stride(2),
+                lora_b_stack.stride(0), lora_b_stack.stride(1), lora_b_stack.stride(2),
+                y.stride(0), y.stride(1),
+                HAS_BIAS=bias is not None,
+                COMPUTE=compute_dtype(x.dtype),
+                MID_COMPUTE=intermediate_compute(x.dtype),
+                DOT_PRECISION=dot_precision(x.dtype),
+                **cfg,
+            )
     with torch.autocast(x.device.type, enabled=False):
         y.addmm_(x2d, weight.t())  # cuBLAS base GEMM, beta=1: y = x W^T + y_low
     return y.view(*x.shape[:-1], N)

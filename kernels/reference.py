@@ -4,8 +4,10 @@
 
 Dtype rule (the same in the kernels): the product runs in x's dtype with the adapter matrices cast to it
 (they may be fp32 master weights while x is bf16: the small A and B are cast, x is never upcast), so the
-low-rank intermediate xa = dropout(x) @ A^T is rounded to x's dtype, as under torch.autocast. The result has
-x's dtype. With float64 inputs this is exact math (gradcheck).
+low-rank intermediate xa = dropout(x) @ A^T is rounded to x's dtype, as under torch.autocast. Except for fp16
+x: fp16's range (65504) is too small for the intermediates (xa with outlier activations; in the backward
+dyb = dy B under loss scaling), so the low-rank branch runs in fp32 (`lowrank_dtype`) and only its result
+s * xa B^T is rounded to fp16. The result has x's dtype. With float64 inputs this is exact math (gradcheck).
 
 Dropout (PEFT LoRA's convention): only the low-rank branch sees dropout(x); the base product sees x.
 The keep-mask is drawn by `dropout_keep_mask` from torch's RNG (an optional torch.Generator makes it
@@ -26,6 +28,12 @@ def dropout_keep_mask(
 ) -> torch.Tensor:
     """Bool tensor shaped like x: True where an element is kept (probability 1 - dropout_p)."""
     return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - dropout_p, generator=generator)
+
+
+def lowrank_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the low-rank branch (x A^T, then its product with B^T) runs in for inputs of `dtype`: fp32 for
+    fp16 (range), else the inputs' own (the kernels' `dispatch.intermediate_dtype`)."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def apply_dropout_mask(x: torch.Tensor, keep: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -55,8 +63,9 @@ def reference_lowrank_linear(
     if training and dropout_p > 0.0:
         keep = dropout_mask if dropout_mask is not None else dropout_keep_mask(x, dropout_p, generator)
         xd = apply_dropout_mask(x, keep, dropout_p)
-    xa = F.linear(xd, lora_a.to(x.dtype))
-    return y + scale * F.linear(xa, lora_b.to(x.dtype))
+    low = lowrank_dtype(x.dtype)
+    xa = F.linear(xd.to(low), lora_a.to(low))
+    return y + (scale * F.linear(xa, lora_b.to(low))).to(x.dtype)
 
 
 def rows_adapter_index(adapter_index: torch.Tensor, x_shape: Sequence[int]) -> torch.Tensor:
@@ -126,6 +135,7 @@ def reference_lowrank_linear_gathered(
         if sel.numel() == 0:
             continue
         s = float(scales[j])
-        xa = F.linear(x2.index_select(0, sel), lora_a_stack[j].to(x.dtype))
-        delta = delta.index_add(0, sel, s * F.linear(xa, lora_b_stack[j].to(x.dtype)))
+        low = lowrank_dtype(x.dtype)
+        xa = F.linear(x2.index_select(0, sel).to(low), lora_a_stack[j].to(low))
+        delta = delta.index_add(0, sel, (s * F.linear(xa, lora_b_stack[j].to(low))).to(x.dtype))
     return y + delta.reshape(y.shape)

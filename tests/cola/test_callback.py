@@ -3,7 +3,6 @@ optimizer state for each new link on an unchanged optimizer and LR schedule, res
 
 import pytest
 import torch
-from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -14,9 +13,16 @@ COMMON = dict(per_device_train_batch_size=4, learning_rate=1e-2, use_cpu=True, r
               lr_scheduler_type="linear", seed=0, dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
 
 
+def hf_dataset():
+    """datasets.Dataset, imported when a test runs: the GPU run collects this folder where datasets is missing."""
+    from datasets import Dataset
+
+    return Dataset
+
+
 def token_data(n=32, seq=10):
     ids = torch.randint(0, 64, (n, seq), generator=torch.Generator().manual_seed(0)).tolist()
-    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+    return hf_dataset().from_dict({"input_ids": ids, "labels": ids})
 
 
 def cola(factory, **fields):
@@ -134,7 +140,7 @@ def test_sft_trainer_with_peft_config_and_the_callback(tmp_path):
     model, tokenizer = _tiny_tokenizer_model()
     rows = [{"text": t} for t in ("the cat sat.", "a dog ran.", "one two three.", "hello there.")]
     trainer = SFTTrainer(
-        model=model, args=SFTConfig(output_dir=str(tmp_path), **TRL), train_dataset=Dataset.from_list(rows),
+        model=model, args=SFTConfig(output_dir=str(tmp_path), **TRL), train_dataset=hf_dataset().from_list(rows),
         processing_class=tokenizer, peft_config=ColaConfig(r=4, target_modules="all-linear", chain_length=2),
         callbacks=[ColaChainCallback()],
     )  # fmt: skip
@@ -152,7 +158,7 @@ def test_dpo_trainer_reference_is_the_base_and_a_wrapped_chain_is_copied_whole(t
     rows = [{"prompt": f"{a} plus {a} is", "chosen": f" {2 * a}.", "rejected": f" {2 * a + 1}."} for a in range(4)]
     model, tokenizer = _tiny_tokenizer_model()
     trainer = DPOTrainer(
-        model=model, args=DPOConfig(output_dir=str(tmp_path / "a"), beta=0.1, **TRL), train_dataset=Dataset.from_list(rows),
+        model=model, args=DPOConfig(output_dir=str(tmp_path / "a"), beta=0.1, **TRL), train_dataset=hf_dataset().from_list(rows),
         processing_class=tokenizer, peft_config=ColaConfig(r=4, target_modules="all-linear", chain_length=2),
         callbacks=[ColaChainCallback()],
     )  # fmt: skip
@@ -167,7 +173,7 @@ def test_dpo_trainer_reference_is_the_base_and_a_wrapped_chain_is_copied_whole(t
     # must include the merged links (they are parameters, named cola_merged_*.default.weight)
     wrapped = PeftModel.from_pretrained(_tiny_tokenizer_model()[0], _save(peft_model, tmp_path / "saved"), is_trainable=True)
     DPOTrainer(model=wrapped, args=DPOConfig(output_dir=str(tmp_path / "b"), beta=0.1, **TRL),
-               train_dataset=Dataset.from_list(rows), processing_class=tokenizer)  # fmt: skip
+               train_dataset=hf_dataset().from_list(rows), processing_class=tokenizer)  # fmt: skip
     assert "ref" in wrapped.peft_config
     with torch.no_grad():
         default = wrapped(input_ids=probe).logits

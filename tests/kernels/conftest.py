@@ -11,6 +11,7 @@ test folders collected in the same session keep their own setting. Works with --
 pytest imports this conftest before the test modules of this folder.
 """
 
+import contextlib
 import os
 import sys
 
@@ -87,3 +88,61 @@ def compile_sm90():
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
 
     return compile_kernel
+
+
+@pytest.fixture
+def gpu_fp16_math(monkeypatch):
+    """The GPU's fp16 dtype choices in the interpreter. The interpreter upcasts every tile to fp32
+    (`dispatch.compute_dtype`: its bf16 math is wrong), which hides what rounding an operand to fp16 does on the
+    GPU (65504 overflows to inf). Its fp16 math is right (numpy float16), so with this fixture fp16 tiles stay
+    fp16 as on the GPU, and a kernel that rounds an out-of-range intermediate to fp16 fails here as it would
+    there. bf16 and fp32 keep the interpreter's fp32."""
+    import torch
+
+    from peft_ext.kernels import delta, dispatch, lowrank, lowrank_gathered
+
+    def gpu_compute_dtype(dtype):
+        return dispatch.tl.float16 if dtype == torch.float16 else dispatch.tl.float32
+
+    for module in (dispatch, lowrank, lowrank_gathered, delta):
+        monkeypatch.setattr(module, "compute_dtype", gpu_compute_dtype)
+    yield
+
+
+class LaunchGuards:
+    """Records, for every kernel launch, the devices of the `launch_device` guards active at that moment."""
+
+    def __init__(self):
+        self.active, self.entered, self.launches = [], [], []
+
+    def guard(self, t):
+        @contextlib.contextmanager
+        def entered():
+            self.entered.append(t.device)
+            self.active.append(t.device)
+            try:
+                yield
+            finally:
+                self.active.pop()
+
+        return entered()
+
+
+@pytest.fixture
+def launch_guards(monkeypatch):
+    """Replaces `launch_device` in every kernel module by a recorder (raising=False: the name need not exist, so
+    a module that launches without a guard fails the test's assertions, not its set-up) and records each launch's
+    active guards."""
+    from peft_ext.kernels import delta, dispatch, lowrank, lowrank_gathered
+
+    guards = LaunchGuards()
+    for module in (dispatch, lowrank, lowrank_gathered, delta):
+        monkeypatch.setattr(module, "launch_device", guards.guard, raising=False)
+    launch = dispatch.LazyKernel.__getitem__
+
+    def recorded(kernel, grid):
+        guards.launches.append((kernel.fn.__name__, tuple(guards.active)))
+        return launch(kernel, grid)
+
+    monkeypatch.setattr(dispatch.LazyKernel, "__getitem__", recorded)
+    return guards

@@ -54,8 +54,8 @@ def _poison_workspace(monkeypatch):
     """The T buffer the shrink stores into without zeroing starts as NaN: every element must be written."""
     real = dm._new_workspace
 
-    def poisoned(rows, cols, zero, device):
-        t = real(rows, cols, zero, device)
+    def poisoned(shape, zero, device):
+        t = real(shape, zero, device)
         return t if zero else t.fill_(float("nan"))
 
     monkeypatch.setattr(dm, "_new_workspace", poisoned)
@@ -380,32 +380,129 @@ def test_exports():
     assert SignDelta.__name__ == "SignDelta"
 
 
+# ------------------------------------------------------------------ devices, fp16 range, determinism (issue 11)
+def test_launches_run_under_a_guard_for_x_device(launch_guards):
+    x, weight, b, delta = make((2,), 300, 300, ((2, 5),), 128, FP32)
+    delta_linear(x, weight, b, delta)
+    delta_linear(x, weight, b, delta, deterministic=True)
+    delta_linear_gathered(x, weight, b, [delta, delta], torch.tensor([1, 0]))
+    names = [name for name, _ in launch_guards.launches]
+    assert names == ["_delta_shrink_kernel", "_delta_expand_kernel"] * 3
+    assert all(active == (torch.device("cpu"),) for _, active in launch_guards.launches), launch_guards.launches
+
+
+def large_t_delta(K, N, seed=0):
+    """A delta whose T = (x V) sigma exceeds fp16's 65504 for x ~ 2 N(0, 1) while its delta part (small U) and y
+    stay in range."""
+    g = torch.Generator().manual_seed(seed)
+    k = 7
+    u = torch.randn(N, k, generator=g) / N**0.5 * 0.03
+    v = torch.randn(K, k, generator=g) / K**0.5
+    sigma = torch.sort(torch.rand(k, generator=g), descending=True).values * 1e5
+    return PackedDelta.from_factors(u, sigma, v, ((8, 2), (3, 5)), 32)
+
+
+@pytest.mark.parametrize("lead", [(5,), (40,)], ids=["decode-split-atomic", "prefill-one-split"])
+def test_fp16_large_t_stays_in_range(gpu_fp16_math, lead):
+    """T is fp32 and the expand's dot reads it in fp32 for fp16 inputs (rounded to fp16 it overflowed to inf).
+    Interpreter with the GPU's fp16 operand dtypes, against the fp32 reference."""
+    K, N = 70, 100
+    delta = large_t_delta(K, N)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(*lead, K, generator=g) * 2).half()
+    weight = (torch.randn(N, K, generator=g) * K**-0.5).half()
+    b = torch.randn(N, generator=g).half()
+    t = (x.double() @ delta.factor("v").double()) * delta.sigma.double()
+    assert t.abs().max() > 65504
+    y = delta_linear(x, weight, b, delta)
+    assert y.isfinite().all()
+    check_close(y, x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), FP16)
+    index = torch.arange(lead[0]) % 3 - 1
+    y_g = delta_linear_gathered(x, weight, b, [delta, large_t_delta(K, N, seed=2)], index)
+    ref_g = reference_delta_linear_gathered(f64(x), f64(weight), f64(b), [delta, large_t_delta(K, N, seed=2)], index)
+    assert y_g.isfinite().all()
+    check_close(y_g, x, weight, b, ref_g, FP16)
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def test_deterministic_algorithms_use_the_split_store_path(monkeypatch, deterministic_algorithms):
+    """Under torch.use_deterministic_algorithms(True) a split shrink stores each split's slice (no fp32 atomics);
+    the slices are summed in a fixed order. The per-split buffer is poisoned (NaN) where not written."""
+    shrink, expand = Recorder(dm._delta_shrink_kernel), Recorder(dm._delta_expand_kernel)
+    monkeypatch.setattr(dm, "_delta_shrink_kernel", shrink)
+    monkeypatch.setattr(dm, "_delta_expand_kernel", expand)
+    x, weight, b, delta = make((2,), 300, 300, ((2, 5),), 128, FP32)  # decode: `in` split 3 ways
+    ys = [delta_linear(x, weight, b, delta) for _ in range(2)]
+    check_close(ys[0], x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), FP32)
+    assert torch.equal(ys[0], ys[1])
+    # two tenants, ranks 7 and 33: the smaller one's unused T columns stay NaN and are never read
+    K, N = 300, 100
+    x2, w2, b2, _ = make((16,), K, N, ((2, 1),), 32, FP32)
+    deltas = make_tenants(K, N, SCHEDULES[1:3], 32)
+    index = torch.arange(16) % 3 - 1
+    y_g = delta_linear_gathered(x2, w2, b2, deltas, index)
+    check_close(y_g, x2, w2, b2, reference_delta_linear_gathered(f64(x2), f64(w2), f64(b2), deltas, index), FP32)
+    assert [c["grid"][2] > 1 for c in shrink.launches] == [True] * 3  # every call split `in`
+    assert [c["ATOMIC"] for c in shrink.launches] == [False] * 3
+
+
+def test_deterministic_argument_overrides_the_global_setting(monkeypatch):
+    shrink = Recorder(dm._delta_shrink_kernel)
+    monkeypatch.setattr(dm, "_delta_shrink_kernel", shrink)
+    x, weight, b, delta = make((2,), 300, 300, ((2, 5),), 128, FP32)
+    assert not torch.are_deterministic_algorithms_enabled()
+    y_atomic = delta_linear(x, weight, b, delta)
+    y_det = delta_linear(x, weight, b, delta, deterministic=True)
+    y_g = delta_linear_gathered(x, weight, b, [delta], torch.tensor([0, -1]), deterministic=True)
+    assert [c["ATOMIC"] for c in shrink.launches] == [True, False, False]
+    ref = reference_delta_linear(f64(x), f64(weight), f64(b), delta)
+    for y in (y_atomic, y_det):
+        check_close(y, x, weight, b, ref, FP32)
+    torch.testing.assert_close(y_g[0], y_det[0])
+
+
 # --------------------------------------------------------------------------------------- GPU compile
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 @pytest.mark.parametrize(
     "rows,group_size,dtype,has_order",
-    [(16, 128, BF16, False), (1, 128, BF16, True), (2048, 128, BF16, False), (2048, 128, FP32, True), (16, 48, BF16, False)],
-)
+    [(16, 128, BF16, False), (1, 128, BF16, True), (2048, 128, BF16, False), (2048, 128, FP32, True), (16, 48, BF16, False),
+     (16, 128, FP16, False), (2048, 128, FP16, True)],
+)  # fmt: skip
 def test_kernels_compile_for_h100(compile_sm90, monkeypatch, rows, group_size, dtype, has_order):
-    """The GPU tile configs compile for sm_90 (Triton IR, PTX, ptxas; no GPU needed) and fit in shared memory."""
+    """The GPU tile configs compile for sm_90 (Triton IR, PTX, ptxas; no GPU needed) and fit in shared memory: the
+    split shrink with atomics and with per-split stores (the deterministic path), fp16 with its fp32 T operand."""
     monkeypatch.setattr(dm, "target_programs", lambda device, per_sm=1: 132 * per_sm)  # an H100's SMs
+    monkeypatch.setattr(dispatch, "interpret_mode", lambda: False)  # the GPU's dtype choices
     cfg = dm._config(rows, dm.cdiv(rows, 64), 4096, 14336, group_size, 25, torch.device("cuda"))
-    t = {BF16: "bf16", FP32: "fp32"}[dtype]
+    t = {BF16: "bf16", FP32: "fp32", FP16: "fp16"}[dtype]
     common = dict(
         GROUP_SIZE=group_size, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, HAS_ORDER=has_order,
-        COMPUTE={BF16: dispatch.tl.bfloat16, FP32: dispatch.tl.float32}[dtype], DOT_PRECISION=dispatch.dot_precision(dtype),
+        DOT_PRECISION=dispatch.dot_precision(dtype),
     )  # fmt: skip
     tables = dict(ORDER="i32", BLOCKS="i32", META="i64", TILES="i32")
-    shrink = compile_sm90(
-        dm._delta_shrink_kernel, dict(tables, X=t, T="fp32"),
-        dict(common, BLOCK_I=cfg.block_i, ATOMIC=cfg.splits > 1, UNIFORM_GROUP=group_size % cfg.block_i == 0),
-        num_warps=cfg.num_warps,
-    )  # fmt: skip
+    for atomic in sorted({cfg.splits > 1, False}):  # a split shrink also has its deterministic form
+        shrink = compile_sm90(
+            dm._delta_shrink_kernel, dict(tables, X=t, T="fp32"),
+            dict(common, BLOCK_I=cfg.block_i, ATOMIC=atomic, UNIFORM_GROUP=group_size % cfg.block_i == 0,
+                 COMPUTE=dispatch.compute_dtype(dtype)),
+            num_warps=cfg.num_warps,
+        )  # fmt: skip
+        assert shrink.metadata.shared <= 227 * 1024
     expand = compile_sm90(
         dm._delta_expand_kernel, dict(tables, T="fp32", Y=t),
-        dict(common, BLOCK_O=cfg.block_o, UNIFORM_GROUP=group_size % cfg.block_o == 0), num_warps=cfg.num_warps,
-    )
-    assert shrink.metadata.shared <= 227 * 1024 and expand.metadata.shared <= 227 * 1024
+        dict(common, BLOCK_O=cfg.block_o, UNIFORM_GROUP=group_size % cfg.block_o == 0,
+             T_COMPUTE=dispatch.intermediate_compute(dtype)),
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
+    assert expand.metadata.shared <= 227 * 1024
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -435,3 +532,47 @@ def test_gpu_gathered_decode(tenants):
         y = delta_linear_gathered(x, weight, b, deltas, index)
     ref = reference_delta_linear_gathered(f64(x), f64(weight), f64(b), deltas, index)
     check_close(y, x, weight, b, ref, BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lead", [(5,), (40,)], ids=["decode-split-atomic", "prefill-one-split"])
+def test_gpu_fp16_large_t_stays_in_range(lead):
+    """fp16 with |T| > 65504 on the compiled kernels (TF32 dots reading T in fp32)."""
+    K, N = 70, 100
+    delta = large_t_delta(K, N).to("cuda")
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(*lead, K, generator=g) * 2).half().cuda()
+    weight = (torch.randn(N, K, generator=g) * K**-0.5).half().cuda()
+    with torch.no_grad():
+        y = delta_linear(x, weight, None, delta)
+    assert ((x.double() @ delta.factor("v").double()) * delta.sigma.double()).abs().max() > 65504
+    assert y.isfinite().all()
+    check_close(y, x, weight, None, reference_delta_linear(f64(x), f64(weight), None, delta), FP16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16])
+def test_gpu_deterministic_path_is_bitwise_reproducible(M):
+    out_f, in_f, bands = BENCH_SHAPES[0]
+    x, weight, b, delta = make((M,), in_f, out_f, bands, 128, BF16, device="cuda")
+    with torch.no_grad():
+        ys = [delta_linear(x, weight, b, delta, deterministic=True) for _ in range(10)]
+    assert all(torch.equal(ys[0], y) for y in ys[1:])
+    check_close(ys[0], x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), BF16)
+
+
+@pytest.mark.gpu
+def test_gpu_inputs_on_another_device_than_the_current_one():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    torch.cuda.set_device(0)
+    out_f, in_f, bands = BENCH_SHAPES[0]
+    x, weight, b, delta = make((4,), in_f, out_f, bands, 128, BF16, device="cuda:1")
+    with torch.no_grad():
+        y = delta_linear(x, weight, b, delta)
+        y_g = delta_linear_gathered(x, weight, b, [delta, delta], torch.tensor([0, 1, -1, 0]))
+    assert torch.cuda.current_device() == 0
+    ref = reference_delta_linear(f64(x), f64(weight), f64(b), delta)
+    check_close(y, x, weight, b, ref, BF16)
+    ref_g = reference_delta_linear_gathered(f64(x), f64(weight), f64(b), [delta, delta], torch.tensor([0, 1, -1, 0]))
+    check_close(y_g, x, weight, b, ref_g, BF16)

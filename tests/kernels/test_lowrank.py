@@ -5,6 +5,9 @@ Ground truth = the reference evaluated in float64 on the same inputs; errors are
 interpreter's cost grows with programs x loop steps.
 """
 
+import contextlib
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -254,18 +257,23 @@ def test_weight_grad_splits(splits, transpose):
 
 
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-@pytest.mark.parametrize("dtype,R", [(BF16, 16), (BF16, 64), (BF16, 128), (FP32, 16)])
+@pytest.mark.parametrize("dtype,R", [(BF16, 16), (BF16, 64), (BF16, 128), (FP32, 16), (FP16, 16), (FP16, 128)])
 def test_kernels_compile_for_h100(compile_sm90, monkeypatch, R, dtype):
-    """The GPU tile configs compile for sm_90 (PTX + ptxas, no GPU needed) and fit in shared memory."""
+    """The GPU tile configs compile for sm_90 (PTX + ptxas, no GPU needed) and fit in shared memory; fp16 with
+    its fp32 intermediates (xa / dyb stored in fp32, TF32 dots reading them)."""
     monkeypatch.setattr(lowrank_module, "target_programs", lambda device, per_sm=1: 132 * per_sm)
     monkeypatch.setattr(lowrank_module, "interpret_mode", lambda: False)
+    monkeypatch.setattr(dispatch, "interpret_mode", lambda: False)  # the GPU's dtype choices
     cuda = torch.device("cuda")
-    t = {BF16: "bf16", FP32: "fp32"}[dtype]
-    tl_dtype = {BF16: dispatch.tl.bfloat16, FP32: dispatch.tl.float32}[dtype]
+    t = {BF16: "bf16", FP32: "fp32", FP16: "fp16"}[dtype]
+    tl_dtype = dispatch.compute_dtype(dtype)
+    mid_dtype = dispatch.intermediate_compute(dtype)
+    assert mid_dtype == (dispatch.tl.float32 if dtype == FP16 else tl_dtype)
+    mid_t = {torch.float32: "fp32", BF16: "bf16"}[dispatch.intermediate_dtype(dtype)]
     precision = dispatch.dot_precision(dtype)
     cfg = lowrank_module._shrink_expand_config(8192, R, cuda)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    pointers = dict(X=t, A="fp32", B="fp32", BIAS=t, KEEP="u8", MID=t, Y=t)
+    pointers = dict(X=t, A="fp32", B="fp32", BIAS=t, KEEP="u8", MID=mid_t, Y=t)
     for flags in (
         dict(HAS_BIAS=True, KEEP_MODE=0, STORE_MID=True, DO_EXPAND=True),  # forward
         dict(HAS_BIAS=False, KEEP_MODE=1, STORE_MID=True, DO_EXPAND=True),  # forward with dropout
@@ -274,7 +282,7 @@ def test_kernels_compile_for_h100(compile_sm90, monkeypatch, R, dtype):
     ):
         kernel = compile_sm90(
             lowrank_module._shrink_expand_kernel, pointers,
-            dict(cfg, **flags, COMPUTE=tl_dtype, DOT_PRECISION=precision),
+            dict(cfg, **flags, COMPUTE=tl_dtype, MID_COMPUTE=mid_dtype, DOT_PRECISION=precision),
             num_warps=warps, num_stages=stages, float_args=("scale", "keep_scale"),
         )
         assert kernel.metadata.shared <= 227 * 1024
@@ -282,8 +290,8 @@ def test_kernels_compile_for_h100(compile_sm90, monkeypatch, R, dtype):
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     for has_keep in (False, True):
         kernel = compile_sm90(
-            lowrank_module._wgrad_kernel, dict(L=t, T=t, KEEP="u8", P="fp32"),
-            dict(cfg, HAS_KEEP=has_keep, COMPUTE=tl_dtype, DOT_PRECISION=precision),
+            lowrank_module._wgrad_kernel, dict(L=mid_t, T=t, KEEP="u8", P="fp32"),
+            dict(cfg, HAS_KEEP=has_keep, COMPUTE=mid_dtype, DOT_PRECISION=precision),
             num_warps=warps, num_stages=stages, float_args=("scale", "keep_scale"),
         )
         assert kernel.metadata.shared <= 227 * 1024
@@ -397,6 +405,106 @@ def test_bad_scalars():
         lowrank_linear(**layer, scale=1.0, backend="cuda")
 
 
+# ------------------------------------------------------------------ devices, strides, fp16 range (issue 11)
+def test_every_launch_runs_under_a_guard_for_x_device(launch_guards):
+    """Triton launches on the *current* CUDA device: every launch (forward and backward) must sit inside a
+    `launch_device` guard for x's device, or a tensor on cuda:1 is read through cuda:0's context."""
+    layer = make_layer((37,), 45, 29, 8, FP32, FP32)
+    run(layer, ("x", "lora_a", "lora_b"), scale=0.5)
+    names = [name for name, _ in launch_guards.launches]
+    assert names.count("_shrink_expand_kernel") == 2 and names.count("_wgrad_kernel") == 2, names
+    assert all(active == (torch.device("cpu"),) for _, active in launch_guards.launches), launch_guards.launches
+
+
+def test_launch_device_is_the_inputs_cuda_device():
+    """On CUDA the guard is torch.cuda.device(x.device) (built here without a GPU, not entered); elsewhere none."""
+    guard = dispatch.launch_device(types.SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(dispatch.launch_device(torch.empty(1)), contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("kind", ["stride-2", "expanded"])
+def test_strided_bias(kind):
+    """The kernel reads BIAS + n: a bias that is a strided view (or an expanded scalar) is made contiguous at the
+    launch (it was read as if contiguous: relative error 0.17)."""
+    layer = make_layer((37,), 45, 29, 8, FP32, FP32)
+    if kind == "stride-2":
+        layer["bias"] = torch.stack([layer["bias"], torch.full_like(layer["bias"], 1e3)], dim=1)[:, 0]
+    else:
+        layer["bias"] = torch.tensor(0.7).expand(29)
+    assert not layer["bias"].is_contiguous()
+    y = lowrank_linear(**layer, scale=0.5)
+    assert rel_err(y, reference_lowrank_linear(**fp64(layer), scale=0.5)) <= TOL[FP32]
+
+
+def loss_scaled_fp16_layer():
+    """fp16 x and base, fp32 adapter masters, and dy as a 2^16 loss scale makes it: dyb = dy B reaches ~2e5
+    (fp16's largest value is 65504) while dx, y and every gradient stay in range."""
+    g = torch.Generator().manual_seed(0)
+    M, K, N, R = 37, 45, 100, 8
+    layer = dict(
+        x=torch.randn(M, K, generator=g).half(),
+        weight=(torch.randn(N, K, generator=g) * K**-0.5).half(),
+        bias=torch.randn(N, generator=g).half(),
+        lora_a=torch.randn(R, K, generator=g) * K**-0.5 * 0.1,
+        lora_b=torch.rand(N, R, generator=g) + 0.5,
+    )
+    dy = (torch.rand(M, N, generator=g) * 0.05 * 2**16).half()
+    assert (dy.double() @ layer["lora_b"].double()).abs().max() > 2 * 65504
+    return layer, dy
+
+
+def test_fp16_loss_scaled_backward_keeps_dyb_in_range(gpu_fp16_math):
+    """fp16 inputs under loss scaling: dyb = dy B is kept in fp32 (stored in fp16 it overflowed to inf and dx / dA
+    came out NaN). Checked against the fp64 reference with the GPU's fp16 operand dtypes."""
+    layer, dy = loss_scaled_fp16_layer()
+    names = ("x", "lora_a", "lora_b")
+    y, g = run(layer, names, dy=dy, scale=0.5)
+    y_ref, g_ref = run(fp64(layer), names, dy=dy.double(), scale=0.5, fn=reference_lowrank_linear)
+    assert rel_err(y, y_ref) <= TOL[FP16]
+    for name in names:
+        assert g[name].isfinite().all(), name
+        assert rel_err(g[name], g_ref[name]) <= TOL[FP16], name
+
+
+def test_fp16_outlier_activations_keep_xa_in_range(gpu_fp16_math):
+    """x A^T beyond fp16's range (outlier activations) while y stays in range: xa is kept in fp32 for the expand
+    (and stored in fp32 for dB)."""
+    g = torch.Generator().manual_seed(1)
+    M, K, N, R = 37, 45, 100, 8
+    layer = dict(
+        x=(1500 + 100 * torch.randn(M, K, generator=g)).half(),
+        weight=(torch.randn(N, K, generator=g) * K**-0.5).half(),
+        bias=None,
+        lora_a=torch.rand(R, K, generator=g) + 0.5,
+        lora_b=torch.randn(N, R, generator=g) * 1e-3,
+    )
+    assert (layer["x"].double() @ layer["lora_a"].double().T).abs().max() > 65504
+    names = ("lora_b",)
+    y, g_ = run(layer, names, scale=0.5)
+    y_ref, g_ref = run(fp64(layer), names, dy=torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).double(),
+                       scale=0.5, fn=reference_lowrank_linear)  # fmt: skip
+    assert y.isfinite().all() and rel_err(y, y_ref) <= TOL[FP16]
+    assert g_["lora_b"].isfinite().all() and rel_err(g_["lora_b"], g_ref["lora_b"]) <= TOL[FP16]
+
+
+def test_reference_fp16_loss_scaled_backward():
+    """The reference (the CPU path, and CUDA's for ranks above 128) keeps fp16's low-rank branch in fp32 too."""
+    layer, dy = loss_scaled_fp16_layer()
+    names = ("x", "lora_a", "lora_b")
+    _, g = run(layer, names, dy=dy, scale=0.5, fn=reference_lowrank_linear)
+    _, g_ref = run(fp64(layer), names, dy=dy.double(), scale=0.5, fn=reference_lowrank_linear)
+    for name in names:
+        assert rel_err(g[name], g_ref[name]) <= TOL[FP16], name
+
+
+def test_intermediate_dtypes():
+    """fp16 keeps its intermediates in fp32; bf16 (fp32's range) and fp32 keep theirs."""
+    assert dispatch.intermediate_dtype(FP16) == FP32
+    assert dispatch.intermediate_dtype(BF16) == BF16 and dispatch.intermediate_dtype(FP32) == FP32
+    assert dispatch.intermediate_compute(FP16) == dispatch.tl.float32
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("R", [1, 16, 64, 128])
@@ -423,6 +531,36 @@ def test_gpu_dropout_matches_reference():
     keep = dropout_keep_mask(layer["x"], 0.1, torch.Generator("cuda").manual_seed(3))
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y)
     y_ref, g_ref = run(fp64(layer), names, dy=dy.double(), dropout_mask=keep, fn=reference_lowrank_linear, **kw)
+    assert rel_err(y, y_ref) <= TOL[BF16]
+    for name in names:
+        assert rel_err(g[name], g_ref[name]) <= TOL[BF16], name
+
+
+@pytest.mark.gpu
+def test_gpu_fp16_loss_scaled_backward():
+    """The compiled kernels' fp16 path (fp32 dyb, TF32 dots reading it) under a 2^16 loss scale."""
+    layer, dy = loss_scaled_fp16_layer()
+    layer = {k: None if v is None else v.cuda() for k, v in layer.items()}
+    names = ("x", "lora_a", "lora_b")
+    y, g = run(layer, names, dy=dy.cuda(), scale=0.5)
+    y_ref, g_ref = run(fp64(layer), names, dy=dy.cuda().double(), scale=0.5, fn=reference_lowrank_linear)
+    assert rel_err(y, y_ref) <= TOL[FP16]
+    for name in names:
+        assert g[name].isfinite().all() and rel_err(g[name], g_ref[name]) <= TOL[FP16], name
+
+
+@pytest.mark.gpu
+def test_gpu_inputs_on_another_device_than_the_current_one():
+    """x on cuda:1 while cuda:0 is current: the launches follow x (forward and backward)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    torch.cuda.set_device(0)
+    layer = make_layer((3, 41), 520, 392, 16, BF16, FP32, device="cuda:1")
+    names = ("x", "lora_a", "lora_b")
+    y, g = run(layer, names, scale=0.5)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y)
+    y_ref, g_ref = run(fp64(layer), names, dy=dy.double(), scale=0.5, fn=reference_lowrank_linear)
+    assert torch.cuda.current_device() == 0 and y.device == torch.device("cuda", 1)
     assert rel_err(y, y_ref) <= TOL[BF16]
     for name in names:
         assert rel_err(g[name], g_ref[name]) <= TOL[BF16], name

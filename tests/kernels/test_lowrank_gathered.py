@@ -227,20 +227,63 @@ def test_autocast():
 
 
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-@pytest.mark.parametrize("R", [16, 128])
-def test_kernel_compiles_for_h100(compile_sm90, monkeypatch, R):
+@pytest.mark.parametrize("R,dtype", [(16, BF16), (128, BF16), (16, FP16), (128, FP16)])
+def test_kernel_compiles_for_h100(compile_sm90, monkeypatch, R, dtype):
     monkeypatch.setattr(lowrank_module, "target_programs", lambda device, per_sm=1: 132 * per_sm)
     monkeypatch.setattr(gathered_module, "interpret_mode", lambda: False)
+    monkeypatch.setattr(dispatch, "interpret_mode", lambda: False)  # the GPU's dtype choices
     cfg = gathered_module._gathered_config(4096, R, torch.device("cuda"))
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     index_ptrs = dict.fromkeys(("ORDER", "BLOCK_SEG", "SEG_BLOCK_START", "SEG_ROW_START", "SEG_ROW_END"), "i32")
+    t = {BF16: "bf16", FP16: "fp16"}[dtype]
     kernel = compile_sm90(
         gathered_module._gathered_shrink_expand_kernel,
-        dict(index_ptrs, X="bf16", A="fp32", B="fp32", SCALES="fp32", BIAS="bf16", Y="bf16"),
-        dict(cfg, HAS_BIAS=True, COMPUTE=dispatch.tl.bfloat16, DOT_PRECISION="tf32"),
+        dict(index_ptrs, X=t, A="fp32", B="fp32", SCALES="fp32", BIAS=t, Y=t),
+        dict(cfg, HAS_BIAS=True, COMPUTE=dispatch.compute_dtype(dtype),
+             MID_COMPUTE=dispatch.intermediate_compute(dtype), DOT_PRECISION=dispatch.dot_precision(dtype)),
         num_warps=warps, num_stages=stages, float_args=("nan_value",),
-    )
+    )  # fmt: skip
     assert kernel.metadata.shared <= 227 * 1024
+
+
+# ------------------------------------------------------------------ devices, strides, fp16 range (issue 11)
+def test_launch_runs_under_a_guard_for_x_device(launch_guards):
+    batch = make_batch((37,), 45, 29, 8, 3, FP32, FP32)
+    lowrank_linear_gathered(**batch)
+    assert [name for name, _ in launch_guards.launches] == ["_gathered_shrink_expand_kernel"]
+    assert launch_guards.launches[0][1] == (torch.device("cpu"),)
+
+
+@pytest.mark.parametrize("which", ["scales", "bias", "both"])
+def test_strided_scales_and_bias(which):
+    """The kernel reads SCALES + j and BIAS + n: strided views are made contiguous at the launch (they were read as
+    if contiguous: relative error 1.95 for the scales, 0.17 for the bias)."""
+    batch = make_batch((37,), 45, 29, 8, 3, FP32, FP32)
+    if which in ("scales", "both"):
+        batch["scales"] = torch.tensor([0.5, 9.0, 1.5, 9.0, 2.5, 9.0])[::2]
+    if which in ("bias", "both"):
+        batch["bias"] = torch.stack([batch["bias"], torch.full_like(batch["bias"], 1e3)], dim=1)[:, 0]
+    assert not (batch["scales"].is_contiguous() if which == "scales" else batch["bias"].is_contiguous())
+    y = lowrank_linear_gathered(**batch)
+    assert rel_err(y, reference_lowrank_linear_gathered(**fp64(batch))) <= TOL[FP32]
+
+
+def test_fp16_outlier_activations_keep_xa_in_range(gpu_fp16_math):
+    """x A_j^T beyond fp16's range while y stays in range: xa stays fp32 for the expand (GPU fp16 operand dtypes)."""
+    g = torch.Generator().manual_seed(1)
+    M, K, N, R, L = 37, 45, 100, 8, 3
+    batch = dict(
+        x=(1500 + 100 * torch.randn(M, K, generator=g)).half(),
+        weight=(torch.randn(N, K, generator=g) * K**-0.5).half(),
+        bias=None,
+        lora_a_stack=torch.rand(L, R, K, generator=g) + 0.5,
+        lora_b_stack=torch.randn(L, N, R, generator=g) * 1e-3,
+        scales=[0.5, 1.0, 0.25],
+        adapter_index=torch.arange(M) % (L + 1) - 1,
+    )
+    assert (batch["x"].double() @ batch["lora_a_stack"][0].double().T).abs().max() > 65504
+    y = lowrank_linear_gathered(**batch)
+    assert y.isfinite().all() and rel_err(y, reference_lowrank_linear_gathered(**fp64(batch))) <= TOL[FP16]
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -266,4 +309,16 @@ def test_gpu_decode_batch():
     batch["adapter_index"] = torch.arange(16, device="cuda") - 1
     with torch.no_grad():
         y = lowrank_linear_gathered(**batch)
+    assert rel_err(y, reference_lowrank_linear_gathered(**fp64(batch))) <= TOL[BF16]
+
+
+@pytest.mark.gpu
+def test_gpu_inputs_on_another_device_than_the_current_one():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    torch.cuda.set_device(0)
+    batch = make_batch((8, 125), 520, 392, 16, 4, BF16, FP32, device="cuda:1", index_shape=(8,))
+    with torch.no_grad():
+        y = lowrank_linear_gathered(**batch)
+    assert torch.cuda.current_device() == 0
     assert rel_err(y, reference_lowrank_linear_gathered(**fp64(batch))) <= TOL[BF16]
