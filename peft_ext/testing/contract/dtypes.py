@@ -14,6 +14,7 @@ __all__ = [
     "test_cpu_bf16_autocast",
     "test_gradient_checkpointing_same_grads",
     "test_torch_compile_forward_matches_eager",
+    "test_torch_compile_training_step_matches_eager",
 ]
 
 
@@ -140,4 +141,36 @@ def test_torch_compile_forward_matches_eager(entry):
     out = output(spec, compiled, inputs)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     assert not torch.equal(eager, output(spec, spec.make(0), inputs)), "adapter is trivial"
+
+
+@per_method
+def test_torch_compile_training_step_matches_eager(entry):
+    """A compiled training step: forward and backward through dynamo and AOTAutograd give the eager loss and
+    gradients (backend "aot_eager" keeps this to seconds on a CPU; inductor's code generation is what the forward
+    test above covers)."""
+    spec = MODELS["llama"]
+    if not entry.supports("train", spec.kind):
+        return  # not trainable by design: test_one_step_changes_only_adapter asserts the documented error
+    model, _ = peft_model(entry, spec, **entry.nonidentity_overrides)
+    model.train()
+    batch = spec.batch_with_labels()
+    loss = spec.loss(model, batch)
+    loss.backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    assert eager, "no adapter parameter got a gradient"
+    model.zero_grad(set_to_none=True)
+    doc = entry.documented_error("compile", spec.kind)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    if doc is not None:
+        with pytest.raises(doc.error, match=doc.match):
+            spec.loss(compiled, batch).backward()
+        return
+    compiled_loss = spec.loss(compiled, batch)
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss.detach(), loss.detach(), rtol=1e-5, atol=1e-6)
+    params = dict(model.named_parameters())
+    for name, grad in eager.items():
+        assert params[name].grad is not None, f"{name}: no gradient in the compiled step"
+        torch.testing.assert_close(params[name].grad, grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
