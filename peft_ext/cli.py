@@ -150,7 +150,8 @@ def _add_compress_parser(commands) -> None:
     compress.add_argument(
         "--bands", metavar="JSON",
         help="Delta-CoMe's precision schedule, [n_directions, bits] pairs from the largest singular values down; "
-        'one null count fills the budget. Default: the paper\'s "[[2,8],[32,3],[null,2]]"',
+        'one null count fills the budget, or "scaled". Default: scaled, the paper\'s [[2,8],[32,3],[null,2]] (set for '
+        "4096-wide matrices) with the fixed counts scaled to each matrix; a JSON list is used as given",
     )
     compress.add_argument("--group-size", type=int, default=128, metavar="N", help="quantisation group size (default 128)")
     compress.add_argument(
@@ -158,7 +159,8 @@ def _add_compress_parser(commands) -> None:
         help="gptq: error compensation on calibration text (the paper; default); rtn: round to nearest, no calibration",
     )
     compress.add_argument(
-        "--calibration-samples", type=int, default=32, metavar="N", help="GPTQ calibration sequences (default 32)"
+        "--calibration-samples", type=int, default=None, metavar="N",
+        help="GPTQ calibration sequences (default: enough for 2 tokens per input of the widest layer, at least 32)",
     )
     compress.add_argument(
         "--calibration-seq-len", type=int, default=256, metavar="N", help="tokens per calibration sequence (default 256)"
@@ -331,7 +333,9 @@ def _compress_config(args):
     from peft_ext.tuners.deltacome import DeltaComeConfig
 
     bands = None
-    if args.bands is not None:
+    if args.bands == "scaled":
+        bands = "scaled"
+    elif args.bands is not None:
         try:
             bands = json.loads(args.bands)
         except json.JSONDecodeError as err:
@@ -339,7 +343,7 @@ def _compress_config(args):
         if not isinstance(bands, list):
             raise ValueError(f"--bands must be a JSON list of [n_directions, bits] pairs, got {args.bands!r}")
     for flag, value in (("--calibration-samples", args.calibration_samples), ("--calibration-seq-len", args.calibration_seq_len)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
     if args.max_rows < 0:
         raise ValueError(f"--max-rows must be >= 0, got {args.max_rows}")

@@ -4,9 +4,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from peft import PeftModel
 
 from peft_ext.cli import main
+from peft_ext.data.fictional_world import fictional_statements
+from peft_ext.data.tiny_model import tiny_llama
+from peft_ext.evaluation import lm_loss
+from peft_ext.evaluation.scores import builtin_score_data, measure_scores
 from peft_ext.experiments import DeltaCompressionConfig
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "deltacome_reproduction.yaml"
@@ -24,6 +30,7 @@ TINY = {
     "english_texts": 4,
     "eval_max_length": 32,
 }
+TINY_MAX_LENGTH = 64  # DeltaCompressionConfig.max_length's default: the task loss's truncation
 HEADER = (
     "| method | budget | stored bytes | ratio | task acc | Δ acc vs FT | task loss | FT loss gain kept | "
     "world-knowledge acc | English LM loss | mean layer rel. error | mean layer rel. output error |"
@@ -41,28 +48,68 @@ def test_reproduce_delta_end_to_end_on_the_tiny_model(tmp_path, capsys):
     table = (out / "results.md").read_text().splitlines()
     assert table[0] == HEADER
     rows = [line.split(" | ")[:2] for line in table[2:] if line.startswith("| ")]
-    assert rows == [
+    assert rows == [  # BitDelta's row carries the budget it has, 1/16, under each budget (item 26)
         ["| base (no delta)", "–"], ["| fine-tune (uncompressed)", "1"],
-        ["| Delta-CoMe (GPTQ)", "1/2"], ["| low-rank (fp16)", "1/2"], ["| BitDelta (1-bit)", "1/2*"],
-        ["| Delta-CoMe (GPTQ)", "1/4"], ["| low-rank (fp16)", "1/4"], ["| BitDelta (1-bit)", "1/4*"],
+        ["| Delta-CoMe (GPTQ)", "1/2"], ["| low-rank (fp16)", "1/2"], ["| BitDelta (1-bit)", "1/16*"],
+        ["| Delta-CoMe (GPTQ)", "1/4"], ["| low-rank (fp16)", "1/4"], ["| BitDelta (1-bit)", "1/16*"],
     ]
+    assert any(line.startswith("* BitDelta stores 1 bit per weight, 1/16 of the fp16 delta") for line in table)
 
     results = json.loads((out / "results.json").read_text())
     base, ft, rows = results["base"], results["finetuned"], results["compressed"]
     assert ft["steps"] == 6 and ft["task_loss"] < base["task_loss"]  # the fine-tune fits its own training text
-    assert 0 < ft["trainable_params"] and results["config"]["freeze_embeddings"] is True
+    assert results["config"]["freeze_embeddings"] is True
+    by = {(r["method"], r["listed_under"]): r for r in rows}
+    assert sorted(by) == sorted((m, b) for m in TINY["methods"] for b in TINY["budgets"])
+
+    # the numbers of the reference: the tiny Llama's 14 block linear layers, embeddings frozen
+    reference, tokenizer = tiny_llama()
+    linear = [m for n, m in reference.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    assert len(linear) == 14 and ft["dense_fp16_delta_bytes"] == 2 * sum(m.weight.numel() for m in linear)
+    frozen = {id(reference.get_input_embeddings().weight), id(reference.get_output_embeddings().weight)}
+    assert ft["trainable_params"] == sum(p.numel() for p in reference.parameters() if id(p) not in frozen)
+    score_data = builtin_score_data(TINY["english_texts"], TINY["eval_max_length"])
+    texts = fictional_statements()
+    assert _direct_scores(reference, tokenizer, score_data, texts) == pytest.approx(base, rel=1e-6)
+
     for r in rows:
-        assert 0.0 <= r["task_acc"] <= 1.0 and r["not_stored"] == []  # embeddings frozen: the adapter holds it all
-        assert r["task_acc_vs_finetuned"] == pytest.approx(r["task_acc"] - ft["task_acc"])
+        budget = 1 / 16 if r["method"] == "bitdelta" else {"1/2": 0.5, "1/4": 0.25}[r["listed_under"]]
+        assert r["budget_fraction"] == budget and r["not_stored"] == []  # embeddings frozen: the adapter holds it all
         assert r["dense_fp16_delta_bytes"] == ft["dense_fp16_delta_bytes"]
-        if r["method"] != "bitdelta":
-            assert r["ratio"] <= r["budget_fraction"]  # exact budget bookkeeping
-        assert (Path(r["adapter_dir"]) / "adapter_model.safetensors").is_file()
-    bitdelta = [r for r in rows if r["method"] == "bitdelta"]
-    assert bitdelta[0]["task_loss"] == bitdelta[1]["task_loss"] and bitdelta[0]["adapter_dir"] == bitdelta[1]["adapter_dir"]
-    assert rows[0]["mean_rel_output_error_calibration"] is not None  # GPTQ ran on calibration text
-    assert rows[1]["mean_rel_output_error_calibration"] is None
-    assert all(r["mean_rel_output_error"] >= 0 for r in rows)  # measured for every method, on held-out text
+        assert r["ratio"] == r["stored_bytes"] / r["dense_fp16_delta_bytes"]
+        assert r["ratio"] <= budget + (4 * 14 / r["dense_fp16_delta_bytes"] if r["method"] == "bitdelta" else 0)
+        assert r["task_acc_vs_finetuned"] == pytest.approx(r["task_acc"] - ft["task_acc"])
+        assert r["task_loss_gain_kept"] == pytest.approx((base["task_loss"] - r["task_loss"]) / (base["task_loss"] - ft["task_loss"]))
+        # the scores are those of the saved adapter: reloaded onto a fresh base and scored directly, merged as the
+        # pipeline scored it, and (Delta-CoMe) unmerged, the adapter's own forward, to within float rounding
+        folder = Path(r["adapter_dir"])
+        assert (folder / "adapter_model.safetensors").is_file()
+        model = PeftModel.from_pretrained(tiny_llama()[0], folder).eval()
+        unmerged = _direct_scores(model, tokenizer, score_data, texts) if r["method"] == "deltacome" else None
+        merged = _direct_scores(model.merge_and_unload().eval(), tokenizer, score_data, texts)
+        assert merged == pytest.approx({k: r[k] for k in merged}, rel=1e-6), r["label"]
+        assert unmerged is None or unmerged == pytest.approx(merged, rel=1e-4)
+        report = json.loads((folder / "compression_report.json").read_text())
+        assert report["totals"]["compressed_bytes"] == r["stored_bytes"]
+        assert report["totals"]["mean_rel_error"] == pytest.approx(r["mean_rel_error"])
+    # what the methods guarantee: low-rank at a larger budget keeps more directions of the same SVD (Eckart-Young),
+    # every method stores more at a larger budget, and BitDelta is one adapter listed twice
+    assert by[("lowrank", "1/2")]["mean_rel_error"] < by[("lowrank", "1/4")]["mean_rel_error"]
+    for method in ("deltacome", "lowrank"):
+        assert by[(method, "1/2")]["stored_bytes"] > by[(method, "1/4")]["stored_bytes"]
+    b2, b4 = by[("bitdelta", "1/2")], by[("bitdelta", "1/4")]
+    assert {k: v for k, v in b2.items() if k != "listed_under"} == {k: v for k, v in b4.items() if k != "listed_under"}
+    assert by[("deltacome", "1/2")]["mean_rel_output_error_calibration"] is not None  # GPTQ ran on calibration text
+    assert by[("lowrank", "1/2")]["mean_rel_output_error_calibration"] is None
+    # the held-out output error is the layer-wise measure of the saved adapters: 0 < e, and below the base's 1
+    assert all(0 < r["mean_rel_output_error"] < 1 for r in rows)
+
+
+def _direct_scores(model, tokenizer, score_data, texts) -> dict:
+    """The four scores measured here with the evaluation functions themselves (not the experiment's wrapper)."""
+    scores = measure_scores(model, tokenizer, score_data)
+    return {"task_acc": scores["new_task"], "old_knowledge": scores["old_knowledge"], "lm_loss": scores["lm_loss"],
+            "task_loss": lm_loss(model, tokenizer, texts, TINY_MAX_LENGTH)}
 
 
 def test_output_error_is_0_for_the_fine_tune_and_1_for_the_base():

@@ -19,15 +19,18 @@ its head inputs (n × L × hidden), and its logits are recomputed per batch thro
 vocab logits themselves would be 85 × larger for SmolLM2's 49k vocabulary). Of a fine-tune loaded from a folder
 only the head is kept.
 
-The model that is optimised computes what the adapter computes: each targeted layer's weight is W_base + α·S
-(S = the stored signs, unpacked once and kept as int8; the merged adapter's weight), the norms the adapter stores
-whole take the fine-tune's values, and the model runs through torch.func.functional_call with those tensors, so
-neither the base nor a given PeftModel is modified, nor ever put in training mode. Gradients reach the α leaves
-through W_base + α·S (checked at the first step). Going through the tuner's DeltaComeLinear instead (eval mode,
-torch.enable_grad, the sign_alpha buffers requiring grad) also differentiates, but its forward unpacks every
-layer's signs at every call: SmolLM2-135M on 4 × 128 tokens without gradients took 2.0 s per forward there, 1.3 s
-here, 0.93 s for the base alone (2-core CPU). Both backward passes form each layer's dense (out × in) weight
-gradient to reduce it to the scalar. The tests check that this student's outputs equal the PeftModel's own forward.
+The model that is optimised computes what the served adapter computes (DeltaComeLinear's unmerged forward): each
+targeted layer's output is the base layer's own output plus x·(α·S)ᵀ in fp32, cast back to the output's dtype
+(S = the stored signs, unpacked once and kept as int8), through a forward hook on the base layer; the norms the
+adapter stores whole take the fine-tune's values (torch.func.functional_call). So neither the base nor a given
+PeftModel is modified, nor ever put in training mode, and the hooks are removed after every call. In a bf16 model
+this matters: α·S is about 1e-3 of the weights, below bf16's resolution, so fitting α to the merged weight
+W + α·S rounded to bf16 (as this module did before) fitted a function close to the base's, not the served one.
+Gradients reach the α leaves through the fp32 delta term (checked at the first step); the backward forms each layer's
+dense (out × in) gradient to reduce it to the scalar. Going through the tuner's DeltaComeLinear instead (eval
+mode, torch.enable_grad, the sign_alpha buffers requiring grad) also differentiates, but its forward unpacks every
+layer's signs at every call. The tests check that this student's outputs equal the PeftModel's own forward, in fp32
+and in bf16.
 """
 
 from __future__ import annotations
@@ -116,7 +119,7 @@ def distill_bitdelta(
     """Distil the scales of a BitDelta adapter in place; returns what it did.
 
     base: the base model (nn.Module) when `compressed` is a CompressionResult: it runs with the adapted weights
-        substituted (torch.func.functional_call) and is not modified; ignored for a PeftModel.
+        added (forward hooks, removed after each call) and is not modified; ignored for a PeftModel.
     finetuned: the fine-tuned model (nn.Module, or a folder / Hub id loaded here on `device`).
     compressed: a CompressionResult of method "bitdelta" (its state_dict's `sign_alpha` tensors are replaced and
         `result.distillation` set), or a PeftModel whose active adapter is a bitdelta DELTACOME adapter (its
@@ -288,14 +291,15 @@ def _frozen(model: nn.Module):
 
 
 class _Student:
-    """The base + BitDelta model as a function of the scales: `model` run by functional_call with each targeted
-    weight replaced by W + α·S and each stored-whole module's parameters by the fine-tune's values."""
+    """The base + BitDelta model as a function of the scales: `model` run with a forward hook on each targeted base
+    layer adding x·(α·S)ᵀ in fp32 to its output (the served adapter's function), and each stored-whole module's
+    parameters replaced by the fine-tune's values (functional_call)."""
 
     def __init__(self, model: nn.Module, layers: dict, dense: dict, sink):
-        # layers: name -> _layer(...) tuples; dense: parameter path -> value; sink: writes the scales back
+        # layers: name -> (base layer module, int8 signs (out, in), fp32 alpha leaf); dense: parameter path -> value
         self.model, self.layers, self.dense, self._sink = model, layers, dense, sink
         self.device = _model_device(model)
-        self.alphas = {name: alpha for name, (_, _, _, _, alpha) in layers.items()}
+        self.alphas = {name: alpha for name, (_, _, alpha) in layers.items()}
 
     @classmethod
     def of_result(cls, base: nn.Module, result) -> "_Student":
@@ -310,7 +314,7 @@ class _Student:
             out_f, in_f = logical_weight(module).shape
             words = state[f"{prefix}{name}.deltacome_delta.sign_words"]
             alpha = state[f"{prefix}{name}.deltacome_delta.sign_alpha"]
-            layers[name] = _layer(f"{name}.weight", module, SignDelta(out_f, in_f, words, alpha))
+            layers[name] = _layer(module, SignDelta(out_f, in_f, words, alpha))
         for key, value in state.items():
             if ".deltacome_dense." in key:
                 module_name, pname = key[len(prefix):].split(".deltacome_dense.")
@@ -345,7 +349,7 @@ class _Student:
         for path, module in model.named_modules():
             if isinstance(module, DeltaComeLinear) and adapter in module.deltacome_delta and module.delta_meta[adapter][0] == "bitdelta":
                 name = _base_name(path)
-                layers[name] = _layer(f"{path}.base_layer.weight", module.get_base_layer(), module.delta(adapter))
+                layers[name] = _layer(module.get_base_layer(), module.delta(adapter))
                 buffers[name] = module.deltacome_delta[adapter]
             elif isinstance(module, DeltaComeDense) and adapter in module.deltacome_dense:
                 base_layer = module.get_base_layer()
@@ -361,17 +365,18 @@ class _Student:
 
         return cls(model, layers, dense, sink)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = dict(self.dense)
-        for path, weight, signs, conv1d, alpha in self.layers.values():
-            out[path] = _WeightPlusScaledSigns.apply(weight, alpha, signs.T if conv1d else signs)
-        return out
-
     def __call__(self, ids: torch.Tensor):
         from torch.func import functional_call
 
-        with _adapters_off(self.model):
-            return functional_call(self.model, self.tensors(), args=(), kwargs={"input_ids": ids.to(self.device)})
+        handles = [module.register_forward_hook(_add_scaled_signs(signs, alpha)) for module, signs, alpha in self.layers.values()]
+        try:
+            with _adapters_off(self.model):
+                if self.dense:
+                    return functional_call(self.model, self.dense, args=(), kwargs={"input_ids": ids.to(self.device)})
+                return self.model(input_ids=ids.to(self.device))
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def write_back(self) -> None:
         """The distilled scales into the adapter they came from (a CompressionResult's state dict, or the
@@ -379,34 +384,44 @@ class _Student:
         self._sink(self.alphas)
 
 
-class _WeightPlusScaledSigns(torch.autograd.Function):
-    """W + α·S in fp32, cast to W's dtype (what merging the adapter writes), differentiable in α only; the backward
-    keeps the int8 signs, not an fp32 copy of them per layer."""
+def _add_scaled_signs(signs: torch.Tensor, alpha: torch.Tensor):
+    """The forward hook of one layer: its output + x·(α·S)ᵀ in fp32, in the output's dtype (DeltaComeLinear's
+    bitdelta forward: `(F.linear(x, W, b).float() + sign_delta_part(x, d)).to(y.dtype)`)."""
+
+    def hook(module, args, output):
+        return (output.float() + _ScaledSigns.apply(args[0], alpha, signs)).to(output.dtype)
+
+    return hook
+
+
+class _ScaledSigns(torch.autograd.Function):
+    """x·(α·S)ᵀ in fp32 (sign_delta_part's arithmetic), differentiable in x and α; the backward keeps the int8 signs,
+    not an fp32 copy of them per layer."""
 
     @staticmethod
-    def forward(ctx, weight, alpha, signs):
-        ctx.save_for_backward(alpha, signs)
-        return (weight.float() + alpha * signs.float()).to(weight.dtype)
+    def forward(ctx, x, alpha, signs):
+        ctx.save_for_backward(x, alpha, signs)
+        return x.float() @ (signs.float() * alpha).T
 
     @staticmethod
     def backward(ctx, grad):
-        alpha, signs = ctx.saved_tensors
-        grad_alpha = None
+        x, alpha, signs = ctx.saved_tensors
+        grad_x = grad_alpha = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ (signs.float() * alpha)).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_alpha = (grad.float() * signs).sum().to(alpha.dtype).reshape(alpha.shape)
-        return None, grad_alpha, None
+            g, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]).float()
+            grad_alpha = ((g.T @ x2) * signs).sum().to(alpha.dtype).reshape(alpha.shape)
+        return grad_x, grad_alpha, None
 
 
-def _layer(path: str, module: nn.Module, sign):
-    """(parameter path, base weight, signs as int8 (out, in), Conv1D?, a fresh fp32 alpha leaf)."""
+def _layer(module: nn.Module, sign):
+    """(base layer module, signs as int8 (out, in) on its device, a fresh fp32 alpha leaf)."""
     from peft_ext.kernels.delta_format import unpack_bitplanes
-    from peft_ext.tuners.base import is_conv1d
 
     signs = (unpack_bitplanes(sign.words.unsqueeze(0), sign.in_features).T * 2 - 1).to(torch.int8)
-    return (
-        path, module.weight.detach(), signs.to(module.weight.device), is_conv1d(module),
-        sign.alpha.detach().to(module.weight.device, torch.float32).reshape(()).clone(),
-    )
+    device = module.weight.device
+    return module, signs.to(device), sign.alpha.detach().to(device, torch.float32).reshape(()).clone()
 
 
 @contextmanager

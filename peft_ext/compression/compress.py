@@ -2,8 +2,10 @@
 
 Layer by layer: read one targeted weight from each model, form the delta in fp32 on the compute device (a GPU
 when present), compress it (compress_layer), keep only the compressed tensors. Weights from folders are read
-through memory maps one tensor at a time, so a 7B pair fits in CPU memory. GPTQ calibration runs the fine-tuned
-model over a small offline text sample, in chunks of layers whose Hessians fit `hessian_memory_gb`. BitDelta's
+through memory maps one tensor at a time. GPTQ calibration runs the fine-tuned model over a small offline text
+sample block by block (calibration.blockwise_hessians): one decoder block's weights, the calibration activations and
+that block's Hessians in memory at a time, the block's layers compressed before the next block is read; so a 7B pair
+fits in CPU memory (the computed peak is in docs/reproductions.md). BitDelta's
 scales can then be distilled (`bitdelta_distill_steps`, bitdelta_distill.py): both models in memory, a few hundred
 Adam steps on one scalar per layer so that the compressed model's logits match the fine-tune's.
 
@@ -25,9 +27,9 @@ from torch import nn
 from peft_ext.tuners.base import in_out_features, is_conv1d, is_linear_like
 from peft_ext.tuners.deltacome import DeltaComeConfig
 from peft_ext.tuners.deltacome.compress_layer import compress_layer
-from peft_ext.tuners.deltacome.layer import base_probes
+from peft_ext.tuners.deltacome.layer import base_probes, delta_probes
 
-from .calibration import Calibration, calibration_batches, collect_hessians, hessian_chunks
+from .calibration import Calibration, blockwise_hessians, calibration_batches, default_samples, layer_inputs
 from .sources import ModelRef, WeightSource
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -41,6 +43,7 @@ class CompressionResult:
     layers: list  # one report row per compressed module
     skipped: list = field(default_factory=list)  # rows for parameters left out (unchanged, or not storable)
     distillation: Optional[object] = None  # a BitDeltaDistillation when BitDelta's scales were distilled
+    calibration: dict = field(default_factory=dict)  # GPTQ's calibration: tokens, widest input, rank-deficient layers
 
     @property
     def totals(self) -> dict:
@@ -52,6 +55,7 @@ class CompressionResult:
             "compressed_bytes": stored, "dense_fp16_delta_bytes": dense, "ratio": stored / dense if dense else None,
             "dense_modules_bytes": extra, "file_bytes": stored + extra,
             "mean_rel_error": sum(r["rel_error"] for r in self.layers) / max(1, len(self.layers)),
+            **self.calibration,
             **(self.distillation.totals() if self.distillation is not None else {}),
         }
 
@@ -90,7 +94,7 @@ def compress_delta(
     dense_modules="changed-norms",
     tokenizer=None,
     calibration: Calibration = None,
-    calibration_samples: int = 32,
+    calibration_samples: Optional[int] = None,
     calibration_seq_len: int = 256,
     hessian_memory_gb: float = 4.0,
     bitdelta_distill_steps: int = 0,
@@ -104,7 +108,11 @@ def compress_delta(
     layers the fine-tune changed are stored whole, they are tiny), a list of module names to store whole (e.g. a
     new head), or None. Changed parameters stored neither way are listed in the report's "skipped".
     calibration (GPTQ, BitDelta's distillation): None (peft-ext's offline English text), a list of strings, or token
-    ids (n, seq_len).
+    ids (n, seq_len). calibration_samples (GPTQ): samples of calibration_seq_len tokens; None (default) sizes them by
+    the widest targeted layer, 2 tokens per input and at least 32 samples (a 7B down_proj's 11,008 inputs: 86 x 256),
+    as far as the text holds. A layer with more inputs than calibration tokens has a singular Hessian: GPTQ's damping
+    then stands in for the missing directions, and the report counts such layers (`rank_deficient_layers`) and warns.
+    hessian_memory_gb: only for targeted layers outside the decoder blocks (calibrated on the whole model).
     bitdelta_distill_steps (method="bitdelta"): 0 keeps BitDelta's closed-form scales α = mean|ΔW|; N > 0 refines
     every layer's α (the signs stay) with BitDelta's scale distillation: N Adam steps at bitdelta_distill_lr
     (BitDelta: 200 at 1e-4, cosine-annealed) so that the compressed model's logits match the fine-tune's on batches
@@ -135,16 +143,21 @@ def compress_delta(
     if not deltas_needed:
         raise ValueError("the fine-tuned model's targeted linear weights equal the base's: there is no delta to compress.")
 
-    ft_model, batches = None, None
+    groups, calib = [(deltas_needed, {})], {}
     if method == "deltacome" and quantizer == "gptq":
-        ft_model, tokenizer = _calibration_model(finetuned, ft_src, tokenizer, device)
-        batches = calibration_batches(calibration, tokenizer, calibration_samples, calibration_seq_len)
+        if tokenizer is None and not isinstance(finetuned, nn.Module):
+            tokenizer = _folder_tokenizer(ft_src.folder)  # None: calibration_batches says what to do
+        widest = max(layer_inputs(structure.get_submodule(n)) for n in deltas_needed)
+        samples = calibration_samples if calibration_samples is not None else default_samples(widest, calibration_seq_len)
+        batches = calibration_batches(calibration, tokenizer, samples, calibration_seq_len)
+        calib = _calibration_totals(structure, deltas_needed, batches, widest)
+        ft_module = finetuned if isinstance(finetuned, nn.Module) else None
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as _load_causal_lm
+        groups = blockwise_hessians(ft_module, ft_src, deltas_needed, batches, device, dtype, int(hessian_memory_gb * 2**30))
 
     state, rows, sign_stats = {}, [], {}
-    chunks = hessian_chunks(ft_model, deltas_needed, int(hessian_memory_gb * 2**30)) if ft_model is not None else [deltas_needed]
     bar = _progress(len(deltas_needed), progress)
-    for chunk in chunks:
-        hessians = collect_hessians(ft_model, chunk, batches, device) if ft_model is not None else {}
+    for chunk, hessians in groups:
         for name in chunk:
             bar.set_postfix_str(name)
             conv1d = is_conv1d(structure.get_submodule(name))
@@ -162,6 +175,7 @@ def compress_delta(
                 sign_stats[name] = (delta.numel(), float(delta.abs().double().sum()), float(delta.double().pow(2).sum()))
             probe_module = _ProbeView(w_base.T if conv1d else w_base)
             config.base_probes = {**(config.base_probes or {}), name: base_probes(probe_module)}
+            config.delta_probes = {**(config.delta_probes or {}), name: delta_probes(probe_module.weight, delta)}
             config.layer_bands = {**(config.layer_bands or {}), name: result.bands}
             bar.update(1)
             del w_base, w_ft, delta
@@ -176,7 +190,7 @@ def compress_delta(
     config.dense_modules = sorted(kept) or None
     config.task_type = "CAUSAL_LM" if hasattr(structure, "generate") and type(structure).__name__.endswith("ForCausalLM") else None
     config.base_model_name_or_path = None if isinstance(base, nn.Module) else os.fspath(base)
-    result = CompressionResult(config, state, rows, skipped)
+    result = CompressionResult(config, state, rows, skipped, calibration=calib)
     if distill:
         _distill(result, base, finetuned, base_src, calibration, tokenizer, bitdelta_distill_steps, bitdelta_distill_lr,
                  device, progress, sign_stats)
@@ -325,13 +339,20 @@ def _dense_modules(structure, base_src, ft_src, targets: set, dense_modules, sta
     return kept, skipped
 
 
-def _calibration_model(finetuned: ModelRef, ft_src: WeightSource, tokenizer, device):
-    if isinstance(finetuned, nn.Module):
-        return finetuned, tokenizer
-    model = _load_causal_lm(ft_src.folder, device)
-    if tokenizer is None:
-        tokenizer = _folder_tokenizer(ft_src.folder)  # None: calibration_batches says what to do
-    return model, tokenizer
+def _calibration_totals(structure: nn.Module, names: list, batches: list, widest: int) -> dict:
+    """What GPTQ calibrated on; layers with more inputs than calibration tokens have a singular Hessian (warned)."""
+    import warnings
+
+    tokens = sum(int(b.numel()) for b in batches)
+    deficient = [n for n in names if layer_inputs(structure.get_submodule(n)) > tokens]
+    if deficient:
+        warnings.warn(
+            f"GPTQ calibrates on {tokens:,} tokens, fewer than the {widest:,} inputs of the widest layer: the Hessians "
+            f"of {len(deficient)} layers ({deficient[0]}, ...) are singular and GPTQ's 1 % damping stands in for the "
+            f"directions the text does not reach. Give more calibration text (calibration=, calibration_samples=).",
+            stacklevel=3,
+        )
+    return {"calibration_tokens": tokens, "calibration_widest_input": widest, "rank_deficient_layers": len(deficient)}
 
 
 def model_card(result: CompressionResult) -> str:

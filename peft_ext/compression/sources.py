@@ -1,8 +1,10 @@
 """Where a model's weights come from when compressing: an in-memory nn.Module, a checkpoint folder, or a Hub id.
 
 Folders are read one tensor at a time through safetensors' memory-mapped `safe_open` (sharded checkpoints via
-their index), so a 7B base and fine-tune never sit in memory whole. Pickled checkpoints (*.bin) are refused:
-loading never unpickles.
+their index), so a 7B base and fine-tune never sit in memory whole. Each read opens the file and closes it again (a
+fraction of a millisecond): a handle kept open would keep every page read so far mapped, and the process's resident
+size would grow to the size of both checkpoints (reclaimable page cache, but counted as resident memory). Pickled
+checkpoints (*.bin) are refused: loading never unpickles.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ class WeightSource:
             return
         self.folder = resolve_folder(ref, role)
         self._files = _safetensors_index(self.folder, role)
-        self._handles: dict = {}
 
     def names(self) -> list[str]:
         return list(self._tensors) if self.module is not None else list(self._files)
@@ -57,19 +58,16 @@ class WeightSource:
             return self._tensors[name].detach()
         from safetensors import safe_open
 
-        file = self._files[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(os.path.join(self.folder, file), framework="pt")
-        return self._handles[file].get_tensor(name)
+        with safe_open(os.path.join(self.folder, self._files[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         if self.module is not None:
             return tuple(self._tensors[name].shape)
         from safetensors import safe_open
 
-        if self._files[name] not in self._handles:
-            self._handles[self._files[name]] = safe_open(os.path.join(self.folder, self._files[name]), framework="pt")
-        return tuple(self._handles[self._files[name]].get_slice(name).get_shape())
+        with safe_open(os.path.join(self.folder, self._files[name]), framework="pt") as handle:
+            return tuple(handle.get_slice(name).get_shape())
 
     def structure(self) -> nn.Module:
         """The model's modules (to find its linear layers): the module itself, or one built on the meta device."""

@@ -44,6 +44,7 @@ METHODS = {
     "bitdelta": ("bitdelta", "rtn", "BitDelta (1-bit)"),
     "bitdelta-distill": ("bitdelta", "rtn", "BitDelta (1-bit, distilled α)"),
 }
+BITDELTA_BUDGET = "1/16"  # 1 bit per weight: BitDelta's size whatever the budget asked
 DISTILLED = {"bitdelta-distill"}  # BitDelta with its scale distillation (bitdelta_distill_steps, bitdelta_distill_lr)
 # training data -> the texts whose NLL is the task loss (the probes are the 48 facts' multiple-choice questions)
 TASKS = {
@@ -112,7 +113,8 @@ class DeltaCompressionConfig:
             value = parse_budget(budget, "reproduce-delta: budgets entry")
             if any(METHODS[m][0] == "bitdelta" for m in self.methods) and value < 1 / 16:
                 raise ValueError(f"reproduce-delta: budget {budget} is below BitDelta's fixed 1/16; drop bitdelta or the budget")
-        self.bands = [list(b) for b in check_schedule(self.bands, "reproduce-delta: bands")]
+        bands = check_schedule(self.bands, "reproduce-delta: bands")
+        self.bands = bands if isinstance(bands, str) else [list(b) for b in bands]
         self.learning_rate = float(self.learning_rate)
         self.bitdelta_distill_lr = float(self.bitdelta_distill_lr)
         if DISTILLED & set(self.methods) and (not isinstance(self.bitdelta_distill_steps, int) or self.bitdelta_distill_steps < 1):
@@ -175,7 +177,8 @@ def run_delta_compression(config: DeltaCompressionConfig | None = None) -> dict:
             if key not in cache:
                 folder = adapters / (name if fixed else f"{name}_{budget.replace('/', 'over')}") if config.save_adapters else None
                 cache[key] = compress_and_score(
-                    base, finetuned, tokenizer, config, method, quantizer, budget, folder, device, score, hessians,
+                    base, finetuned, tokenizer, config, method, quantizer, BITDELTA_BUDGET if fixed else budget, folder,
+                    device, score, hessians,
                     distill_steps=config.bitdelta_distill_steps if name in DISTILLED else 0,
                 )
                 print(f"{label}{'' if fixed else ' at ' + budget}: {_describe(cache[key]['scores'])}, ratio "
@@ -327,11 +330,14 @@ def _scores(model, tokenizer, score_data, task_texts, max_length) -> dict:
 
 
 def _row(name, label, budget, done, base, ft, budget_independent: bool) -> dict:
+    """One table row. `budget`: the budget whose rows it is listed with ("listed_under"); a budget-independent row
+    (BitDelta) carries its own budget, 1/16, in "budget" and "budget_fraction"."""
     from peft_ext.tuners.deltacome.bands import parse_budget
 
     s, t = done["scores"], done["totals"]
+    own = BITDELTA_BUDGET if budget_independent else budget
     return {
-        "method": name, "label": label, "budget": budget, "budget_fraction": parse_budget(budget),
+        "method": name, "label": label, "budget": own, "budget_fraction": parse_budget(own), "listed_under": budget,
         "budget_independent": budget_independent,
         "stored_bytes": t["compressed_bytes"], "dense_fp16_delta_bytes": t["dense_fp16_delta_bytes"], "ratio": t["ratio"],
         "dense_modules_bytes": t["dense_modules_bytes"], "file_bytes": t["file_bytes"],
@@ -384,8 +390,9 @@ def format_table(results: dict) -> str:
         "English text, √(tr(E H Eᵀ) / tr(ΔW H ΔWᵀ)), E = ΔW − ΔŴ, H = Σ x xᵀ (GPTQ calibrates on other text).",
     ]
     if any(r["budget_independent"] for r in results["compressed"]):
-        notes.append("* BitDelta stores 1 bit per weight (about 1/16 of fp16) whatever the budget: one adapter, listed "
-                     "under each budget.")
+        notes.append("* BitDelta stores 1 bit per weight, 1/16 of the fp16 delta, whatever the budget: one adapter at "
+                     "1/16, repeated with each budget's rows (with a larger budget's rows it stores fewer bytes than "
+                     "the others).")
     distilled = {json.dumps(r["distillation"], sort_keys=True): r["distillation"] for r in results["compressed"] if r.get("distillation")}
     for d in distilled.values():  # one note per distilled adapter (BitDelta's is listed under every budget)
         held = (f", held-out English {d['distill_heldout_loss_before']:.4g} → {d['distill_heldout_loss_after']:.4g}"

@@ -64,3 +64,36 @@ def test_parse_budget_rejects(bad):
 def test_lowrank_rank_matches_bytes():
     r = lowrank_rank(4096, 4096, 1 / 16)
     assert r == 128 and r * 8192 * 2 == 4096 * 4096 * 2 / 16
+
+
+# ------------------------------------------------------------------ the default: the paper's bands scaled (item 25)
+def test_the_default_schedule_is_the_papers_at_4096_and_scaled_below():
+    from peft_ext.tuners.deltacome import DeltaComeConfig
+
+    assert DeltaComeConfig().bands == "scaled"
+    # 7B attention and MLP: the paper's fixed 2 / 32, the fill band as with the explicit schedule
+    for shape in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        assert solve_bands(*shape, 1 / 16, "scaled", 128) == solve_bands(*shape, 1 / 16, PAPER_SCHEDULE, 128)
+    assert solve_bands(576, 576, 1 / 16, "scaled", 128)[:2] == ((8, 1), (3, 5))  # SmolLM2-135M: ceil(2*576/4096) ...
+
+
+@pytest.mark.parametrize("shape", [(128, 256), (256, 128), (64, 64), (32, 32), (20, 4), (4096, 128)])
+@pytest.mark.parametrize("budget", [1 / 16, 1 / 64])
+def test_the_default_schedule_fits_small_matrices(shape, budget):
+    """Before the fix the default bands (the paper's fixed 2 + 32 directions) did not fit a 128 x 256 k_proj at 1/16
+    (5,920 bytes against 4,096): every small model failed with the defaults."""
+    out, inp = shape
+    bands = solve_bands(out, inp, budget, "scaled", 128, "k_proj")
+    assert packed_nbytes(out, inp, bands, 128) <= budget * out * inp * 2
+    assert sum(n for _, n in bands) <= min(out, inp) and [b for b, _ in bands] == [8, 3, 2]
+    if shape == (128, 256) and budget == 1 / 16:
+        assert bands[:2] == ((8, 1), (3, 1)) and bands[2][1] > 0  # scaled 2 -> 1 and 32 -> 1, the 2-bit band fills
+    if shape == (20, 4):  # not even one 2-bit direction fits 10 bytes: nothing is stored, nothing raises
+        assert bands == ((8, 0), (3, 0), (2, 0))
+
+
+def test_the_explicit_paper_schedule_is_kept_as_an_option():
+    with pytest.raises(ValueError, match=r"k_proj \(128 x 256\).*raise budget.*bands='scaled'"):
+        solve_bands(128, 256, 1 / 16, [[2, 8], [32, 3], [None, 2]], 128, "k_proj")
+    with pytest.raises(ValueError, match=r"'scaled' .* or a list of \(n_cols, bits\) pairs"):
+        solve_bands(128, 256, 1 / 16, "paper", 128)

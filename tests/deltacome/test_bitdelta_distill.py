@@ -264,3 +264,26 @@ def test_reproduction_config_and_table_know_bitdelta_distill():
     table = format_table({"base": scores, "finetuned": {**scores, "dense_fp16_delta_bytes": 16}, "compressed": [row, dict(row)]})
     assert table.count("| BitDelta (1-bit, distilled α) | 1/16* |") == 2
     assert table.count("BitDelta's distillation (200 Adam steps") == 1 and "0.5 → 0.25 on that text, held-out English 0.6 → 0.3" in table
+
+
+# ----------------------------------------------------------------------------------- the served function (item 24)
+def test_in_bf16_the_distilled_function_is_the_served_one(tmp_path):
+    """The served adapter adds α·S·x in fp32 to the bf16 base's output; before the fix the distillation optimised
+    W + α·S rounded to bf16, where a real fine-tune's α (here 1/300 of the weights' scale) mostly rounds away: the
+    function fitted was nearly the base's, not the one served. Both students (from a CompressionResult and from a
+    PeftModel) now compute the served outputs."""
+    from .conftest import make_base, make_finetune
+
+    base = make_base(seed=21)
+    ft = make_finetune(base, seed=22, scale=3e-3)
+    result = compress_delta(base, ft, method="bitdelta", progress=False)
+    result.save(tmp_path)
+    base16 = copy.deepcopy(base).to(torch.bfloat16)
+    model = PeftModel.from_pretrained(copy.deepcopy(base16), tmp_path).eval()
+    ids = input_ids(batch=4, length=16)
+    with torch.no_grad():
+        served, plain = model(ids).logits.float(), base16(ids).logits.float()
+        students = _Student.of_result(base16, result)(ids).logits.float(), _Student.of_peft_model(model)(ids).logits.float()
+    assert (served - plain).norm() > 0
+    for student in students:
+        assert float((student - served).norm()) <= 0.02 * float((served - plain).norm()), (student - served).norm()

@@ -15,6 +15,8 @@ from peft_ext.tuners.deltacome.representation import build_packed
 
 from .conftest import BANDS, BUDGET, GROUP, input_ids, make_base, make_finetune
 
+PAPER = [[2, 8], [32, 3], [None, 2]]  # the paper's schedule as given (the default scales it to each matrix)
+
 
 def _compress(pair, tokenizer, tmp_path=None, **kw):
     base, ft = pair
@@ -167,8 +169,28 @@ def test_nan_weights_name_the_module(pair):
 
 def test_budget_too_small_for_the_bands(pair):
     base, ft = pair
-    with pytest.raises(ValueError, match=r"budget 0\.0625 .*raise budget"):
-        compress_delta(base, ft, budget="1/16", quantizer="rtn", progress=False)  # the paper's 2 + 32 fixed bands
+    with pytest.raises(ValueError, match=r"budget 0\.0625 .*raise budget"):  # the paper's 2 + 32 fixed bands, as given
+        compress_delta(base, ft, budget="1/16", bands=PAPER, quantizer="rtn", progress=False)
+
+
+def test_the_default_bands_fit_a_small_model(pair, tmp_path):
+    """The defaults (budget 1/16, bands "scaled", group 128) on 64-wide layers: before the fix the paper's fixed
+    bands, set for 4096-wide matrices, did not fit and the default raised; get_peft_model's default config too."""
+    from peft import get_peft_model
+
+    from peft_ext.testing.models import MODELS
+
+    base, ft = pair
+    result = compress_delta(base, ft, tmp_path, quantizer="rtn", progress=False)
+    assert result.config.bands == "scaled" and len(result.layers) == 14
+    for row in result.layers:
+        assert row["bytes"] <= row["dense_fp16_bytes"] / 16 and row["bands"][0] == [1, 8], row
+    model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        ids = input_ids()
+        assert (model(ids).logits - ft(ids).logits).norm() < (base(ids).logits - ft(ids).logits).norm()
+    tiny = get_peft_model(MODELS["llama"].make(0), peft_ext.DeltaComeConfig(task_type="CAUSAL_LM"))
+    assert torch.isfinite(tiny(**MODELS["llama"].inputs()).logits).all()
 
 
 def test_no_delta(pair):
@@ -237,7 +259,7 @@ def test_settings_that_cannot_work_fail_before_any_work(pair):
     which GPTQ would need later)."""
     base, ft = pair
     with pytest.raises(ValueError, match=r"budget 0\.0625 .*raise budget"):
-        compress_delta(base, ft, budget=1 / 16, progress=False)
+        compress_delta(base, ft, budget=1 / 16, bands=PAPER, progress=False)
     with pytest.raises(ValueError, match=r"dense_modules names modules .*model\.nope"):
         compress_delta(base, ft, budget=BUDGET, bands=BANDS, group_size=GROUP, dense_modules=["model.nope"], progress=False)
 

@@ -5,6 +5,13 @@ A schedule is written the way the paper states it, as (n_cols, bits) pairs, larg
 budget holds (None = "fill"). The paper's 7B default at 1/16 is 2 / 32 / 968 (attention) and 2 / 32 / 1,428 (MLP)
 at 8 / 3 / 2 bits; with `[[2, 8], [32, 3], [None, 2]]` the fill band follows from each layer's shape.
 
+The default, `"scaled"`, is that schedule with its fixed counts scaled to each matrix: the paper set 2 and 32 for
+4096-wide matrices, so a matrix of rank r = min(out, in) gets ceil(2 r / 4096) and ceil(32 r / 4096) directions (the
+paper's own 2 / 32 at r = 4096, 1 / 5 at SmolLM2-135M's 576, 1 / 1 at 128). For a square matrix this keeps the fixed
+bands' share of the budget at the paper's (5.5 % of the code bits at 1/16) whatever its size; where even the scaled
+bands exceed a small layer's budget they shrink, the last band first, until they fit (the fill band takes the
+rest). An explicit schedule is used as given and raises when its fixed bands exceed a layer's budget.
+
 Budget bookkeeping is exact: a layer may use at most `budget * out * in * 2` bytes (the fp16 dense delta times
 the budget), counting everything that is stored: the bit-plane words (padded to 32 rows), the fp16 scales and
 mins of every group, and the fp32 singular values. (The paper counts only the codes; with group size 128 the
@@ -15,11 +22,13 @@ from __future__ import annotations
 
 import json
 from fractions import Fraction
-from typing import Optional, Sequence, Union
+from typing import Union
 
 from peft_ext.kernels.delta_format import MAX_BITS, PackedDelta, check_bands
 
 PAPER_SCHEDULE = ((2, 8), (32, 3), (None, 2))  # (n_cols, bits); None fills the budget
+SCALED = "scaled"  # the default: PAPER_SCHEDULE with its fixed counts scaled to each matrix's rank
+REFERENCE_RANK = 4096  # the width the paper's fixed counts were set for (7B: 4096 x 4096 and 11008 x 4096)
 Budget = Union[float, str, Fraction]
 
 
@@ -34,8 +43,16 @@ def parse_budget(budget: Budget, field_name: str = "budget") -> float:
     return value
 
 
-def check_schedule(schedule: Sequence[Sequence], field_name: str = "bands") -> tuple[tuple[Optional[int], int], ...]:
-    """Validates a (n_cols | None, bits) schedule; at most one None (fill) band."""
+def check_schedule(schedule, field_name: str = "bands"):
+    """Validates a (n_cols | None, bits) schedule (at most one None (fill) band) and returns it as a tuple of pairs,
+    or "scaled" as is."""
+    if isinstance(schedule, str):
+        if schedule != SCALED:
+            raise ValueError(
+                f"{field_name} must be {SCALED!r} (the paper's [[2, 8], [32, 3], [null, 2]] scaled to each matrix) or a "
+                f"list of (n_cols, bits) pairs such as [[2, 8], [32, 3], [null, 2]], got {schedule!r}."
+            )
+        return schedule
     out = []
     for i, band in enumerate(schedule):
         if not isinstance(band, (list, tuple)) or len(band) != 2:
@@ -60,12 +77,37 @@ def column_bytes(out_features: int, in_features: int, bits: int, group_size: int
     return words * 4 * bits + groups * 2 * 2 + 4
 
 
+def scaled_schedule(out_features: int, in_features: int, budget: float, group_size: int) -> tuple:
+    """The default schedule of one matrix: PAPER_SCHEDULE's fixed counts n scaled to ceil(n * min(out, in) / 4096),
+    then shrunk (the last fixed band first) until they fit the layer's budget; the fill band stays."""
+    rank = min(out_features, in_features)
+    limit = budget * out_features * in_features * 2
+    counts = [None if n is None else -(-n * rank // REFERENCE_RANK) for n, _ in PAPER_SCHEDULE]
+    counts = [None if n is None else min(n, rank) for n in counts]
+
+    def cost():
+        left, total = rank, 0.0
+        for n, (_, bits) in zip(counts, PAPER_SCHEDULE):
+            if n is not None:
+                total += min(n, left) * column_bytes(out_features, in_features, bits, group_size)
+                left -= min(n, left)
+        return total
+
+    for i in reversed(range(len(counts))):
+        while counts[i] and cost() > limit:
+            counts[i] -= 1
+    return tuple((n, bits) for n, (_, bits) in zip(counts, PAPER_SCHEDULE))
+
+
 def solve_bands(
     out_features: int, in_features: int, budget: float, schedule, group_size: int, layer: str = "layer"
 ) -> tuple[tuple[int, int], ...]:
-    """(bits, n_cols) per band for one layer: fixed bands as given, the fill band as wide as the budget allows,
-    no more directions than the delta's rank min(out, in). Raises if the fixed bands alone exceed the budget."""
+    """(bits, n_cols) per band for one layer: fixed bands as given (or, for "scaled", scaled to the matrix), the fill
+    band as wide as the budget allows, no more directions than the delta's rank min(out, in). Raises if the fixed
+    bands of an explicit schedule alone exceed the budget."""
     schedule = check_schedule(schedule)
+    if schedule == SCALED:
+        schedule = scaled_schedule(out_features, in_features, budget, group_size)
     limit = budget * out_features * in_features * 2
     rank_left = min(out_features, in_features)
     fixed = 0.0
@@ -77,7 +119,8 @@ def solve_bands(
         raise ValueError(
             f"budget {budget:g} gives {layer} ({out_features} x {in_features}) {int(limit):,} bytes, but the fixed bands "
             f"of bands={json.dumps([list(b) for b in schedule])} need {int(fixed):,}: raise budget or use fewer/narrower fixed bands "
-            f"(e.g. bands=[[null, 2]] lets one band fill whatever the budget holds)."
+            f"(e.g. bands=[[null, 2]] lets one band fill whatever the budget holds, and the default bands='{SCALED}' "
+            f"scales the paper's fixed bands to each matrix)."
         )
     bands, rank_left, left = [], min(out_features, in_features), limit - fixed
     for n, bits in schedule:

@@ -5,7 +5,7 @@ from typing import Optional, Union
 
 from peft_ext.tuners.config_base import PeftExtConfig
 
-from .bands import PAPER_SCHEDULE, check_schedule, parse_budget
+from .bands import SCALED, check_schedule, parse_budget
 
 METHODS = ("deltacome", "bitdelta", "lowrank")
 QUANTIZERS = ("gptq", "rtn")
@@ -30,8 +30,12 @@ class DeltaComeConfig(PeftExtConfig):
             budget, plus 4 bytes of alpha per layer and the padding of in_features to a multiple of 32).
         budget: the compressed size of each layer as a fraction of its dense fp16 delta (1/16 = "0.0625" =
             "1/16"). Everything stored counts (codes, scales, mins, singular values), see bands.py.
-        bands: the precision schedule as (n_cols, bits) pairs, largest singular values first; one band may have
-            n_cols null, meaning "as many as the budget holds". Default [[2, 8], [32, 3], [null, 2]], the paper's.
+        bands: the precision schedule. "scaled" (default): the paper's [[2, 8], [32, 3], [null, 2]], set for
+            4096-wide 7B matrices, with the fixed counts scaled to each matrix (ceil(n * min(out, in) / 4096): the
+            paper's 2 / 32 at 4096, 1 / 1 at 128) and shrunk where a small layer's budget cannot hold them, so the
+            default fits every layer at every budget. Or an explicit schedule, used as given: (n_cols, bits) pairs,
+            largest singular values first, one band may have n_cols null ("as many as the budget holds"); a layer
+            whose budget cannot hold its fixed bands raises.
         group_size: rows per quantisation group of each singular vector (scales and mins in fp16).
         quantizer: "gptq" (error compensation on calibration activations, the paper) or "rtn" (round to nearest).
         layer_bands: per module, the solved (n_cols, bits) bands (filled by the compressor; solved from budget and
@@ -40,13 +44,21 @@ class DeltaComeConfig(PeftExtConfig):
             copy per adapter, that mixed batches route per row (filled by the compressor).
         base_probes: per module, a few of the base weights the delta was computed against (the base fingerprint).
             Loading onto another base raises.
+        delta_probes: per module, [row, col, base value, delta value] at the positions where the fine-tune differs
+            most from the base (filled by the compressor): loading onto the fine-tune itself raises (its weights
+            match base_probes to ~1e-3, but hold the fine-tune's values there).
         init_weights: True: an empty adapter is a zero delta (the output equals the base). False: random
             contents (for tests).
+        seed: the random contents of init_weights=False. None (default): drawn from torch's RNG, so that
+            torch.manual_seed reproduces them and each adapter built gets its own. An int: the same contents from that
+            seed and each layer's name, whatever torch's RNG and the adapter's name (two adapters of one seed are equal).
     """
 
     method: str = field(default="deltacome", metadata={"help": "deltacome | lowrank | bitdelta"})
     budget: Union[float, str] = field(default=1 / 16, metadata={"help": "Fraction of the dense fp16 delta, e.g. 1/16."})
-    bands: list = field(default_factory=lambda: [list(b) for b in PAPER_SCHEDULE], metadata={"help": "(n_cols, bits) pairs."})
+    bands: Union[str, list] = field(
+        default=SCALED, metadata={"help": "'scaled' (the paper's schedule scaled to each matrix) or (n_cols, bits) pairs."}
+    )
     group_size: int = field(default=128, metadata={"help": "Quantisation group size along each singular vector."})
     quantizer: str = field(default="gptq", metadata={"help": "gptq | rtn"})
     target_modules: Optional[Union[list[str], str]] = field(
@@ -59,8 +71,11 @@ class DeltaComeConfig(PeftExtConfig):
     )
     layer_bands: Optional[dict] = field(default=None, metadata={"help": "Solved bands per module (compressor)."})
     base_probes: Optional[dict] = field(default=None, metadata={"help": "Base-weight fingerprint per module."})
+    delta_probes: Optional[dict] = field(default=None, metadata={"help": "Where base and fine-tune differ most, per module."})
     init_weights: bool = field(default=True, metadata={"help": "False: random contents (tests)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the random contents when init_weights=False."})
+    seed: Optional[int] = field(
+        default=None, metadata={"help": "init_weights=False: None draws from torch's RNG; an int fixes the contents."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,7 +91,10 @@ class DeltaComeConfig(PeftExtConfig):
             )
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"DeltaComeConfig.group_size must be a positive integer (e.g. 128), got {self.group_size!r}.")
-        self.bands = [list(b) for b in check_schedule(self.bands, "DeltaComeConfig.bands")]
+        bands = check_schedule(self.bands, "DeltaComeConfig.bands")
+        self.bands = bands if isinstance(bands, str) else [list(b) for b in bands]
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"DeltaComeConfig.seed must be None (torch's RNG) or an integer, got {self.seed!r}.")
         if isinstance(self.target_modules, (set, frozenset)):
             self.target_modules = sorted(self.target_modules)
 

@@ -27,18 +27,27 @@ from peft_ext.kernels.delta_format import MIN_SCALE, codes_on_grid, grid_for_ran
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(upper Cholesky factor of H^-1, mask of dead columns), with H damped by damp * mean(diag)."""
-    H = hessian.double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    """(upper Cholesky factor of H^-1, mask of dead columns), with H damped by damp * mean(diag). In float64, one
+    (in x in) copy alive at a time besides the factor being computed (16 in^2 bytes at the peak: 1.9 GB for a 7B
+    down_proj's 11,008 inputs); the damping goes onto the diagonal in place."""
+    H = hessian.double()
+    if H is hessian:
+        H = H.clone()
+    diag = H.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag.add_(damp * diag.mean())
     for attempt in range(5):  # grow the damping if H is numerically indefinite
         L, info = torch.linalg.cholesky_ex(H)
         if info.item() == 0:
             break
-        H += (10**attempt) * damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        diag.add_((10**attempt) * damp * diag.mean())
+    del H, diag
     Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True).float(), dead
+    del L
+    factor = torch.linalg.cholesky(Hinv, upper=True)
+    del Hinv
+    return factor.float(), dead
 
 
 def _band_maxq(bits_per_col: torch.Tensor) -> torch.Tensor:

@@ -5,11 +5,11 @@ import math
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from peft_ext.tuners.base import PeftExtTuner, in_out_features, is_linear_like
+from peft_ext.tuners.base import PeftExtTuner, in_out_features, is_linear_like, logical_weight
 
 from .config import DeltaComeConfig
 from .dense_layer import DeltaComeDense
-from .layer import DeltaComeLinear, DeltaComeTunerLayer, base_probes
+from .layer import DeltaComeLinear, DeltaComeTunerLayer, base_probes, probes_closer_to_the_finetune
 from .representation import method_bands
 
 PROBE_RTOL = 1 / 64  # a base reloaded in bf16 / fp16 still matches; another checkpoint does not
@@ -46,7 +46,10 @@ class DeltaComeModel(PeftExtTuner, BaseTuner):
                     f"{' ...' if len(missing) > 3 else ''} that {type(model).__name__} does not have: load it onto "
                     f"its base model ({config.base_model_name_or_path or 'see adapter_config.json'})."
                 )
+        before = {id(m) for m in model.modules()}
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        _follow_the_models_mode(model, before)
+        self.training = model.training  # the tuner too: mixed batches (adapter_names=) check its mode
 
     @staticmethod
     def _check_target_module_exists(peft_config: DeltaComeConfig, key: str) -> bool:
@@ -55,7 +58,7 @@ class DeltaComeModel(PeftExtTuner, BaseTuner):
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if current_key in (peft_config.dense_modules or ()):
-            args = dict(init_weights=peft_config.init_weights, seed=peft_config.seed)
+            args = dict(init_weights=peft_config.init_weights, seed=peft_config.seed, name=current_key)
             self._add_to_layer(DeltaComeDense, target, adapter_name, parent, target_name, **args)
             return
         kind = type(base).__name__
@@ -80,8 +83,26 @@ class DeltaComeModel(PeftExtTuner, BaseTuner):
             p.requires_grad = False
 
 
+def _follow_the_models_mode(model: nn.Module, before: set) -> None:
+    """Modules the injection created start in training mode (nn.Module's default), whatever the model's mode: a
+    Delta-CoMe layer (and the buffer dicts of a new adapter in an existing layer) takes the mode of the layer it
+    wraps, any other new module (PEFT's modules_to_save wrapper) the model's."""
+    inside = set()
+    for module in model.modules():
+        if isinstance(module, DeltaComeTunerLayer):
+            module.train(module.get_base_layer().training)
+            inside.update(id(m) for m in module.modules())
+    for module in model.modules():
+        if id(module) not in before and id(module) not in inside:
+            module.training = model.training
+
+
 def _check_probe(config: DeltaComeConfig, name: str, base: nn.Module) -> None:
-    """The base fingerprint: the weights the delta was computed against must be this module's."""
+    """The base fingerprint: the weights the delta was computed against must be this module's. Two checks: 16 evenly
+    spaced weights within 1/64 of the weight scale (another checkpoint fails, the base reloaded in bf16 / fp16
+    passes), and, where the adapter has them (delta_probes), the positions where the fine-tune differs most from the
+    base: the weights must hold the base's values there, not the fine-tune's (its own fine-tune, which differs from
+    the base by ~1e-3, passes the first check)."""
     if not config.base_probes:
         return
     expected = config.base_probes.get(name)
@@ -98,5 +119,14 @@ def _check_probe(config: DeltaComeConfig, name: str, base: nn.Module) -> None:
             f"the base weights of {name} differ from those this Delta-CoMe delta was compressed against (largest "
             f"difference {worst:.3g} at a weight scale of {scale:.3g}): a delta only makes sense on its own base. "
             f"Load the base it was made from ({config.base_model_name_or_path or 'see adapter_config.json'})."
+        )
+    probes = (config.delta_probes or {}).get(name)
+    decisive, finetune = probes_closer_to_the_finetune(logical_weight(base), probes or [])
+    if decisive and 2 * finetune > decisive:
+        raise ValueError(
+            f"the weights of {name} are not the base this Delta-CoMe delta was compressed against: at the {decisive} "
+            f"positions where the fine-tune differs most from that base, {finetune} hold the fine-tune's values. This "
+            f"looks like the fine-tuned model itself; the delta would be applied twice. Load the adapter onto the "
+            f"base model ({config.base_model_name_or_path or 'see adapter_config.json'})."
         )
 
