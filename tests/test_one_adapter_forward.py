@@ -1,5 +1,7 @@
-"""The forward protocol HFT and Delta-CoMe layers share (peft_ext.tuners.one_adapter_forward): one adapter at a time
-or one per row; two active adapters are refused with the fix named; Delta-CoMe refuses a training forward."""
+"""The forward protocol HFT and Delta-CoMe layers share (peft_ext.tuners.one_adapter_forward): one adapter, one per row,
+or several active at once, computed as merging them all would (W0 plus each adapter's change; before, the forward
+refused what merge_adapter() stacked); a layer without a stacked forward refuses with the fix named; Delta-CoMe
+refuses a training forward."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_ext
+from peft_ext.tuners.base import PeftExtLayer
 from peft_ext.tuners.deltacome.dense_layer import DeltaComeDense
+from peft_ext.tuners.one_adapter_forward import OneAdapterForward
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -41,7 +45,7 @@ def two_adapter_model(method: str):
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
-def test_two_active_adapters_are_refused_and_one_per_row_works(method):
+def test_two_active_adapters_run_as_merged_and_one_per_row_works(method):
     model = two_adapter_model(method)
     with torch.no_grad():
         base = model.get_base_model()
@@ -54,9 +58,11 @@ def test_two_active_adapters_are_refused_and_one_per_row_works(method):
         assert not torch.allclose(y_a, y_b) and not torch.allclose(y_a, y_base)
 
         model.base_model.set_adapter(["one", "two"])
-        with pytest.raises(ValueError, match=rf"{method} runs one adapter at a time, but \[.one., .two.\] are active .*"
-                                              r"model.set_adapter\(name\) with one name.*adapter_names="):
-            model(IDS)
+        y_both = model(IDS).logits
+        assert not torch.allclose(y_both, y_a) and not torch.allclose(y_both, y_b)
+        model.merge_adapter()
+        torch.testing.assert_close(model(IDS).logits, y_both, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()
 
         y_mixed = model(IDS, adapter_names=["two", "__base__", "one"]).logits
         torch.testing.assert_close(y_mixed[0], y_b[0], atol=1e-5, rtol=1e-5)
@@ -76,10 +82,10 @@ def test_deltacome_dense_modules_follow_the_same_protocol():
         weight, eps = dense.deltacome_dense["one"]["weight"], dense.get_base_layer().variance_epsilon
         expected = torch.nn.functional.rms_norm(x, (32,), weight, eps)
         torch.testing.assert_close(y_a, expected)
-        dense.set_adapter(["one", "two"])
-        refused = r"Delta-CoMe runs one adapter at a time, but \[.one., .two.\] are active on LlamaRMSNorm"
-        with pytest.raises(ValueError, match=refused):
-            dense(x)
+        dense.set_adapter(["one", "two"])  # W0 + (W_one - W0) + (W_two - W0)
+        w0 = dense.get_base_layer().weight
+        stacked = weight + (dense.deltacome_dense["two"]["weight"] - w0)
+        torch.testing.assert_close(dense(x), torch.nn.functional.rms_norm(x, (32,), stacked, eps))
         torch.testing.assert_close(dense(x, adapter_names=["__base__", "one"])[1], y_a[1])
     dense.train()
     with pytest.raises(RuntimeError, match=r"cannot be trained .*LlamaRMSNorm.*call model.eval\(\)"):
@@ -87,3 +93,29 @@ def test_deltacome_dense_modules_follow_the_same_protocol():
     with torch.no_grad():  # inference under no_grad is fine even in training mode
         dense.set_adapter("one")
         torch.testing.assert_close(dense(x), y_a)
+
+
+class _OneAtATime(OneAdapterForward, PeftExtLayer):
+    """A layer of the protocol that does not define a stacked forward: two active adapters are refused."""
+
+    adapter_layer_names = ("toy_value",)
+    method_label = "Toy"
+
+    def update_layer(self, adapter_name):
+        self.toy_value[adapter_name] = torch.nn.Linear(1, 1)
+
+    def _single_forward(self, adapter_name, x, *args, **kwargs):
+        return self.base_layer(x) + 1
+
+
+def test_a_layer_without_a_stacked_forward_refuses_two_active_adapters():
+    layer = _OneAtATime(torch.nn.Linear(4, 4), "one")
+    layer.update_layer("one")
+    layer.update_layer("two")
+    layer.set_adapter(["one", "two"])
+    with pytest.raises(ValueError, match=r"Toy runs one adapter at a time, but \[.one., .two.\] are active on Linear: "
+                                         r"call model.set_adapter\(name\) with one name, or pass adapter_names="):
+        layer(torch.randn(2, 4))
+    layer.set_adapter("one")
+    torch.testing.assert_close(layer(torch.ones(2, 4)), layer.base_layer(torch.ones(2, 4)) + 1)
+

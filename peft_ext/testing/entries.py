@@ -13,6 +13,7 @@ Contract item keys used in `documented_errors` (optionally suffixed with ":<mode
     "bf16", "fp16"    a model in that dtype                 "autocast"       CPU bf16 autocast
     "gradient_checkpointing"                                "compile"        torch.compile
     "trl_sft", "trl_dpo"                                    TRL trainers with peft_config=
+    "several_active"  set_adapter([a, b]) runs what merging both writes
 
 An entry for a method whose pruned model cannot be unloaded to the base, say:
 
@@ -41,6 +42,7 @@ from .models import MODEL_KINDS
 CONTRACT_ITEMS = (
     "identity_init", "train", "save", "low_level_api", "merge", "safe_merge", "unload", "disable", "multi_adapter",
     "mixed_batch", "bf16", "fp16", "autocast", "gradient_checkpointing", "compile", "trl_sft", "trl_dpo",
+    "several_active",
 )  # fmt: skip
 
 

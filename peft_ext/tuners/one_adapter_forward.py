@@ -35,9 +35,14 @@ class OneAdapterForward:
             return self.base_layer(x, *args, **kwargs)
         self._check_can_run()
         if len(active) > 1:
-            raise ValueError(
-                f"{self.method_label} runs one adapter at a time, but {active} are active on "
-                f"{type(self.get_base_layer()).__name__}: call model.set_adapter(name) with one name, or pass "
-                f"adapter_names= per row for a mixed batch."
-            )
+            return self._stacked_forward(active, x, *args, **kwargs)
         return self._single_forward(active[0], x, *args, **kwargs)
+
+    def _stacked_forward(self, adapters: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Several active adapters at once: what merging them all would compute (W0 plus the sum of their changes,
+        for the layers that support it). Refused by default, naming the fix."""
+        raise ValueError(
+            f"{self.method_label} runs one adapter at a time, but {adapters} are active on "
+            f"{type(self.get_base_layer()).__name__}: call model.set_adapter(name) with one name, or pass "
+            f"adapter_names= per row for a mixed batch."
+        )

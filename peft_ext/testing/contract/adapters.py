@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
+from peft.utils import ModulesToSaveWrapper
 
 from ..harness import adapter_tensors, assert_equal, output, peft_model
 from ..marks import per_model
@@ -14,6 +15,7 @@ __all__ = [
     "test_mixed_batch_equals_per_adapter_runs",
     "test_unknown_adapter_name",
     "test_mixed_batch_while_merged",
+    "test_several_active_adapters_run_as_merging_them_would",
 ]
 
 
@@ -162,3 +164,34 @@ def test_mixed_batch_while_merged(entry, spec):
         assert "merge" in str(err).lower(), err
         return
     _assert_rows_match(got, per_adapter, names, "mixed batch while merged")
+
+
+@per_model()
+def test_several_active_adapters_run_as_merging_them_would(entry, spec):
+    """`set_adapter(["a", "b"])`: the unmerged forward computes what `merge_adapter()` then writes (merging stacks the
+    active adapters, so a forward that refused them, or ran only one, disagreed with the merge)."""
+    doc = entry.documented_error("multi_adapter", spec.kind)
+    if doc is not None:
+        return  # one adapter per model by design: test_add_switch_delete asserts the documented error
+    model = _two_adapters(entry, spec)
+    if any(isinstance(m, ModulesToSaveWrapper) for m in model.modules()):  # PEFT's own limit (the classifier copy)
+        with pytest.raises(ValueError, match=r"Only one adapter can be set at a time"):
+            model.base_model.set_adapter(["a", "b"])
+        return
+    model.base_model.set_adapter(["a", "b"])
+    doc = entry.documented_error("several_active", spec.kind)
+    if doc is not None:
+        with pytest.raises(doc.error, match=doc.match):
+            output(spec, model)
+        return
+    stacked = output(spec, model)
+    model.set_adapter("a")
+    assert not torch.equal(stacked, output(spec, model)), "two active adapters ran as one"
+    model.base_model.set_adapter(["a", "b"])
+    if entry.documented_error("merge", spec.kind) is not None:
+        return
+    model.merge_adapter()
+    torch.testing.assert_close(output(spec, model), stacked, rtol=1e-5, atol=1e-6)
+    model.unmerge_adapter()
+    assert_equal(output(spec, model), stacked, "after merge + unmerge")
+

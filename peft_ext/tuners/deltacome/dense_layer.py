@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -9,7 +9,7 @@ from torch import nn
 from peft_ext.tuners.mixed_batch import route_rows
 from peft_ext.tuners.one_adapter_forward import OneAdapterForward
 
-from .layer import DeltaComeTunerLayer
+from .layer import DeltaComeTunerLayer, random_generator
 
 
 class DeltaComeDense(OneAdapterForward, DeltaComeTunerLayer):
@@ -19,12 +19,12 @@ class DeltaComeDense(OneAdapterForward, DeltaComeTunerLayer):
 
     adapter_layer_names = ("deltacome_dense",)
 
-    def update_layer(self, adapter_name: str, init_weights: bool, seed: int) -> None:
+    def update_layer(self, adapter_name: str, init_weights: bool, seed: Optional[int], name: str) -> None:
         values = {}
+        g = None if init_weights else random_generator(seed, name)
         for pname, p in self.get_base_layer().named_parameters(recurse=False):
             value = p.detach().clone()
-            if not init_weights:  # tests: a non-identity adapter
-                g = torch.Generator().manual_seed(seed)
+            if g is not None:  # tests: a non-identity adapter (drawn as the linear layers' contents are)
                 value += (0.1 * torch.randn(value.shape, generator=g)).to(value)
             values[pname] = value
         self.deltacome_dense[adapter_name] = BufferDict(values, persistent=True)
@@ -42,9 +42,28 @@ class DeltaComeDense(OneAdapterForward, DeltaComeTunerLayer):
             else self.base_layer(rows_x, *args, **kwargs)
         ))  # fmt: skip
 
+    def _stacked_values(self, adapters: list[str]) -> dict[str, torch.Tensor]:
+        """The first adapter's values plus each further one's change (W_i - W0): what merging them in turn writes."""
+        values = dict(self.deltacome_dense[adapters[0]].items())
+        for name in adapters[1:]:
+            for pname, value in self.deltacome_dense[name].items():
+                values[pname] = values[pname] + (value - self.original_base_value(pname).to(value))
+        return values
+
+    def _stacked_forward(self, adapters: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.get_base_layer()
+        params = {n: t.to(getattr(base, n).dtype) for n, t in self._stacked_values(adapters).items()}
+        return torch.func.functional_call(base, params, (x, *args), kwargs)
+
     def merged_values(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The fine-tune's values replace the module's."""
-        return dict(self.deltacome_dense[adapter_name].items())
+        """The fine-tune's values replace the module's; a further merged adapter adds its change (W - W0)."""
+        if not self.merged_adapters:
+            return dict(self.deltacome_dense[adapter_name].items())
+        base = self.get_base_layer()
+        return {
+            n: getattr(base, n).detach() + (v - self.original_base_value(n).to(v))
+            for n, v in self.deltacome_dense[adapter_name].items()
+        }
 
     def __repr__(self) -> str:
         return "deltacome_dense." + nn.Module.__repr__(self)

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,62 @@ def base_probes(base: nn.Module, n: int = 16) -> list[float]:
     return [float(v) for v in w.detach()[rows.to(w.device), cols.to(w.device)].float().cpu()]
 
 
+def random_generator(seed: Optional[int], name: str) -> torch.Generator:
+    """The generator of an adapter's random contents (init_weights=False) in the layer `name`: with seed None, seeded
+    from torch's RNG (one draw: torch.manual_seed reproduces the contents, and every adapter built after another gets
+    its own); with an int, from that seed and the layer's name alone (the same contents whatever torch's RNG and the
+    adapter's name)."""
+    if seed is None:
+        return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.int64)))
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+PROBE_FLOOR = 2.0**-14  # fp16's smallest normal: below it a weight loaded in fp16 keeps less relative precision
+
+
+def delta_probes(base_weight: torch.Tensor, delta: torch.Tensor, n: int = 16) -> list[list]:
+    """Where a fine-tune can be told from its base: the n positions of the (out, in) weight where the fine-tune differs
+    most from the base relative to the weight there, |dW| / max(|W_base|, |W_ft|, 2^-14) (floating point keeps
+    relative precision, so these are the positions that stay distinguishable in any precision the base may be loaded
+    in), as [row, col, base value, delta value]. Positions the fine-tune did not change are never probes."""
+    base_weight, delta = base_weight.detach().float(), delta.detach().float()
+    scale = torch.maximum(base_weight.abs(), (base_weight + delta).abs()).clamp_min(PROBE_FLOOR)
+    score = (delta.abs() / scale).flatten()
+    k = min(n, int((score > 0).sum()))
+    if k == 0:
+        return []
+    flat = torch.topk(score, k).indices
+    rows, cols = flat // delta.shape[1], flat % delta.shape[1]
+    b, d = base_weight[rows, cols].cpu(), delta[rows, cols].cpu()
+    return [[int(r), int(c), float(bv), float(dv)] for r, c, bv, dv in zip(rows.tolist(), cols.tolist(), b, d)]
+
+
+def probes_closer_to_the_finetune(weight: torch.Tensor, probes: list) -> tuple[int, int]:
+    """(decisive probes, of those the ones where `weight` (out, in) holds the fine-tune's value rather than the
+    base's). A probe is decisive when the delta there exceeds twice what rounding to `weight`'s dtype can move a value
+    (a base loaded in bf16 is then still nearer its base value, a fine-tune in bf16 nearer its own)."""
+    if not probes:
+        return 0, 0
+    info = torch.finfo(weight.dtype)
+    rows = torch.tensor([p[0] for p in probes], device=weight.device)
+    cols = torch.tensor([p[1] for p in probes], device=weight.device)
+    actual = weight.detach()[rows, cols].double().cpu()
+    b = torch.tensor([p[2] for p in probes], dtype=torch.float64)
+    d = torch.tensor([p[3] for p in probes], dtype=torch.float64)
+    rounding = info.eps / 2 * torch.maximum(b.abs(), (b + d).abs()) + info.smallest_normal * info.eps
+    decisive = d.abs() > 2 * rounding
+    finetune = decisive & ((actual - (b + d)).abs() < (actual - b).abs())
+    return int(decisive.sum()), int(finetune.sum())
+
+
 class DeltaComeTunerLayer(PeftExtLayer):
-    """What every Delta-CoMe layer is (the tuner's `tuner_layer_cls`: set_adapter / delete_adapter reach all)."""
+    """What every Delta-CoMe layer is (the tuner's `tuner_layer_cls`: set_adapter / delete_adapter reach all).
+
+    The inference-only guard: a forward that would train, i.e. one in training mode with autograd recording, raises.
+    The mode is the model's: layers added by get_peft_model / add_adapter / load_adapter take the mode of the layer
+    they wrap (DeltaComeModel.inject_adapter), so a model put in eval mode runs with autograd on, and gradients
+    through a frozen adapter in eval mode (to its inputs, or to buffers a caller made require grad) are allowed.
+    Under torch.no_grad / inference_mode any mode runs."""
 
     method_label = "Delta-CoMe"
 
@@ -48,18 +102,21 @@ class DeltaComeLinear(OneAdapterForward, DeltaComeTunerLayer):
     added to the frozen base: y = base(x) + delta(x), the delta never built densely."""
 
     adapter_layer_names = ("deltacome_delta",)
+    other_param_names = ("delta_meta",)  # per adapter: delete_adapter drops its entry with its buffers
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
         super().__init__(base_layer, adapter_name, **kwargs)
         self.delta_meta: dict[str, tuple[str, tuple, int]] = {}  # adapter -> (method, (bits, n) bands, group_size)
 
     # ----------------------------------------------------------------------------------------------- state
-    def update_layer(self, adapter_name: str, method: str, bands, group_size: int, init_weights: bool, seed: int, name: str) -> None:
+    def update_layer(
+        self, adapter_name: str, method: str, bands, group_size: int, init_weights: bool, seed: Optional[int], name: str
+    ) -> None:
         weight = logical_weight(self.get_base_layer())
         if init_weights:
             tensors = empty_tensors(method, self.out_features, self.in_features, bands, group_size)
         else:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            generator = random_generator(seed, name)
             tensors = random_tensors(method, self.out_features, self.in_features, bands, group_size, generator, weight)
         self.deltacome_delta[adapter_name] = BufferDict({k: t.to(weight.device) for k, t in tensors.items()}, persistent=True)
         self.delta_meta[adapter_name] = (method, tuple(tuple(b) for b in bands), group_size)
@@ -130,6 +187,14 @@ class DeltaComeLinear(OneAdapterForward, DeltaComeTunerLayer):
         if args or kwargs:
             raise TypeError(f"{type(self.get_base_layer()).__name__} takes only x here, got extra arguments.")
         return self._adapted(x, adapter_name)
+
+    def _stacked_forward(self, adapters: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Several active tenants at once: the base plus the sum of their deltas (what merging them all writes)."""
+        if args or kwargs:
+            raise TypeError(f"{type(self.get_base_layer()).__name__} takes only x here, got extra arguments.")
+        weight, bias = self._base_weight_bias()
+        y = F.linear(x, weight, bias)
+        return (y.float() + sum(self.delta_part(name, x) for name in adapters)).to(y.dtype)
 
     def _mixed_batch_forward(self, x, *args, adapter_names: list[str], **kwargs):
         """Rows of one batch under different deltas: the base GEMM once, then each row's own delta."""

@@ -201,6 +201,16 @@ class HftLayer(OneAdapterForward, PeftExtLayer):
     def _single_forward(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._call_with(self.adapted_parameters(adapter_name), x, *args, **kwargs)
 
+    def _stacked_forward(self, adapters: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Several active adapters: W0 plus each adapter's change, in the order merging would write them (the first
+        adapter's values, then + (W_i - W0) for each further one), so the forward equals the merged layer."""
+        params = {n: t for n, t in self.adapted_parameters(adapters[0]).items()}
+        for name in adapters[1:]:
+            for pname, value in self.adapted_parameters(name).items():
+                original = self.original_base_value(pname)
+                params[pname] = params[pname] + (value - original.to(value.device, value.dtype))
+        return self._call_with(params, x, *args, **kwargs)
+
     def _mixed_batch_forward(self, x, *args, adapter_names: list[str], **kwargs):
         """Rows of one batch under different adapters: one call per adapter on its rows."""
 
