@@ -65,7 +65,7 @@ class _ExecThenImport:
         if spec is not None and spec.loader is self:
             spec.loader = self.loader
         if sys.modules.get(self.finder.target) is module:  # a real import, not a hand-made module_from_spec
-            self.finder.executed()
+            self.finder.executed(module)
 
 
 class _ImportAfter:
@@ -119,14 +119,18 @@ class _ImportAfter:
                 return spec
         return None
 
-    def executed(self):
-        """peft has been executed: leave sys.meta_path, then import peft_ext (never failing the import of peft)."""
+    def executed(self, module=None):
+        """peft has been executed: leave sys.meta_path, then import peft_ext (never failing the import of peft). A
+        callable follower is called with the executed module instead."""
         global imported_peft_ext
         try:
             sys.meta_path.remove(self)
         except ValueError:
             return  # another import already ran the follower
         try:
+            if callable(self.follower):
+                self.follower(module)
+                return
             __import__(self.follower)
         except Exception as err:
             import warnings
@@ -142,9 +146,41 @@ class _ImportAfter:
                 imported_peft_ext = True
 
 
+def patch_transformers_load_adapter(module):
+    """transformers' `PeftAdapterMixin.load_adapter` loads adapter files with its own weight loader, which never runs
+    a tuner's remapping (HFT's files hold deltas): route it through peft_ext's converting loader. Applied as soon as
+    transformers.integrations.peft exists, because the first `load_adapter` call is what imports peft (and so
+    peft_ext): patching later would miss that call. peft_ext itself is imported only when load_adapter runs."""
+    mixin = getattr(module, "PeftAdapterMixin", None)
+    if mixin is None or getattr(mixin.load_adapter, "_peft_ext_checked", False):
+        return
+    original = mixin.load_adapter
+
+    def load_adapter(self, *args, **kwargs):
+        try:
+            from peft_ext.registry import load_adapter_converting
+        except Exception:  # peft-ext unusable here: transformers' own behaviour
+            return original(self, *args, **kwargs)
+        return load_adapter_converting(original, self, *args, **kwargs)
+
+    load_adapter._peft_ext_checked = True
+    load_adapter.__wrapped__ = original
+    load_adapter.__doc__ = original.__doc__
+    load_adapter.__name__ = load_adapter.__qualname__ = "load_adapter"
+    mixin.load_adapter = load_adapter
+
+
 def install(target="peft", follower="peft_ext"):
     """Put the finder at the front of sys.meta_path; a no-op when disabled, already there or peft is imported."""
-    if disabled() or target in sys.modules:
+    if disabled():
+        return None
+    if target == "peft":  # transformers' adapter loader, patched as soon as it exists (see the function)
+        transformers_peft = sys.modules.get("transformers.integrations.peft")
+        if transformers_peft is not None:
+            patch_transformers_load_adapter(transformers_peft)
+        else:
+            install("transformers.integrations.peft", patch_transformers_load_adapter)
+    if target in sys.modules:
         return None
     for finder in sys.meta_path:
         if getattr(finder, "_peft_ext_autoload", False) and getattr(finder, "target", None) == target:

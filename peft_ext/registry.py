@@ -293,6 +293,49 @@ def _is_registered_here(config) -> bool:
 def _install_peft_checks() -> None:
     _install_unknown_type_check()
     _install_safe_save_check()
+    _install_transformers_load_adapter()
+
+
+def load_adapter_converting(original, self, peft_model_id=None, adapter_name=None, peft_config=None,
+                            adapter_state_dict=None, *args, **kwargs):
+    """transformers' `model.load_adapter(folder)` (and `AutoModelForCausalLM.from_pretrained(adapter_folder)`) loads
+    adapter files with its own weight loader, which maps file keys to parameter names but never runs the tuner's
+    `_remap_adapter_state_dict_for_load`: a method whose files hold something else than its parameters (HFT stores
+    deltas W - W0) loaded nothing there. A tuner that declares `state_dict_for_transformers(model, config,
+    state_dict)` gets its local file converted first (safetensors only); transformers then loads the result
+    (`original` is transformers' own load_adapter)."""
+    folder = None if peft_model_id is None else os.fspath(peft_model_id)
+    if adapter_state_dict is None and folder is not None and os.path.isdir(folder) and not kwargs.get("hotswap"):
+        from peft_ext.adapter_files import SAFETENSORS_NAME, check_adapter_folder
+
+        config = peft_config if isinstance(peft_config, PeftConfig) else PeftConfig.from_pretrained(folder)
+        convert = getattr(PEFT_TYPE_TO_TUNER_MAPPING.get(config.peft_type), "state_dict_for_transformers", None)
+        if convert is not None:
+            from safetensors.torch import load_file
+
+            check_adapter_folder(folder)
+            adapter_state_dict = convert(self, config, load_file(os.path.join(folder, SAFETENSORS_NAME)))
+            peft_config = config
+    return original(self, peft_model_id, adapter_name, peft_config, adapter_state_dict, *args, **kwargs)
+
+
+def _install_transformers_load_adapter() -> None:
+    """Route transformers' `load_adapter` through `load_adapter_converting` (the start-up hook does it earlier, as
+    soon as transformers' PEFT integration exists; this covers PEFT_EXT_NO_AUTOLOAD=1 with an explicit import)."""
+    try:
+        from transformers.integrations.peft import PeftAdapterMixin
+    except ImportError:  # pragma: no cover - transformers without the PEFT integration
+        return
+    load = PeftAdapterMixin.load_adapter
+    if getattr(load, "_peft_ext_checked", False):
+        return
+
+    @functools.wraps(load)
+    def load_adapter(self, *args, **kwargs):
+        return load_adapter_converting(load, self, *args, **kwargs)
+
+    load_adapter._peft_ext_checked = True
+    PeftAdapterMixin.load_adapter = load_adapter
 
 
 def _install_safe_save_check() -> None:

@@ -186,7 +186,9 @@ CHILD = textwrap.dedent(
     t0 = time.perf_counter()
     assert "peft" not in sys.modules and "peft_ext" not in sys.modules, "imported at start-up"
     hook = sys.modules.get("_peft_ext_autoload")
-    finders = [f for f in sys.meta_path if getattr(f, "_peft_ext_autoload", False)]
+    # two finders: peft (then peft_ext) and transformers.integrations.peft (its load_adapter is routed through
+    # peft_ext's converting loader as soon as it exists: the first load_adapter call is what imports peft)
+    finders = [f for f in sys.meta_path if getattr(f, "_peft_ext_autoload", False) and getattr(f, "target", None) == "peft"]
     report = {"hook_module": getattr(hook, "__file__", None), "finders_at_startup": len(finders), "steps": []}
 
     def step(name):
@@ -247,6 +249,8 @@ CHILD = textwrap.dedent(
     hook = sys.modules.get("_peft_ext_autoload")
     report["imported_by_hook"] = bool(getattr(hook, "imported_peft_ext", False))
     report["finders_left"] = sum(bool(getattr(f, "_peft_ext_autoload", False)) for f in sys.meta_path)
+    mixin = sys.modules.get("transformers.integrations.peft")
+    report["load_adapter_routed"] = bool(mixin and getattr(mixin.PeftAdapterMixin.load_adapter, "_peft_ext_checked", False))
     report["peft_ext_file"] = getattr(sys.modules.get("peft_ext"), "__file__", None)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     print("REPORT " + json.dumps(report))
@@ -335,7 +339,7 @@ def test_every_loader_opens_an_hft_adapter_after_every_import_order(saved, order
     assert first == (order if order in ORDERS_THAT_IMPORT_PEFT else loaders[0]), report["steps"]
     # peft_ext was there as soon as peft was, and the hook imported it (the child never does, but for "peft_ext")
     assert all(ext for _, peft, ext, _ in report["steps"] if peft), report["steps"]
-    assert report["imported_by_hook"] and report["finders_left"] == 0
+    assert report["imported_by_hook"] and report["finders_left"] == 0 and report["load_adapter_routed"]
     assert "could not be imported after" not in result.stderr
     if order in ("find_spec", "is_peft_available", "trl"):  # the orders that used to disarm the hook
         assert report["lookups_before_import"] >= 1

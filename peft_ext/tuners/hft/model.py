@@ -21,7 +21,7 @@ from .selection import (
     quantized_kind,
     role_of,
 )
-from .state_dict import deltas_from_weights, weights_from_deltas
+from .state_dict import deltas_from_weights, weights_for_plain_model, weights_from_deltas
 
 # what a saved stage of an adapter consists of (HftModel.load_selection): its selection and what defines later draws
 SELECTION_FIELDS = ("seed", "strategy", "ratio", "candidate_modules", "stage", "selected_modules", "trained_modules",
@@ -223,6 +223,11 @@ class HftModel(PeftExtTuner, BaseTuner):
         if config.save_format == "full":
             return weights
         return deltas_from_weights(model, weights, adapter_name)
+
+    @staticmethod
+    def state_dict_for_transformers(model, config, state_dict):
+        """transformers' `load_adapter` maps file keys to parameters itself: hand it full values, not deltas."""
+        return weights_for_plain_model(model, state_dict)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):

@@ -56,6 +56,47 @@ def weights_from_deltas(model: torch.nn.Module, config, state_dict: dict, adapte
     return out
 
 
+def weights_for_plain_model(model: torch.nn.Module, state_dict: dict) -> dict:
+    """An adapter file's tensors with every delta turned into full values, computed from `model` before any HFT
+    layer is injected (or with some already there): what transformers' own adapter loader can map to parameters."""
+    out = {}
+    for key, value in state_dict.items():
+        if DELTA not in key:
+            out[key] = value
+            continue
+        module_path, _, pname = key.partition(DELTA)
+        module = None
+        for path in (module_path, module_path.removeprefix(_PEFT_PREFIX)):
+            try:
+                module = model.get_submodule(path)
+                break
+            except AttributeError:
+                continue
+        if module is None:
+            raise ValueError(
+                f"The adapter file has HFT tensors for {module_path.removeprefix(_PEFT_PREFIX)}, which this model does "
+                f"not have: the adapter was trained on another base model. Load it onto the model it was trained on."
+            )
+        if isinstance(module, HftLayer):
+            base = module.original_base_value(pname).detach()
+            module = module.get_base_layer()
+        else:
+            base = getattr(module, pname).detach()
+        rows = state_dict.get(module_path + INDEX + "rows")
+        if rows is not None:
+            from peft_ext.tuners.base import output_dim
+
+            base = base.index_select(output_dim(module, pname, base), rows.to(base.device))
+        if tuple(base.shape) != tuple(value.shape):
+            raise ValueError(
+                f"The adapter file's tensor {key} has shape {tuple(value.shape)}, but this base model's needs "
+                f"{tuple(base.shape)}: the adapter was trained on another base model. Load it onto the model it was "
+                f"trained on."
+            )
+        out[module_path + WEIGHT + pname] = base.to(value.dtype) + value.to(base.device)
+    return out
+
+
 def _delta(value: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """(W_ft - W_0 in W_ft's dtype, whether loading rebuilds W_ft from it bit for bit)."""
     base = base.to(device=value.device, dtype=value.dtype)
