@@ -142,3 +142,17 @@ MODELS: dict[str, ModelSpec] = {
 }
 # the model kinds, in the order the per-model test ids come in ("<method>-<kind>")
 MODEL_KINDS = list(MODELS)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """`n` rows of random token ids (seeded) as a Trainer dataset: {"input_ids", "labels"} (labels = the ids)."""
+
+    def __init__(self, n: int = 8, seq: int = 10, vocab: int = 64, seed: int = 0):
+        self.x = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+

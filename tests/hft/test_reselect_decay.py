@@ -6,19 +6,9 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from peft_ext import HftConfig
+from peft_ext.testing.models import TokenDataset
 from peft_ext.training import HftReselectCallback, swap_optimizer_params
 from peft_ext.training.optimizer_params import decay_parameter_names
-
-
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=8, seed=0):
-        self.x = torch.randint(0, 64, (n, 10), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.x[i], "labels": self.x[i]}
 
 
 def _llama_with_biases():
@@ -35,7 +25,7 @@ def _trainer(model, out, callbacks, **kwargs):
         output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
         save_strategy="no", logging_strategy="no", weight_decay=0.1, **kwargs,
     )
-    return Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=callbacks)
+    return Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=callbacks)
 
 
 def _layout(optimizer):

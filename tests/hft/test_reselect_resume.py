@@ -7,18 +7,8 @@ from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from peft_ext import HftConfig
+from peft_ext.testing.models import TokenDataset
 from peft_ext.training import HftReselectCallback
-
-
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=16, seed=0):
-        self.x = torch.randint(0, 64, (n, 10), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.x[i], "labels": self.x[i]}
 
 
 def _trainer(model, out, n=16, **kwargs):
@@ -27,7 +17,7 @@ def _trainer(model, out, n=16, **kwargs):
         output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.1, report_to=[],
         use_cpu=True, logging_steps=1, **kwargs,
     )
-    return Trainer(model=model, args=args, train_dataset=_Tokens(n), callbacks=[HftReselectCallback()])
+    return Trainer(model=model, args=args, train_dataset=TokenDataset(n), callbacks=[HftReselectCallback()])
 
 
 def _losses(trainer, after=0):
