@@ -77,6 +77,7 @@ the differentiable reference runs (the Triton path is forward-only).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from typing import NamedTuple, Optional, Sequence
 
@@ -500,6 +501,15 @@ def check_delta(delta, in_features: int, out_features: int, device: torch.device
             )
 
 
+def _contiguous(delta: PackedDelta) -> PackedDelta:
+    """The delta with contiguous tensors (a strided view, e.g. a slice of a stacked sigma, is copied once here): the
+    kernels index every tensor as contiguous."""
+    fields = delta.tensors()
+    if all(t.is_contiguous() for t in fields.values()):
+        return delta
+    return dataclasses.replace(delta, **{k: t.contiguous() for k, t in fields.items()})
+
+
 def _kernel_layout_problem(deltas: Sequence[PackedDelta]) -> Optional[str]:
     """Why the kernels cannot read these deltas (they take contiguous tensors with int32 offsets), or None."""
     for j, d in enumerate(deltas):
@@ -564,6 +574,7 @@ def delta_linear(
     in_features, out_features = check_base(x, weight, bias)
     check_same_device(x=x, weight=weight, bias=bias)
     check_delta(delta, in_features, out_features, x.device)
+    delta = _contiguous(delta)
     chosen = _backend(x, [delta], backend)
     if chosen == "reference" or _needs_grad(x, weight, bias):
         return reference_delta_linear(x, weight, bias, delta)
@@ -601,6 +612,7 @@ def delta_linear_gathered(
     deltas = list(deltas)
     for j, d in enumerate(deltas):
         check_delta(d, in_features, out_features, x.device, name=f"deltas[{j}]")
+    deltas = [_contiguous(d) for d in deltas]
     group_sizes = sorted({int(d.group_size) for d in deltas})
     if len(group_sizes) > 1:
         raise ValueError(

@@ -331,14 +331,21 @@ def test_forced_and_automatic_backends(monkeypatch):
         delta_linear(x, weight, b, delta, backend="triton")
 
 
-def test_non_contiguous_delta_falls_back_or_raises(monkeypatch):
+def test_strided_delta_tensors_run_on_the_kernels():
+    """Issue 11 item 28: a delta whose tensors are strided views (a column-major scales tensor, a slice of a stacked
+    sigma) is made contiguous at the boundary and runs on the kernels (it used to raise, or fall back silently)."""
     x, weight, b, delta = make((5,), 40, 30, ((2, 3), (3, 2)), 32, FP32)
     scales = delta.v_scales.t().contiguous().t()  # same values, column-major
-    odd = PackedDelta(**{**delta.__dict__, "v_scales": scales})
-    with pytest.raises(RuntimeError, match="v_scales is not contiguous"):
-        delta_linear(x, weight, b, odd, backend="triton")
-    monkeypatch.setattr(dm, "_delta_shrink_kernel", NoLaunch())
-    assert torch.equal(delta_linear(x, weight, b, odd), reference_delta_linear(x, weight, b, delta))
+    sigma = torch.stack([delta.sigma, delta.sigma * 2], 1)[:, 0]  # same values, stride 2
+    odd = PackedDelta(**{**delta.__dict__, "v_scales": scales, "sigma": sigma})
+    assert not odd.v_scales.is_contiguous() and not odd.sigma.is_contiguous()
+    ref = reference_delta_linear(x, weight, b, delta)
+    torch.testing.assert_close(delta_linear(x, weight, b, odd, backend="triton"), ref, rtol=1e-5, atol=1e-5)
+    index = torch.tensor([0, -1, 0, 0, -1])
+    torch.testing.assert_close(
+        delta_linear_gathered(x, weight, b, [odd], index, backend="triton"),
+        delta_linear_gathered(x, weight, b, [delta], index, backend="reference"), rtol=1e-5, atol=1e-5,
+    )
 
 
 def test_gradients_go_through_the_reference(monkeypatch):
