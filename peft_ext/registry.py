@@ -320,22 +320,15 @@ def load_adapter_converting(original, self, peft_model_id=None, adapter_name=Non
 
 
 def _install_transformers_load_adapter() -> None:
-    """Route transformers' `load_adapter` through `load_adapter_converting` (the start-up hook does it earlier, as
-    soon as transformers' PEFT integration exists; this covers PEFT_EXT_NO_AUTOLOAD=1 with an explicit import)."""
+    """Route transformers' `load_adapter` through `load_adapter_converting`. The start-up hook does it as soon as
+    transformers' PEFT integration exists; this covers PEFT_EXT_NO_AUTOLOAD=1 with an explicit `import peft_ext`,
+    with the hook module's own patch (a no-op when it is in place)."""
     try:
-        from transformers.integrations.peft import PeftAdapterMixin
-    except ImportError:  # pragma: no cover - transformers without the PEFT integration
+        import transformers.integrations.peft as integration
+        from _peft_ext_autoload import patch_transformers_load_adapter
+    except ImportError:  # pragma: no cover - transformers without the PEFT integration, or the hook module gone
         return
-    load = PeftAdapterMixin.load_adapter
-    if getattr(load, "_peft_ext_checked", False):
-        return
-
-    @functools.wraps(load)
-    def load_adapter(self, *args, **kwargs):
-        return load_adapter_converting(load, self, *args, **kwargs)
-
-    load_adapter._peft_ext_checked = True
-    PeftAdapterMixin.load_adapter = load_adapter
+    patch_transformers_load_adapter(integration)
 
 
 def _install_safe_save_check() -> None:

@@ -91,8 +91,10 @@ class ExactMerge:
 
     def original_base_value(self, pname: str) -> torch.Tensor:
         """W0 of the base parameter `pname`, even while an adapter is merged into it."""
-        originals = self.base_originals
-        return originals[pname] if pname in originals else getattr(self.get_base_layer(), pname).data
+        holder = self._modules.get(self._ORIGINALS)
+        if holder is not None and pname in holder._buffers:
+            return holder._buffers[pname]
+        return getattr(self.get_base_layer(), pname).data
 
     def write_base_value(self, pname: str, value: torch.Tensor) -> None:
         """Write `value` into the base parameter `pname`, keeping its original tensor the first time."""

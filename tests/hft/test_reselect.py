@@ -2,19 +2,11 @@
 
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import Trainer, TrainingArguments
 
 from peft_ext import HftConfig
-from peft_ext.testing.models import TokenDataset
 from peft_ext.training import HftReselectCallback
 
-
-def _trainer(model, tmp_path, callbacks, **kwargs):
-    args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
-        save_strategy="no", logging_strategy="no", weight_decay=0.1, **kwargs,
-    )
-    return Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=callbacks)
+from .trainers import reselect_trainer
 
 
 def _copies(model):
@@ -29,12 +21,12 @@ def test_stage_reselection_keeps_earlier_stages_and_trains_a_new_half(llama, tmp
     model = get_peft_model(llama(), HftConfig(seed=0))
     config = model.peft_config["default"]
     callback = HftReselectCallback()
-    _trainer(model, tmp_path, [callback], max_steps=2).train()
+    reselect_trainer(model, tmp_path, [callback], max_steps=2).train()
     stage0 = set(config.selected_modules)
     assert config.trained_stages == 1 and config.stage == 0
     after_stage0 = _copies(model)
 
-    trainer = _trainer(model, tmp_path, [callback], max_steps=2)
+    trainer = reselect_trainer(model, tmp_path, [callback], max_steps=2)
     trainer.train()
     stage1 = set(config.selected_modules)
     assert config.stage == 1 and config.trained_stages == 2
@@ -55,8 +47,8 @@ def test_stage_reselection_keeps_earlier_stages_and_trains_a_new_half(llama, tmp
 def test_a_saved_stage_reloads_with_its_frozen_history(llama, tmp_path, input_ids):
     model = get_peft_model(llama(), HftConfig(seed=0))
     callback = HftReselectCallback()
-    _trainer(model, tmp_path / "a", [callback], max_steps=1).train()
-    _trainer(model, tmp_path / "b", [callback], max_steps=1).train()
+    reselect_trainer(model, tmp_path / "a", [callback], max_steps=1).train()
+    reselect_trainer(model, tmp_path / "b", [callback], max_steps=1).train()
     model.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
         expected = model(input_ids).logits
@@ -67,13 +59,13 @@ def test_a_saved_stage_reloads_with_its_frozen_history(llama, tmp_path, input_id
     trainable = {_module(n) for n, p in loaded.named_parameters() if p.requires_grad}
     assert trainable == set(config.selected_modules) != set(config.trained_modules)
     # a third run re-draws again, in this new process-like setting
-    _trainer(loaded, tmp_path / "c", [HftReselectCallback()], max_steps=1).train()
+    reselect_trainer(loaded, tmp_path / "c", [HftReselectCallback()], max_steps=1).train()
     assert loaded.peft_config["default"].stage == 2
 
 
 def test_epoch_reselection_swaps_the_optimizer_params_mid_run(llama, tmp_path):
     model = get_peft_model(llama(), HftConfig(seed=0, reselect="epoch"))
-    trainer = _trainer(model, tmp_path, [HftReselectCallback()], num_train_epochs=3)
+    trainer = reselect_trainer(model, tmp_path, [HftReselectCallback()], num_train_epochs=3)
     trainer.train()
     config = model.peft_config["default"]
     assert config.stage == 2
@@ -90,5 +82,5 @@ def test_never_means_one_selection(llama, tmp_path):
     model = get_peft_model(llama(), HftConfig(seed=0, reselect="never"))
     first = list(model.peft_config["default"].selected_modules)
     for run in range(2):
-        _trainer(model, tmp_path / str(run), [HftReselectCallback()], max_steps=1).train()
+        reselect_trainer(model, tmp_path / str(run), [HftReselectCallback()], max_steps=1).train()
     assert model.peft_config["default"].selected_modules == first

@@ -3,12 +3,13 @@ new norms and biases in the no-decay group by the Trainer's own rule, each group
 
 import torch
 from peft import get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_ext import HftConfig
-from peft_ext.testing.models import TokenDataset
 from peft_ext.training import HftReselectCallback, swap_optimizer_params
 from peft_ext.training.optimizer_params import decay_parameter_names
+
+from .trainers import reselect_trainer
 
 
 def _llama_with_biases():
@@ -20,20 +21,13 @@ def _llama_with_biases():
     return LlamaForCausalLM(config).eval()
 
 
-def _trainer(model, out, callbacks, **kwargs):
-    args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
-        save_strategy="no", logging_strategy="no", weight_decay=0.1, **kwargs,
-    )
-    return Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=callbacks)
-
 
 def _layout(optimizer):
     return [([id(p) for p in g["params"]], g["weight_decay"]) for g in optimizer.param_groups]
 
 
 def _check_trainers_layout(model, trainer, out):
-    fresh = _trainer(model, out, [], max_steps=1)  # what a new Trainer builds for the model as it is now
+    fresh = reselect_trainer(model, out, [], max_steps=1)  # what a new Trainer builds for the model as it is now
     fresh.create_optimizer()
     assert _layout(trainer.optimizer) == _layout(fresh.optimizer)
     decay = set(fresh.get_decay_parameter_names(model))
@@ -46,9 +40,9 @@ def _check_trainers_layout(model, trainer, out):
 def test_new_norms_and_biases_join_the_trainers_no_decay_group(tmp_path):
     model = get_peft_model(_llama_with_biases(), HftConfig(seed=0))
     callback = HftReselectCallback()
-    _trainer(model, tmp_path / "a", [callback], max_steps=1).train()
+    reselect_trainer(model, tmp_path / "a", [callback], max_steps=1).train()
     before = {n for n, p in model.named_parameters() if p.requires_grad}
-    trainer = _trainer(model, tmp_path / "b", [callback], max_steps=1)
+    trainer = reselect_trainer(model, tmp_path / "b", [callback], max_steps=1)
     trainer.train()
     new = {n for n, p in model.named_parameters() if p.requires_grad} - before
     assert any("layernorm" in n for n in new) and any(n.endswith(".bias") for n in new)  # the case of the issue
@@ -58,7 +52,7 @@ def test_new_norms_and_biases_join_the_trainers_no_decay_group(tmp_path):
 
 def test_epoch_reselections_keep_the_trainers_layout(tmp_path):
     model = get_peft_model(_llama_with_biases(), HftConfig(seed=0, reselect="epoch"))
-    trainer = _trainer(model, tmp_path / "a", [HftReselectCallback()], num_train_epochs=3)
+    trainer = reselect_trainer(model, tmp_path / "a", [HftReselectCallback()], num_train_epochs=3)
     trainer.train()
     assert model.peft_config["default"].stage == 2
     _check_trainers_layout(model, trainer, tmp_path / "b")

@@ -65,13 +65,7 @@ def weights_for_plain_model(model: torch.nn.Module, state_dict: dict) -> dict:
             out[key] = value
             continue
         module_path, _, pname = key.partition(DELTA)
-        module = None
-        for path in (module_path, module_path.removeprefix(_PEFT_PREFIX)):
-            try:
-                module = model.get_submodule(path)
-                break
-            except AttributeError:
-                continue
+        module = _find_module(model, module_path)
         if module is None:
             raise ValueError(
                 f"The adapter file has HFT tensors for {module_path.removeprefix(_PEFT_PREFIX)}, which this model does "
@@ -105,14 +99,20 @@ def _delta(value: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, bool]
     return delta, torch.equal(base + delta, value)  # what weights_from_deltas computes
 
 
-def _layer(model: torch.nn.Module, module_path: str) -> HftLayer:
+def _find_module(model: torch.nn.Module, module_path: str):
+    """The module a file key's path names, with or without PEFT's "base_model.model." prefix (None if neither)."""
     for path in (module_path, module_path.removeprefix(_PEFT_PREFIX)):
         try:
-            module = model.get_submodule(path)
+            return model.get_submodule(path)
         except AttributeError:
             continue
-        if isinstance(module, HftLayer):
-            return module
+    return None
+
+
+def _layer(model: torch.nn.Module, module_path: str) -> HftLayer:
+    module = _find_module(model, module_path)
+    if isinstance(module, HftLayer):
+        return module
     raise ValueError(
         f"The adapter file has HFT tensors for {module_path.removeprefix(_PEFT_PREFIX)}, which this model does not "
         f"train under the adapter's config (selected/trained_modules): the file and adapter_config.json do not match. "
