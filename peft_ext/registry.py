@@ -55,10 +55,6 @@ class MethodInfo:
     prefix: str
     requirement: str  # what an adapter of this method needs installed, e.g. "peft-ext>=0.1.0"
 
-    @property
-    def package(self) -> str:
-        return self.config_cls.__module__.split(".")[0]
-
 
 def _requirement_of(package: str) -> str:
     """"dist>=version" for the installed distribution that provides the import package `package` (its import name
@@ -250,9 +246,6 @@ def registered_methods() -> dict[str, type]:
     """The methods registered through peft-ext (its own and users'): peft type name -> config class."""
     return {name: info.config_cls for name, info in _METHODS.items()}
 
-
-def method_info(name: str) -> MethodInfo:
-    return _METHODS[name]
 
 
 # ------------------------------------------------------------------------------------ unknown peft types

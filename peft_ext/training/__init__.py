@@ -1,7 +1,7 @@
 """Trainer callbacks that drive peft-ext methods over time; usable with any transformers/TRL Trainer."""
 
 from .cola_chain import ColaChainCallback
-from .companions import attach_companions, companion_callbacks
+from .companions import attach_companions
 from .hft_reselect import HftReselectCallback
 from .optimizer_params import reset_optimizer_state, swap_optimizer_params
 
@@ -9,7 +9,6 @@ __all__ = [
     "ColaChainCallback",
     "HftReselectCallback",
     "attach_companions",
-    "companion_callbacks",
     "reset_optimizer_state",
     "swap_optimizer_params",
 ]

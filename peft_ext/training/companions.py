@@ -11,7 +11,6 @@ callback instance, any other class is a trainer mixin put in front of the traine
 from __future__ import annotations
 
 import importlib
-from typing import Optional
 
 from transformers import TrainerCallback
 
@@ -54,8 +53,3 @@ def attach_companions(trainer_cls: type, peft_config) -> tuple[type, list[Traine
         name = "".join(m.__name__ for m in mixins) + trainer_cls.__name__
         trainer_cls = type(name, (*mixins, trainer_cls), {"__module__": trainer_cls.__module__})
     return trainer_cls, callbacks
-
-
-def companion_callbacks(peft_config) -> Optional[list[TrainerCallback]]:
-    """Just the callbacks (None when there are none, as a Trainer's `callbacks=` default)."""
-    return attach_companions(object, peft_config)[1] or None

@@ -83,12 +83,6 @@ class ExactMerge:
             self._modules[self._ORIGINALS] = holder
         return holder
 
-    @property
-    def base_originals(self) -> dict[str, torch.Tensor]:
-        """{parameter name: its original tensor} for the base parameters written by merges (empty when unmerged)."""
-        holder = self._modules.get(self._ORIGINALS)
-        return dict(holder._buffers) if holder is not None else {}
-
     def original_base_value(self, pname: str) -> torch.Tensor:
         """W0 of the base parameter `pname`, even while an adapter is merged into it."""
         holder = self._modules.get(self._ORIGINALS)
