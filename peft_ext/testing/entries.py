@@ -95,6 +95,10 @@ class MethodEntry:
     check_structure: Optional[Callable[[str, nn.Module, PeftConfig], None]] = None
     card_terms: tuple[str, ...] = ("peft-ext",)
     init_atol: float = 0.0  # identity_init: 0.0 = bit-identical to the base
+    # AdamW steps after which every trainable tensor has moved (test_one_step_changes_only_adapter): 1 for most
+    # methods; 2 where a zero-initialised output factor blocks the first step's gradient to zero-initialised
+    # tensors beneath it (weight decay moves the non-zero ones), e.g. S'MoRE's biases under P = 0
+    train_steps: int = 1
     documented_errors: dict[str, DocumentedError] = field(default_factory=dict)
 
     def __post_init__(self):

@@ -243,11 +243,107 @@ DELTACOME_ENTRY = MethodEntry(
 )
 
 
+# ------------------------------------------------------------------------------------------------- S'MORE
+def _smore_config(model_kind: str, **overrides) -> PeftConfig:
+    # small experts so that the tiny models' layers (20-64 wide) keep the adapter small; every linear layer adapted
+    kwargs = {
+        "task_type": MODELS[model_kind].task_type,
+        "target_modules": ["lin0", "lin1", "lin2"] if model_kind == "mlp" else "all-linear",
+        "num_experts": [4, 3],
+        "num_active": [2, 2],
+        "expert_ranks": [2, 3],
+        "router_dim": 8,
+        "router_down_dim": 6,
+    }
+    kwargs.update(overrides)
+    return peft_ext.SmoreConfig(**kwargs)
+
+
+def _smore_layer_count(base: nn.Module, config, in_features: int, out_features: int) -> int:
+    """The spec's count for one adapted (in -> out) layer, written out here from smore.md (not with the config's own
+    method): experts sum_l s_l r_l (in + d_{l+1}) + sum_{l>=1} d_{l+1} d_l + out d_L; biases sum_l s_l (r_l + d_{l+1})
+    + sum_{l>=1} d_{l+1} + out; router (in + 1) d_down + sum_l [(c_l + 1) m + (m + 1) m + s_l m (+ s_l c_l noisy)]
+    with d_0 = 0, d_{l+1} = d_l + s_l r_l (S'MoRE#: d_l = s r and one shared A, B), c_l = d_down + (L - 1 - l) m."""
+    s, r, L = config.num_experts, config.expert_ranks, len(config.num_experts)
+    if config.shared_expert_pool:
+        d = [0] + [s[0] * r[0]] * L
+        pool = [0]
+    else:
+        d = [0]
+        for l in range(L):
+            d.append(d[-1] + s[l] * r[l])
+        pool = list(range(L))
+    n = sum(s[l] * r[l] * (in_features + d[l + 1]) for l in pool)
+    n += sum(d[l + 1] * d[l] for l in range(1, L)) + out_features * d[L]
+    if config.expert_bias:
+        n += sum(s[l] * (r[l] + d[l + 1]) for l in pool) + sum(d[l + 1] for l in range(1, L)) + out_features
+    m, down = config.router_dim, config.router_down_dim
+    n += (in_features + 1) * down
+    for l in range(L):
+        c = down + (L - 1 - l) * m
+        n += (c + 1) * m + (m + 1) * m + s[l] * m + (s[l] * c if config.gate_type == "noisy_topk" else 0)
+    return n
+
+
+def _smore_expected_trainable(base: nn.Module, config) -> int:
+    total = modules_to_save_numel(base, config.modules_to_save)
+    for name in config.target_modules:
+        n_in, n_out = _in_out(base.get_submodule(name))
+        total += _smore_layer_count(base, config, n_in, n_out)
+    return total
+
+
+_SMORE_NO_MERGE = DocumentedError(
+    ValueError, r"S'MoRE cannot be merged", "the update depends on each token's routing and nonlinear tree"
+)
+
+SMORE_ENTRY = MethodEntry(
+    name="smore",
+    peft_type="SMORE",
+    config_cls=peft_ext.SmoreConfig,
+    prefix="smore_",
+    make_config=_smore_config,
+    expected_trainable=_smore_expected_trainable,
+    trained_modules=lambda config: list(config.target_modules),
+    nonidentity_overrides={"init": "normal"},
+    seed_overrides=lambda seed: {"seed": seed},
+    bad_configs=(
+        BadConfig("list_lengths", {"num_active": [2]}, ValueError, r"num_active.*one value per S'MoRE layer"),
+        BadConfig("ranks_length", {"expert_ranks": [2, 2, 2]}, ValueError, r"expert_ranks"),
+        BadConfig("rank_zero", {"expert_ranks": [0, 2]}, ValueError, r"expert_ranks\[0\]"),
+        BadConfig("rank_negative", {"expert_ranks": [2, -1]}, ValueError, r"expert_ranks\[1\]"),
+        BadConfig("experts_zero", {"num_experts": [0, 3]}, ValueError, r"num_experts\[0\]"),
+        BadConfig("noisy_fanout", {"gate_type": "noisy_topk", "num_active": [4, 2]}, ValueError, r"num_active\[0\].*noisy"),
+        BadConfig("switch_fanout", {"num_active": [5, 2]}, ValueError, r"num_active\[0\]"),
+        BadConfig("gate_unknown", {"gate_type": "top2"}, ValueError, r"gate_type"),
+        BadConfig("init_unknown", {"init": "zeros"}, ValueError, r"\binit\b"),
+        BadConfig("activation_unknown", {"expert_act": "swish"}, ValueError, r"expert_act"),
+        BadConfig("router_act_unknown", {"router_act": "elu"}, ValueError, r"router_act"),
+        BadConfig("position_unknown", {"activation_position": "parent"}, ValueError, r"activation_position"),
+        BadConfig("aux_mode_unknown", {"aux_loss_mode": "sum"}, ValueError, r"aux_loss_mode"),
+        BadConfig("shared_pool_unequal", {"shared_expert_pool": True}, ValueError, r"shared_expert_pool.*equal"),
+        BadConfig("alpha_length", {"alpha": [8.0]}, ValueError, r"alpha"),
+        BadConfig("router_dim_zero", {"router_dim": 0}, ValueError, r"router_dim"),
+    ),
+    nothing_trainable=BadConfig(
+        "nothing_trainable", {"target_modules": ["q_proj"], "exclude_modules": ["q_proj"]}, ValueError, r"matches no", "inject"
+    ),
+    card_terms=("smore", "peft-ext"),
+    init_atol=0.0,
+    train_steps=2,
+    documented_errors={"merge": _SMORE_NO_MERGE, "safe_merge": _SMORE_NO_MERGE},
+)
+
+
 # One entry per method: the whole suite (per-model items, TRL, bad inputs, compile) runs on each.
-METHODS: list[MethodEntry] = [HFT_ENTRY, COLA_ENTRY, DELTACOME_ENTRY]
+METHODS: list[MethodEntry] = [HFT_ENTRY, COLA_ENTRY, DELTACOME_ENTRY, SMORE_ENTRY]
 # Config variants of a method: the per-model items (1 to 6, without compile) run on each as well.
 VARIANTS: list[MethodEntry] = [
     variant(HFT_ENTRY, "param", strategy="param"),
     variant(DELTACOME_ENTRY, "lowrank", method="lowrank"),
     variant(DELTACOME_ENTRY, "bitdelta", method="bitdelta"),
+    variant(SMORE_ENTRY, "noisy_topk", gate_type="noisy_topk"),
+    variant(SMORE_ENTRY, "dense_child", gate_type="dense", activation_position="child", num_experts=[2, 2], expert_ranks=[2, 2]),
+    variant(SMORE_ENTRY, "shared_pool", shared_expert_pool=True, num_experts=[3, 3], expert_ranks=[2, 2], init="eq_1_layer", expert_act="identity"),
+    variant(SMORE_ENTRY, "one_layer_nobias", num_experts=[4], num_active=[2], expert_ranks=[3], expert_bias=False, aux_loss_mode="inject"),
 ]

@@ -46,7 +46,7 @@ def _run(entry, trainer_cls, config_cls, dataset, tmp_path, **kwargs):
     Returns (trainer, unwrapped PeftModel), or (None, None) after asserting the method's documented error."""
     spec = MODELS["llama"]
     doc = entry.documented_error("trl_sft" if trainer_cls.__name__.startswith("SFT") else "trl_dpo", spec.kind)
-    args = config_cls(output_dir=str(tmp_path / "out"), **COMMON, **kwargs)
+    args = config_cls(output_dir=str(tmp_path / "out"), **{**COMMON, "max_steps": entry.train_steps}, **kwargs)
     make = lambda: trainer_cls(  # noqa: E731
         model=spec.make(0), args=args, train_dataset=dataset, processing_class=make_tokenizer(),
         peft_config=entry.make_config(spec.kind),
@@ -61,7 +61,7 @@ def _run(entry, trainer_cls, config_cls, dataset, tmp_path, **kwargs):
     before = _adapter_values(model)
     assert before and set(before) == set(adapter_param_names(model, entry))
     result = trainer.train()
-    assert result.global_step == 1
+    assert result.global_step == entry.train_steps
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     after = _adapter_values(model)
     assert sorted(after) == sorted(before)
