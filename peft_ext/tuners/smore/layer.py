@@ -206,7 +206,6 @@ class SmoreRun:
     token mask, the auxiliary losses collected, and the weights they get."""
 
     def __init__(self) -> None:
-        self.forward_id = 0
         self.in_forward = False
         self.token_mask: Optional[torch.Tensor] = None
         self.aux: list[torch.Tensor] = []  # add_to_loss adapters' losses, added to outputs.loss
@@ -236,7 +235,7 @@ class SmoreLayer(PeftExtLayer):
         self.smore_run: Optional[SmoreRun] = None
         self.smore_name = ""
         self._route_mask: Optional[torch.Tensor] = None
-        self._pending_aux: dict[str, tuple[int, float]] = {}
+        self._pending_aux: dict[str, float] = {}  # adapter -> weight of an aux whose gradient the recomputation injects
 
     def update_layer(self, adapter_name: str, config: SmoreConfig, name: str = "") -> None:
         base = self.get_base_layer()
@@ -305,9 +304,8 @@ class SmoreLayer(PeftExtLayer):
         grad = torch.is_grad_enabled()
         if recompute:
             pending = self._pending_aux.pop(name, None)
-            if grad and (settings.aux_mode == "inject" or (pending is not None and pending[0] == run.forward_id)):
-                coef = run.inject_scale if settings.aux_mode == "inject" else pending[1]
-                out = inject_aux(out, aux, coef)
+            if grad and (settings.aux_mode == "inject" or pending is not None):
+                out = inject_aux(out, aux, run.inject_scale if settings.aux_mode == "inject" else pending)
             return out
         run.stats[f"{self.smore_name}:{name}"] = stats
         run.aux_seen.append(aux)
@@ -318,8 +316,11 @@ class SmoreLayer(PeftExtLayer):
                 out = inject_aux(out, aux, run.inject_scale)
         elif not grad and any(p.requires_grad for p in self.smore_router[name].parameters()):
             # add_to_loss inside a no-grad forward (reentrant gradient checkpointing): the aux counted in the loss
-            # carries no gradient, so the recomputation in the backward injects it
-            self._pending_aux[name] = (run.forward_id, run.loss_weight)
+            # carries no gradient, so the recomputation in the backward injects it (a forward with the adapter
+            # disabled, such as DPO's reference pass, does not come here and leaves this in place)
+            self._pending_aux[name] = run.loss_weight
+        else:
+            self._pending_aux.pop(name, None)  # a forward with gradient: nothing left to inject from an earlier one
         return out
 
     def adapter_delta(self, name: str, x: torch.Tensor, token_mask: Optional[torch.Tensor], stats: bool = False):

@@ -125,7 +125,6 @@ class SmoreModel(PeftExtTuner, BaseTuner):
     # ------------------------------------------------------------------------------------ auxiliary loss
     def _smore_pre_forward(self, module, args, kwargs):
         run = self.smore_run
-        run.forward_id += 1
         run.aux = []
         run.aux_seen = []
         run.in_forward = True
