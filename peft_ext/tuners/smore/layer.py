@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_ext.tuners.base import PeftExtLayer
+from peft_ext.tuners.base import PeftExtLayer, is_conv1d
 from peft_ext.tuners.mixed_batch import route_rows
 
 from .config import SmoreConfig
@@ -272,21 +272,37 @@ class SmoreLayer(PeftExtLayer):
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
-        result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
-            return result
+            return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
+            result = self.base_layer(x, *args, **kwargs)
+
             def run(name, rows):
                 if name not in self.smore_experts:  # "__base__", or an adapter of other layers only
                     return result.new_zeros((*rows.shape[:-1], self.out_features))
                 return self.adapter_delta(name, rows, None)[0].to(result.dtype)
 
             return result + route_rows(x, adapter_names, run)
-        for name in self.active_adapters:
-            if name not in self.smore_experts:
-                continue
+        active = [name for name in self.active_adapters if name in self.smore_experts]
+        if len(active) == 1 and not args and not kwargs and self._epilogue_base(x) is not None:
+            return self._add_adapter(active[0], x, None)  # the base GEMM adds the adapter's output in its epilogue
+        result = self.base_layer(x, *args, **kwargs)
+        for name in active:
             result = self._add_adapter(name, x, result)
         return result
+
+    def _epilogue_base(self, x: torch.Tensor) -> Optional[nn.Module]:
+        """The base layer when its GEMM can take the adapter's output as its epilogue (a dense nn.Linear or Conv1D in
+        x's dtype, no autocast), else None."""
+        base = self.get_base_layer()
+        if type(base) is not nn.Linear and not is_conv1d(base):
+            return None
+        weight = getattr(base, "weight", None)
+        if weight is None or weight.dtype != x.dtype or not x.is_floating_point() or weight.device != x.device:
+            return None
+        if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+            return None
+        return base
 
     def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         run, training = self.smore_run, self.training
@@ -297,8 +313,12 @@ class SmoreLayer(PeftExtLayer):
         mask = self._route_mask if (training and settings.mask_padding) else None
         if mask is not None and mask.numel() != x.shape[:-1].numel():
             mask = None  # packed or reshaped inputs: every token counts
-        delta, aux, stats = self.adapter_delta(name, x, mask, stats=training)
-        out = result + delta.to(result.dtype)
+        h, aux, stats = self.routed_features(name, x, mask, stats=training)
+        if result is None:
+            out = self._output_in_base_epilogue(name, x, h)
+        else:
+            ex = self.smore_experts[name]
+            out = result + F.linear(h, ex.P, ex.P_bias).reshape(*x.shape[:-1], self.out_features).to(result.dtype)
         if aux is None or settings.aux_mode == "none" or run is None:
             return out
         grad = torch.is_grad_enabled()
@@ -323,11 +343,32 @@ class SmoreLayer(PeftExtLayer):
             self._pending_aux.pop(name, None)  # a forward with gradient: nothing left to inject from an earlier one
         return out
 
+    def _output_in_base_epilogue(self, name: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """base(x) + P h + p as two GEMMs and no elementwise pass: y_low = (b + p) + h P^T, then the base GEMM
+        y = y_low + x W^T with beta = 1 (the low-rank kernel's layout: the base GEMM's epilogue reads y_low)."""
+        base, ex = self.get_base_layer(), self.smore_experts[name]
+        bias = base.bias
+        if bias is not None and ex.P_bias is not None:
+            c = bias.to(ex.P.dtype) + ex.P_bias
+        else:
+            c = bias.to(ex.P.dtype) if bias is not None else ex.P_bias
+        y_low = h @ ex.P.t() if c is None else torch.addmm(c, h, ex.P.t())
+        weight = base.weight if is_conv1d(base) else base.weight.t()
+        y = torch.addmm(y_low.to(x.dtype), x.reshape(-1, self.in_features), weight)
+        return y.view(*x.shape[:-1], self.out_features)
+
     def adapter_delta(self, name: str, x: torch.Tensor, token_mask: Optional[torch.Tensor], stats: bool = False):
         """(P h_L(x) + p with x's leading shape, summed aux loss or None, per-layer stats) for adapter `name`."""
+        h, aux, per_layer = self.routed_features(name, x, token_mask, stats)
+        ex = self.smore_experts[name]
+        y = F.linear(h, ex.P, ex.P_bias)
+        return y.reshape(*x.shape[:-1], self.out_features), aux, per_layer
+
+    def routed_features(self, name: str, x: torch.Tensor, token_mask: Optional[torch.Tensor], stats: bool = False):
+        """(h_L (T, d_L): the top of each token's tree, before the output projection; summed aux loss or None;
+        per-layer stats) for adapter `name`. x (..., in) is flattened to T tokens."""
         ex, router, st = self.smore_experts[name], self.smore_router[name], self.smore_settings[name]
         dtype = ex.P.dtype
-        lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(dtype)
         T = x2.shape[0]
         # every layer's A (and a) and the router's down-projection: one skinny GEMM reading x once
@@ -394,8 +435,7 @@ class SmoreLayer(PeftExtLayer):
             else:  # child_v2
                 val = alpha * (sel + F.linear(st.act(h), W, w))
             h = val.view(T, R, f, dl1).sum(2)
-        y = F.linear(h[:, 0], ex.P, ex.P_bias)
-        return y.reshape(*lead, self.out_features), aux_total, per_layer
+        return h[:, 0], aux_total, per_layer
 
     def __repr__(self) -> str:
         return "smore." + nn.Module.__repr__(self)
