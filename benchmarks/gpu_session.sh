@@ -8,14 +8,16 @@
 # Phases (`all` = tests kernels models, in that order):
 #   tests    the `gpu`-marked tests (compiled kernels on CUDA against their references, the tuners in bf16)
 #   kernels  benchmarks/lowrank_kernels.py and benchmarks/delta.py at their full-size shapes
-#   models   benchmarks/lowrank.py (r=16) and benchmarks/hft_step.py, --variants all, at the anchor shape
+#   models   benchmarks/lowrank.py (r=16) and benchmarks/hft_step.py, --variants all, and benchmarks/smore.py (S'MoRE vs
+#            LoRA at equal parameters), at the anchor shape
 #   smoke    every benchmark at its small preset (CPU or GPU): checks this script, measures nothing
 #
 # Time: every step runs under its own timeout (the seconds in the step lines below; their sum, setup included,
 # is 460 s) and the whole script under GPU_SESSION_BUDGET_S (default 460 s from its start): a step is cut at
 # whichever comes first, killed with every process it started, reported, and the next step runs; a step that
 # would get less than 15 s is skipped and reported. The timeouts are first guesses (nothing has run on a GPU
-# yet): the elapsed seconds of every step are listed at the end ($OUT/session.log) to size the next run.
+# yet; on 2026-12-06 gpu-tests, lowrank*, delta-14336x4096 and hft-step gave up 60 s to the smore step): the
+# elapsed seconds of every step are listed at the end ($OUT/session.log) to size the next run.
 # Output: each benchmark step appends its tables to $OUT/results_<phase>.md as soon as its script ends (the
 # steps are small so that a cut loses one table, not a phase); logs go to $OUT/<phase>.log, the GPU tests'
 # results to $OUT/gpu_tests.xml. Read the tables, then append them to benchmarks/RESULTS.md.
@@ -172,22 +174,24 @@ bench() {  # bench PHASE NAME TIMEOUT SCRIPT ARGS...: one benchmark script throu
 run_phase() {  # each step's failure is reported and the next step still runs; returns 1 if any failed
     local phase=$1 status=0
     case $phase in
-        tests) step "$OUT/tests.log" "gpu-tests" 110 "$(gpu_tests_command)" || status=1 ;;
+        tests) step "$OUT/tests.log" "gpu-tests" 85 "$(gpu_tests_command)" || status=1 ;;
         kernels)
-            bench kernels lowrank-kernels-train 45 lowrank_kernels.py --skip-infer || status=1
-            bench kernels lowrank-kernels-infer 35 lowrank_kernels.py --skip-train || status=1
+            bench kernels lowrank-kernels-train 40 lowrank_kernels.py --skip-infer || status=1
+            bench kernels lowrank-kernels-infer 30 lowrank_kernels.py --skip-train || status=1
             bench kernels delta-4096x4096 35 delta.py --shapes 4096x4096 || status=1
-            bench kernels delta-14336x4096 40 delta.py --shapes 14336x4096 || status=1
+            bench kernels delta-14336x4096 35 delta.py --shapes 14336x4096 || status=1
             ;;
         models)
-            bench models lowrank-step-and-forward 95 lowrank.py --variants all --ranks 16 --adapters 4,16 || status=1
-            bench models hft-step 60 hft_step.py --variants all || status=1
+            bench models lowrank-step-and-forward 85 lowrank.py --variants all --ranks 16 --adapters 4,16 || status=1
+            bench models hft-step 50 hft_step.py --variants all || status=1
+            bench models smore-step 60 smore.py || status=1
             ;;
         smoke)
             bench smoke lowrank-kernels 120 lowrank_kernels.py --tiny || status=1
             bench smoke delta 120 delta.py --smoke || status=1
             bench smoke lowrank 120 lowrank.py --tiny --steps 1 --warmup 0 || status=1
             bench smoke hft-step 120 hft_step.py --tiny --steps 1 --warmup 0 || status=1
+            bench smoke smore 120 smore.py --tiny --steps 1 --warmup 0 || status=1
             ;;
     esac
     return $status

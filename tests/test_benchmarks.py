@@ -155,3 +155,63 @@ def test_lowrank_benchmarks_tiny_cpu(tmp_path, script, first_row):
     for table in tables:
         assert all(len(row) == len(table[0]) for row in table), table
     assert all(line in out.read_text() for line in proc.stdout.splitlines() if line.startswith("|"))
+
+
+SMORE_HEADERS = [
+    "variant",
+    "trainable params",
+    "step ms (median)",
+    "peak GiB",
+    "time vs LoRA",
+    "memory vs LoRA",
+    "time vs frozen base",
+]
+SMORE_ROWS = ("frozen base", "PEFT LoRA r=", "S'MoRE switch 4-4 top-2", "S'MoRE dense 2-2")
+
+
+@pytest.mark.parametrize(
+    "extra", [[], ["--interleave", "--track-memory", "--threads", "1"]], ids=["sequential", "interleaved"]
+)
+def test_smore_benchmark_tiny_cpu(tmp_path, extra):
+    """benchmarks/smore.py at --shape tiny: one table, S'MoRE vs PEFT LoRA at equal trainable parameters and the frozen
+    base, every cell a number (or n/a for CUDA's peak memory), LoRA's count within 2 % of S'MoRE's."""
+    out = tmp_path / "RESULTS.md"
+    args = ["benchmarks/smore.py", "--shape", "tiny", "--steps", "1", "--warmup", "0", *extra, "--out", str(out)]
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = proc.stdout
+    tables = _tables(text)
+    assert len(tables) == 1, text
+    header, rows = tables[0]
+    tracked = "--track-memory" in extra
+    assert header == SMORE_HEADERS[:4] + (["tracked peak GiB"] if tracked else []) + SMORE_HEADERS[4:], header
+    assert [row[0].startswith(label) for row, label in zip(rows, SMORE_ROWS)] == [True] * 4 and len(rows) == 4, rows
+    by_label = dict(zip(SMORE_ROWS, rows))
+    for row in rows:
+        assert len(row) == len(header), row
+        cells = dict(zip(header, row))
+        assert int(cells["trainable params"].replace(",", "")) > 0, row
+        assert NUMBER.match(cells["step ms (median)"]) and float(cells["step ms (median)"]) > 0, row
+        assert cells["peak GiB"] == "n/a", row  # CPU: CUDA's allocator peak only
+        for key in ("time vs LoRA", "time vs frozen base"):
+            assert NUMBER.match(cells[key]) and float(cells[key]) > 0, row
+        if tracked:
+            assert NUMBER.match(cells["tracked peak GiB"]) and NUMBER.match(cells["memory vs LoRA"]), row
+        else:
+            assert cells["memory vs LoRA"] == "n/a", row
+    assert by_label["PEFT LoRA r="][header.index("time vs LoRA")] == "1.00"
+    assert by_label["frozen base"][header.index("time vs frozen base")] == "1.00"
+    params = {label: int(row[1].replace(",", "")) for label, row in by_label.items()}
+    smore = params["S'MoRE switch 4-4 top-2"]
+    assert abs(params["PEFT LoRA r="] - smore) <= 0.02 * smore  # equal parameters, router included (spec: +-2 %)
+    assert params["frozen base"] == 512 * 64  # the tiny shape's input embedding
+    r = int(re.search(r"PEFT LoRA r=(\d+)", by_label["PEFT LoRA r="][0])[1])
+    assert params["PEFT LoRA r="] == r * 2 * 3 * (64 + 176)  # r * (in + out) over gate/up/down of 2 blocks
+
+    # the counts, the goals and the header (date, device, versions, exact command) come with the table
+    assert f"S'MoRE 4-4 has {smore:,} trainable parameters" in text, text
+    assert "LoRA has " in text and "% of S'MoRE's count" in text
+    assert "S'MoRE step <= 1.25x a PEFT LoRA step" in text and "judged on a GPU at the anchor shape" in text
+    assert re.search(r"\d{4}-\d\d-\d\d .*torch .*triton .*peft .*transformers ", text), text
+    assert "Command: `" in text and "benchmarks/smore.py --shape tiny --steps 1 --warmup 0" in text
+    assert out.read_text().strip() == text.strip()

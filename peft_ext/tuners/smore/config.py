@@ -120,6 +120,11 @@ class SmoreConfig(PeftExtConfig):
             self.layers_to_transform = [self.layers_to_transform]
         self._validate()
 
+    def training_companions(self) -> tuple[str, ...]:
+        """SmoreCallback: logs the auxiliary loss, expert load and router entropy, warns on starving experts, and
+        scales the injected auxiliary gradient by 1 / gradient_accumulation_steps."""
+        return ("peft_ext.training.smore_balance:SmoreCallback",)
+
     # ------------------------------------------------------------------------------------------ checks
     def _validate(self) -> None:
         for name in ("num_experts", "num_active", "expert_ranks"):

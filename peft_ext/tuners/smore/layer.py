@@ -182,22 +182,25 @@ class SmoreSettings:
 
 # --------------------------------------------------------------------------------------------- aux loss
 class _AuxInject(torch.autograd.Function):
-    """Identity on `out`; its backward also sends gradient `coef` to `aux` (Megatron-Core's MoEAuxLossAutoScaler)."""
+    """Identity on `out` (a copy with copy=True); its backward also sends gradient `coef` to `aux` (Megatron-Core's
+    MoEAuxLossAutoScaler). Without a copy the result is a view that autograd forbids modifying in place: used on
+    tensors internal to a layer; the copy is for tensors handed to the user (logits, log_probs)."""
 
     @staticmethod
-    def forward(ctx, out, aux, coef: float):
+    def forward(ctx, out, aux, coef: float, copy: bool):
         ctx.coef = coef
         ctx.aux_dtype = aux.dtype
-        return out.view_as(out)
+        return out.clone() if copy else out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        return grad_out, torch.full((), ctx.coef, dtype=ctx.aux_dtype, device=grad_out.device), None
+        return grad_out, torch.full((), ctx.coef, dtype=ctx.aux_dtype, device=grad_out.device), None, None
 
 
-def inject_aux(out: torch.Tensor, aux: torch.Tensor, coef: float) -> torch.Tensor:
-    """`out` unchanged, but backpropagating through it also backpropagates coef * aux."""
-    return _AuxInject.apply(out, aux, float(coef))
+def inject_aux(out: torch.Tensor, aux: torch.Tensor, coef: float, copy: bool = False) -> torch.Tensor:
+    """`out` unchanged (copied with copy=True, so that it can be modified in place), but backpropagating through it
+    also backpropagates coef * aux."""
+    return _AuxInject.apply(out, aux, float(coef), copy)
 
 
 class SmoreRun:
@@ -314,34 +317,41 @@ class SmoreLayer(PeftExtLayer):
         if mask is not None and mask.numel() != x.shape[:-1].numel():
             mask = None  # packed or reshaped inputs: every token counts
         h, aux, stats = self.routed_features(name, x, mask, stats=training)
+        coef = self._aux_bookkeeping(name, aux, stats, recompute)
+        if coef is not None:  # through h (T x d_L, internal to this layer): the layer's output stays a plain tensor
+            h = inject_aux(h, aux, coef)
         if result is None:
-            out = self._output_in_base_epilogue(name, x, h)
-        else:
-            ex = self.smore_experts[name]
-            out = result + F.linear(h, ex.P, ex.P_bias).reshape(*x.shape[:-1], self.out_features).to(result.dtype)
+            return self._output_in_base_epilogue(name, x, h)
+        ex = self.smore_experts[name]
+        return result + F.linear(h, ex.P, ex.P_bias).reshape(*x.shape[:-1], self.out_features).to(result.dtype)
+
+    def _aux_bookkeeping(self, name: str, aux, stats, recompute: bool) -> Optional[float]:
+        """Record this forward's statistics and auxiliary loss with the run; return the coefficient with which the
+        layer backpropagates the auxiliary loss itself (inject mode; add_to_loss under reentrant checkpointing's
+        recomputation), or None."""
+        run, settings = self.smore_run, self.smore_settings[name]
+        if self.training and run is not None and not recompute:
+            run.stats[f"{self.smore_name}:{name}"] = stats  # every gate's load and entropy, with or without an aux
         if aux is None or settings.aux_mode == "none" or run is None:
-            return out
+            return None
         grad = torch.is_grad_enabled()
         if recompute:
             pending = self._pending_aux.pop(name, None)
             if grad and (settings.aux_mode == "inject" or pending is not None):
-                out = inject_aux(out, aux, run.inject_scale if settings.aux_mode == "inject" else pending)
-            return out
-        run.stats[f"{self.smore_name}:{name}"] = stats
+                return run.inject_scale if settings.aux_mode == "inject" else pending
+            return None
         run.aux_seen.append(aux)
-        if settings.aux_mode == "add_to_loss":
-            run.aux.append(aux)
         if settings.aux_mode == "inject":
-            if grad:
-                out = inject_aux(out, aux, run.inject_scale)
-        elif not grad and any(p.requires_grad for p in self.smore_router[name].parameters()):
+            return run.inject_scale if grad else None
+        run.aux.append(aux)
+        if not grad and any(p.requires_grad for p in self.smore_router[name].parameters()):
             # add_to_loss inside a no-grad forward (reentrant gradient checkpointing): the aux counted in the loss
             # carries no gradient, so the recomputation in the backward injects it (a forward with the adapter
             # disabled, such as DPO's reference pass, does not come here and leaves this in place)
             self._pending_aux[name] = run.loss_weight
         else:
             self._pending_aux.pop(name, None)  # a forward with gradient: nothing left to inject from an earlier one
-        return out
+        return None
 
     def _output_in_base_epilogue(self, name: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """base(x) + P h + p as two GEMMs and no elementwise pass: y_low = (b + p) + h P^T, then the base GEMM

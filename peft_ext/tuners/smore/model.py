@@ -17,17 +17,18 @@ class SmoreModel(PeftExtTuner, BaseTuner):
     """S'MoRE as a PEFT tuner: each targeted linear layer becomes a `SmoreLayer` (see `SmoreConfig`).
 
     The load-balance loss needs no change to a training script: with aux_loss_mode="add_to_loss" (default) the
-    wrapped model's forward adds the summed auxiliary loss to `outputs.loss` whenever it trains; a forward that
-    returns no loss (DPO, KTO, GRPO and any trainer that builds its loss from the logits) gets it through its logits
-    instead (an autograd identity whose backward also backpropagates the auxiliary loss). aux_loss_mode="inject" does
-    that in every layer. `peft_ext.training.SmoreCallback` logs the auxiliary loss, each gate's expert load and
+    wrapped model's forward adds the summed auxiliary loss to `outputs.loss` whenever it trains; where the trainer
+    builds its loss itself, the auxiliary loss rides on what that loss is built from (an autograd identity whose
+    backward also backpropagates it): TRL's fused LM head output `log_probs` (SFTTrainer, DPOTrainer, KTO, GRPO in
+    TRL 1.16), else the logits of a forward without a loss (`compute_loss_func`, custom losses).
+    aux_loss_mode="inject" does that in every layer's output instead. `peft_ext.training.SmoreCallback` logs the auxiliary loss, each gate's expert load and
     router entropy, and warns when an expert starves.
 
     Example:
         >>> import peft_ext
         >>> from peft import get_peft_model
         >>> model = get_peft_model(base_model, peft_ext.SmoreConfig(num_experts=[4, 4], num_active=[2, 2]))
-        >>> SFTTrainer(model=model, ...).train()  # the load-balance loss is in outputs.loss
+        >>> SFTTrainer(model=model, ...).train()  # the load-balance loss trains with the LM loss
     """
 
     prefix: str = "smore_"
@@ -144,6 +145,11 @@ class SmoreModel(PeftExtTuner, BaseTuner):
             return output
         total = torch.stack([a.float() for a in run.aux]).sum()
         run.aux = []
+        log_probs = _get(output, "log_probs")
+        if isinstance(log_probs, torch.Tensor) and log_probs.requires_grad and total.requires_grad:
+            # TRL's fused LM head (`model(..., fused_lm_head=True)`: SFT, DPO, KTO, GRPO) builds the trainer's loss from
+            # the per-token log_probs and leaves outputs.loss unused: the aux's gradient rides on log_probs
+            return _set(output, "log_probs", inject_aux(log_probs, total, run.inject_scale, copy=True))
         loss = _get(output, "loss")
         if loss is not None:  # (a no-grad value under reentrant checkpointing: the layers inject its gradient)
             return _set(output, "loss", loss + run.loss_weight * total.to(loss.dtype))
@@ -151,9 +157,9 @@ class SmoreModel(PeftExtTuner, BaseTuner):
             return output
         logits = _get(output, "logits")
         if logits is None and isinstance(output, torch.Tensor):
-            return inject_aux(output, total, run.inject_scale)
+            return inject_aux(output, total, run.inject_scale, copy=True)
         if logits is not None:  # a trainer that builds its loss from the logits (DPO, KTO, GRPO, compute_loss_func)
-            return _set(output, "logits", inject_aux(logits, total, run.inject_scale))
+            return _set(output, "logits", inject_aux(logits, total, run.inject_scale, copy=True))
         warnings.warn(
             "S'MoRE: the model's output has neither a loss nor logits to carry the load-balance loss; it is not "
             "trained. Use SmoreConfig(aux_loss_mode='inject').",

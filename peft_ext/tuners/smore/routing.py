@@ -112,7 +112,8 @@ def noisy_topk_gate(
             prob = torch.where(logits > threshold_in, p_in, p_out)
             smooth_load = (prob * rows[..., None]).sum(dim=(0, 1))
         else:
-            smooth_load = ((scattered > 0).float() * rows[..., None]).sum(dim=(0, 1))
+            # picks counted (the official code's `scattered > 0` misses a top-1 pick whose raw logit is <= 0)
+            smooth_load = (F.one_hot(idx, s).to(logits.dtype) * rows[..., None, None]).sum(dim=(0, 1, 2))
         aux = gamma * (cv_squared(importance) + cv_squared(smooth_load))
         counts = (F.one_hot(idx, s).float() * rows[..., None, None]).sum(dim=(0, 1, 2))
         load = (counts / counts.sum().clamp_min(1.0)).detach()
