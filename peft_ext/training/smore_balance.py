@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional
 
@@ -22,10 +21,11 @@ class SmoreCallback(TrainerCallback):
     A callback cannot change the loss: the auxiliary loss reaches the gradient through the model itself
     (`aux_loss_mode`). What this callback does:
 
-    - At the start of training: sets the weight of the injected auxiliary gradient (aux_loss_mode="inject", and
-      "add_to_loss" when the forward returns no loss to add it to) to 1 / gradient_accumulation_steps, as the trainer
-      divides its own loss (restored at the end of training). With fp16 and an "inject" adapter it
-      warns: the fp16 loss scaler does not scale the injected gradient, so the unscaling shrinks it; use bf16.
+    - At the start of training and of every optimizer step: sets the weight of the injected auxiliary gradient
+      (aux_loss_mode="inject", and "add_to_loss" where the trainer builds its loss from log_probs / logits) to
+      1 / gradient_accumulation_steps, as the trainer divides its own loss, times the fp16 loss scale when a
+      GradScaler runs (read from accelerate's optimizer wrapper), so that the unscaling leaves it intact (restored
+      at the end of training). fp16 without a reachable scaler warns.
     - After every micro-batch: collects the model's `smore_stats()` (the auxiliary loss, each gate's expert load and
       router entropy).
     - At every training log: adds, as means over the logging window,
@@ -57,6 +57,7 @@ class SmoreCallback(TrainerCallback):
         self._load: dict[tuple[str, int], list] = {}  # (module:adapter, layer) -> [sum of load vectors, count]
         self._entropy_sum, self._entropy_n = 0.0, 0
         self._warned: set[tuple[str, int]] = set()
+        self._warned_fp16 = False
 
     # ------------------------------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -64,17 +65,31 @@ class SmoreCallback(TrainerCallback):
         tuner = find_smore_model(model)
         if tuner is None:
             return
-        self._scaled = (tuner, tuner.smore_run.inject_scale)
-        tuner.set_aux_inject_scale(1.0 / max(1, int(args.gradient_accumulation_steps)))
-        inject = [name for name, config in _smore_configs(tuner) if config.aux_loss_mode == "inject"]
-        if getattr(args, "fp16", False) and inject:
+        run = tuner.smore_run
+        self._scaled = (tuner, run.inject_scale, run.inject_scale_set)
+        self._set_scale(tuner, args, kwargs.get("optimizer"))
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self._scaled is not None:
+            self._set_scale(self._scaled[0], args, kwargs.get("optimizer"))
+
+    def _set_scale(self, tuner: SmoreModel, args, optimizer) -> None:
+        """1 / gradient_accumulation_steps, times the fp16 loss scale when a GradScaler runs (accelerate's optimizer
+        wrapper holds it as `.scaler`): the injected aux gradient is then scaled and unscaled like the loss's."""
+        scale = 1.0 / max(1, int(args.gradient_accumulation_steps))
+        scaler = getattr(optimizer, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scale *= float(scaler.get_scale())
+        elif getattr(args, "fp16", False) and not self._warned_fp16:
+            self._warned_fp16 = True
             warnings.warn(
-                f"SmoreCallback: fp16 training with aux_loss_mode='inject' (adapter(s) {', '.join(inject)}): the fp16 "
-                f"loss scaler multiplies the loss, not the load-balance gradient injected by the S'MoRE layers, so "
-                f"unscaling shrinks that gradient by the loss scale and the routers are barely balanced. Train in bf16 "
-                f"(bf16=True, fp16=False), or with aux_loss_mode='add_to_loss' under a trainer that uses outputs.loss.",
-                stacklevel=2,
+                "SmoreCallback: fp16 training without a loss scaler in reach (the trainer's optimizer has no "
+                "`.scaler`): where the S'MoRE load-balance loss is injected beside the trainer's loss (log_probs, "
+                "logits, aux_loss_mode='inject') its gradient is not loss-scaled, and unscaling shrinks it. Train in "
+                "bf16, or with a trainer that adds it to outputs.loss.",
+                stacklevel=3,
             )
+        tuner.set_aux_inject_scale(scale)
 
     def on_substep_end(self, args, state, control, model=None, **kwargs):
         self._collect(model)
@@ -95,8 +110,9 @@ class SmoreCallback(TrainerCallback):
         if self._load:
             self._summary(state)  # the window after the last log: warn about starving experts
         if self._scaled is not None:
-            tuner, scale = self._scaled
+            tuner, scale, was_set = self._scaled
             tuner.set_aux_inject_scale(scale)
+            tuner.smore_run.inject_scale_set = was_set
             self._scaled = None
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -116,8 +132,8 @@ class SmoreCallback(TrainerCallback):
         for key, per_layer in fresh.items():
             for entry in per_layer:
                 load, entropy = entry.get("load"), entry.get("entropy")
-                if load is not None:
-                    load = load.detach().float().cpu()
+                if load is not None:  # summed on the device; read once per log (no host sync per micro-batch)
+                    load = load.detach().float()
                     slot = self._load.get((key, int(entry["layer"])))
                     if slot is None or slot[0].shape != load.shape:
                         self._load[(key, int(entry["layer"]))] = [load.clone(), 1]
@@ -125,10 +141,8 @@ class SmoreCallback(TrainerCallback):
                         slot[0] += load
                         slot[1] += 1
                 if entropy is not None:
-                    value = float(entropy)
-                    if math.isfinite(value):
-                        self._entropy_sum += value
-                        self._entropy_n += 1
+                    self._entropy_sum = self._entropy_sum + entropy.detach().float()
+                    self._entropy_n += 1
 
     def _summary(self, state) -> dict[str, float]:
         """The window's log values; warns about newly starving experts; starts a new window."""
@@ -136,12 +150,12 @@ class SmoreCallback(TrainerCallback):
         if self._aux_n:
             out["smore/aux_loss"] = self._aux_sum / self._aux_n
         if self._entropy_n:
-            out["smore/router_entropy"] = self._entropy_sum / self._entropy_n
+            out["smore/router_entropy"] = float(self._entropy_sum) / self._entropy_n
         mins: dict[int, list[float]] = {}
         maxs: dict[int, list[float]] = {}
         starving: list[tuple[str, int, int, float, float]] = []
         for (key, layer), (total, count) in sorted(self._load.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            share = total / count
+            share = (total / count).cpu()
             mins.setdefault(layer, []).append(float(share.min()))
             maxs.setdefault(layer, []).append(float(share.max()))
             threshold = self.starve_factor / share.numel()

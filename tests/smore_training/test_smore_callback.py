@@ -297,22 +297,55 @@ def test_inject_scale_is_one_over_accumulation_steps(tmp_path):
     torch.testing.assert_close(unscaled - lm_only, per_batch[0] + per_batch[1], rtol=1e-4, atol=1e-7)
 
 
-def test_fp16_with_inject_warns(tmp_path):
+def test_fp16_scale_follows_the_loss_scaler(tmp_path):
+    """fp16: the injected aux gradient is weighted by the GradScaler's scale / GA at every step (so that unscaling
+    leaves 1/GA of it), read from accelerate's optimizer wrapper (`.scaler`); without a scaler in reach it warns."""
+    from types import SimpleNamespace
+
     state, control = TrainerState(), TrainerControl()
-    for mode, warns in (("inject", True), ("add_to_loss", False)):
-        model = smore_model(aux_loss_mode=mode)
-        callback = SmoreCallback()
-        args = training_args(tmp_path, fp16=True, gradient_accumulation_steps=4)
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            callback.on_train_begin(args, state, control, model=model)
-        fp16 = [str(w.message) for w in record if "fp16" in str(w.message)]
-        assert bool(fp16) == warns, fp16
-        if warns:
-            assert "bf16" in fp16[0] and "adapter(s) default" in fp16[0]
-        assert model.base_model.smore_run.inject_scale == 0.25
-        callback.on_train_end(args, state, control, model=model)
-        assert model.base_model.smore_run.inject_scale == 1.0
+    model = smore_model(aux_loss_mode="inject")
+    callback = SmoreCallback()
+    args = training_args(tmp_path, fp16=True, gradient_accumulation_steps=4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    optimizer = SimpleNamespace(scaler=scaler)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        callback.on_train_begin(args, state, control, model=model, optimizer=optimizer)
+    assert not [w for w in record if "fp16" in str(w.message)]
+    assert model.base_model.smore_run.inject_scale == 1024.0 / 4
+    scaler.scale(torch.ones(()))
+    scaler.update(new_scale=256.0)  # the scaler backs off after an overflow: the next step follows it
+    callback.on_step_begin(args, state, control, model=model, optimizer=optimizer)
+    assert model.base_model.smore_run.inject_scale == 256.0 / 4
+    callback.on_train_end(args, state, control, model=model)
+    assert model.base_model.smore_run.inject_scale == 1.0
+    # no scaler in reach: a warning that names the way out, and the plain 1/GA
+    callback = SmoreCallback()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        callback.on_train_begin(args, state, control, model=model, optimizer=SimpleNamespace())
+    fp16 = [str(w.message) for w in record if "fp16" in str(w.message)]
+    assert len(fp16) == 1 and "bf16" in fp16[0], fp16
+    assert model.base_model.smore_run.inject_scale == 0.25
+
+
+def test_an_unscaled_injection_warns_once_without_the_callback():
+    """aux_loss_mode="inject" (or a loss built from the logits) with no SmoreCallback: the injected weight is 1 per
+    forward whatever the accumulation: one warning naming the callback; none once the callback has set the scale."""
+    model = smore_model(aux_loss_mode="inject").train()
+    batch = MODELS["llama"].batch_with_labels()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model(**batch)
+        model(**batch)
+    hits = [str(w.message) for w in record if "SmoreCallback" in str(w.message)]
+    assert len(hits) == 1 and "accumulation" in hits[0], hits
+    other = smore_model(aux_loss_mode="inject").train()
+    other.base_model.set_aux_inject_scale(0.5)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        other(**batch)
+    assert not [w for w in record if "SmoreCallback" in str(w.message)]
 
 
 # ------------------------------------------------------------------------------------------ companions

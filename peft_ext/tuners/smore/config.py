@@ -72,11 +72,15 @@ class SmoreConfig(PeftExtConfig):
         expert_bias: trainable biases a, b, w, p (zero at init), as the official code. Default True.
         balance_loss_weight: gamma, the weight of each gate's load-balance loss (the paper: 0.01).
         aux_loss_mode: how the load-balance loss reaches the gradient. "add_to_loss" (default): whenever the model
-            trains, the summed auxiliary loss is added to `outputs.loss` (Trainer, SFTTrainer; with gradient
-            accumulation it is weighted like the LM loss). "inject": for trainers that build the loss from logits
-            (DPOTrainer, KTO, GRPO, compute_loss_func): each layer backpropagates its auxiliary loss through its
-            output (an autograd identity); `outputs.loss` is left alone. "none": no auxiliary loss.
+            trains, the summed auxiliary loss is added to `outputs.loss` (transformers' Trainer; with gradient
+            accumulation it is weighted like the LM loss); where the trainer builds its loss itself it rides, as
+            an autograd identity, on what that loss is built from: the `log_probs` of TRL's fused LM head
+            (SFTTrainer, DPOTrainer, KTO, GRPO in TRL 1.16), else the logits (compute_loss_func). "inject": each
+            layer backpropagates its auxiliary loss itself; `outputs.loss` is left alone. Where it is injected,
+            `peft_ext.training.SmoreCallback` divides it by the accumulation steps and follows the fp16 loss scale.
+            "none": no auxiliary loss. A frozen adapter (loaded for inference) adds none.
         balance_mask_padding: leave padding tokens (attention_mask == 0) out of the load statistics. Default True.
+            (Not for encoder-decoder models: their attention_mask is the encoder's, so every token counts.)
         seed: None (default): the adapter is drawn from torch's global RNG. An int: drawn from this seed (and the
             module's name): reproducible per adapter.
 

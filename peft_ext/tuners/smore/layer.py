@@ -4,6 +4,7 @@ tree of routed low-rank residual experts (see SmoreConfig for the math and the s
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from contextlib import contextmanager
 from typing import Any, Optional
@@ -214,9 +215,32 @@ class SmoreRun:
         self.aux: list[torch.Tensor] = []  # add_to_loss adapters' losses, added to outputs.loss
         self.aux_seen: list[torch.Tensor] = []  # every adapter's, for logging
         self.loss_weight = 1.0  # add_to_loss: this micro-batch's share of the trainer's loss normaliser
-        self.inject_scale = 1.0  # inject: set to 1 / gradient_accumulation_steps by SmoreCallback
-        self.last_aux: Optional[float] = None
+        # the weight of an injected aux gradient (inject mode; add_to_loss through log_probs / logits): SmoreCallback
+        # sets 1 / gradient_accumulation_steps, times the fp16 loss scale
+        self.inject_scale = 1.0
+        self.inject_scale_set = False  # by SmoreCallback (else a one-time warning where the aux is injected)
+        self.warned_unscaled = False
+        # reentrant checkpointing: the weight with which the recomputation injects an aux that the forward could not
+        # attach to the graph (the loss weight times the scale the backward sent into outputs.loss, or inject_scale)
+        self.pending_coef = 1.0
+        self.last_aux: Optional[torch.Tensor] = None  # detached (no host sync in the forward)
         self.stats: dict[str, list[dict]] = {}  # module name -> per S'MoRE layer load / entropy of the last step
+
+
+    def check_inject_scale(self) -> None:
+        """Warn once when an auxiliary gradient is injected with a weight no SmoreCallback has set."""
+        if self.inject_scale_set or self.warned_unscaled:
+            return
+        self.warned_unscaled = True
+        warnings.warn(
+            "S'MoRE: the load-balance loss reaches the gradient beside the trainer's loss (injected through the "
+            "log_probs / logits the trainer builds its loss from, or aux_loss_mode='inject'), with weight 1 per "
+            "forward: with gradient accumulation it would count once per micro-batch, and fp16 loss scaling would "
+            "not scale it. Add callbacks=[peft_ext.training.SmoreCallback()] to the trainer (peft-ext train and "
+            "peft_ext.training.attach_companions do), which divides it by the accumulation steps and follows the "
+            "loss scale.",
+            stacklevel=4,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ layer
@@ -238,7 +262,7 @@ class SmoreLayer(PeftExtLayer):
         self.smore_run: Optional[SmoreRun] = None
         self.smore_name = ""
         self._route_mask: Optional[torch.Tensor] = None
-        self._pending_aux: dict[str, float] = {}  # adapter -> weight of an aux whose gradient the recomputation injects
+        self._pending_aux: dict[str, bool] = {}  # adapters whose aux gradient the recomputation injects
 
     def update_layer(self, adapter_name: str, config: SmoreConfig, name: str = "") -> None:
         base = self.get_base_layer()
@@ -336,19 +360,23 @@ class SmoreLayer(PeftExtLayer):
             return None
         grad = torch.is_grad_enabled()
         if recompute:
-            pending = self._pending_aux.pop(name, None)
-            if grad and (settings.aux_mode == "inject" or pending is not None):
-                return run.inject_scale if settings.aux_mode == "inject" else pending
+            pending = self._pending_aux.pop(name, False)
+            if grad and (settings.aux_mode == "inject" or pending):
+                return run.inject_scale if settings.aux_mode == "inject" else run.pending_coef
             return None
+        if not any(p.requires_grad for p in self.smore_router[name].parameters()):
+            return None  # a frozen adapter (loaded for inference) trains nothing: no auxiliary loss
         run.aux_seen.append(aux)
         if settings.aux_mode == "inject":
+            if grad:
+                run.check_inject_scale()
             return run.inject_scale if grad else None
         run.aux.append(aux)
-        if not grad and any(p.requires_grad for p in self.smore_router[name].parameters()):
+        if not grad:
             # add_to_loss inside a no-grad forward (reentrant gradient checkpointing): the aux counted in the loss
             # carries no gradient, so the recomputation in the backward injects it (a forward with the adapter
             # disabled, such as DPO's reference pass, does not come here and leaves this in place)
-            self._pending_aux[name] = run.loss_weight
+            self._pending_aux[name] = True
         else:
             self._pending_aux.pop(name, None)  # a forward with gradient: nothing left to inject from an earlier one
         return None
@@ -457,6 +485,7 @@ def _seeded(seed: Optional[int], name: str):
     if seed is None:
         yield
         return
-    with torch.random.fork_rng(devices=[]):
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):  # manual_seed reseeds every CUDA generator too: restore them
         torch.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
         yield

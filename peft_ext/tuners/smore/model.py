@@ -49,8 +49,10 @@ class SmoreModel(PeftExtTuner, BaseTuner):
             model_type = model_config.get("model_type")
             if model_type not in TARGET_MODULES_MAPPING:
                 raise ValueError(
-                    f"SmoreConfig.target_modules is None and there is no default for model_type={model_type!r}: give "
-                    f"the linear layers to adapt, e.g. target_modules=['up_proj', 'down_proj'] or 'all-linear'."
+                    f"SmoreConfig.target_modules is None and there is no default for model_type={model_type!r} (the "
+                    f"defaults: {', '.join(sorted(TARGET_MODULES_MAPPING))}): give the linear layers to adapt, by the "
+                    f"names of their modules (model.named_modules(); the paper adapts the feed-forward projections) "
+                    f"or target_modules='all-linear'."
                 )
             peft_config.target_modules = sorted(TARGET_MODULES_MAPPING[model_type])
         return peft_config
@@ -130,7 +132,10 @@ class SmoreModel(PeftExtTuner, BaseTuner):
         run.aux_seen = []
         run.in_forward = True
         mask = kwargs.get("attention_mask")
-        run.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        encoder_decoder = bool(getattr(getattr(module, "config", None), "is_encoder_decoder", False))
+        # an encoder-decoder's attention_mask is the encoder's: the decoder's layers would be masked by it
+        usable = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not encoder_decoder
+        run.token_mask = mask if usable else None
         run.loss_weight = _loss_share(kwargs)
 
     def _smore_post_forward(self, module, args, kwargs, output):
@@ -138,28 +143,32 @@ class SmoreModel(PeftExtTuner, BaseTuner):
         run.in_forward = False
         run.token_mask = None
         if run.aux_seen:
-            run.last_aux = float(sum(float(a.detach()) for a in run.aux_seen))
+            run.last_aux = torch.stack([a.detach().float() for a in run.aux_seen]).sum()
         run.aux_seen = []
         if not run.aux or not self.model.training:
             run.aux = []
             return output
         total = torch.stack([a.float() for a in run.aux]).sum()
         run.aux = []
+        # without gradient here (reentrant checkpointing) the layers inject it in their recomputation, with
+        # run.pending_coef
         log_probs = _get(output, "log_probs")
-        if isinstance(log_probs, torch.Tensor) and log_probs.requires_grad and total.requires_grad:
+        if isinstance(log_probs, torch.Tensor) and log_probs.requires_grad:
             # TRL's fused LM head (`model(..., fused_lm_head=True)`: SFT, DPO, KTO, GRPO) builds the trainer's loss from
             # the per-token log_probs and leaves outputs.loss unused: the aux's gradient rides on log_probs
-            return _set(output, "log_probs", inject_aux(log_probs, total, run.inject_scale, copy=True))
+            return self._inject(output, "log_probs", log_probs, total)
         loss = _get(output, "loss")
-        if loss is not None:  # (a no-grad value under reentrant checkpointing: the layers inject its gradient)
-            return _set(output, "loss", loss + run.loss_weight * total.to(loss.dtype))
-        if not total.requires_grad:
-            return output
+        if loss is not None:
+            new_loss = loss + run.loss_weight * total.to(loss.dtype)
+            if not total.requires_grad and new_loss.requires_grad:
+                run.pending_coef = run.loss_weight  # times the scale the backward sends into the loss:
+                new_loss.register_hook(self._record_loss_scale)
+            return _set(output, "loss", new_loss)
         logits = _get(output, "logits")
         if logits is None and isinstance(output, torch.Tensor):
-            return inject_aux(output, total, run.inject_scale, copy=True)
-        if logits is not None:  # a trainer that builds its loss from the logits (DPO, KTO, GRPO, compute_loss_func)
-            return _set(output, "logits", inject_aux(logits, total, run.inject_scale, copy=True))
+            return self._inject(output, None, output, total)
+        if logits is not None:  # a trainer that builds its loss from the logits (compute_loss_func, custom losses)
+            return self._inject(output, "logits", logits, total)
         warnings.warn(
             "S'MoRE: the model's output has neither a loss nor logits to carry the load-balance loss; it is not "
             "trained. Use SmoreConfig(aux_loss_mode='inject').",
@@ -167,15 +176,35 @@ class SmoreModel(PeftExtTuner, BaseTuner):
         )
         return output
 
+    def _inject(self, output, key, tensor, total):
+        """The aux's gradient rides on `tensor` (a copy: in-place safe), weighted by run.inject_scale."""
+        run = self.smore_run
+        if not tensor.requires_grad:
+            return output
+        run.check_inject_scale()
+        if not total.requires_grad:
+            run.pending_coef = run.inject_scale
+            return output
+        injected = inject_aux(tensor, total, run.inject_scale, copy=True)
+        return injected if key is None else _set(output, key, injected)
+
+    def _record_loss_scale(self, grad: torch.Tensor) -> None:
+        """Reentrant checkpointing: the gradient arriving at outputs.loss (the trainer's division by the accumulation
+        steps, the fp16 loss scale, ...) runs before the checkpointed layers recompute and inject the aux."""
+        self.smore_run.pending_coef = self.smore_run.loss_weight * float(grad)
+
     def set_aux_inject_scale(self, scale: float) -> None:
         """The weight of the auxiliary loss's gradient where it is injected (inject mode, and add_to_loss through
-        the logits): SmoreCallback sets 1 / gradient_accumulation_steps, as the trainer divides its loss."""
+        log_probs / logits): SmoreCallback sets 1 / gradient_accumulation_steps (times the fp16 loss scale), as the
+        trainer divides its own loss."""
         self.smore_run.inject_scale = float(scale)
+        self.smore_run.inject_scale_set = True
 
     def smore_stats(self) -> dict:
-        """The last training forward's auxiliary loss and, per adapted module and adapter, each gate's expert
-        load (share of picks per expert) and router entropy."""
-        return {"aux_loss": self.smore_run.last_aux, "layers": dict(self.smore_run.stats)}
+        """The last training forward's auxiliary loss (a float, or None) and, per adapted module and adapter, each
+        gate's expert load (share of picks per expert) and router entropy (detached tensors)."""
+        aux = self.smore_run.last_aux
+        return {"aux_loss": None if aux is None else float(aux), "layers": dict(self.smore_run.stats)}
 
 
 def _is_bnb(module: nn.Module) -> bool:
