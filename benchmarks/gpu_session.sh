@@ -39,7 +39,7 @@ BUDGET_S=${GPU_SESSION_BUDGET_S:-460}
 MIN_STEP_S=15
 DEADLINE=$(($(date +%s) + BUDGET_S))  # reset when main starts
 # every test module with a `gpu`-marked test lives under these (tests/test_gpu_session.py checks it)
-GPU_TESTS="tests/kernels tests/cola tests/deltacome"
+GPU_TESTS="tests/kernels tests/cola tests/deltacome tests/smore"
 GPU_TEST_WORKERS=${GPU_TEST_WORKERS:-4}  # pytest-xdist processes for the GPU tests (their compiles run in parallel)
 PHASES="tests kernels models smoke"
 STEPS=()  # "name status seconds timeout" per step, for the summary
