@@ -26,7 +26,6 @@ results.md (mean and spread over the seeds, and whether each COLA beats LoRA in 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -38,6 +37,7 @@ from typing import Optional
 import torch
 from peft import LoraConfig, get_peft_model
 
+from peft_ext.experiments.recipe_main import recipe_main
 from peft_ext.overrides import apply_overrides, load_yaml
 from peft_ext.trainer_defaults import device_defaults
 from peft_ext.training import ColaChainCallback
@@ -307,12 +307,7 @@ def reproduce(repro: Repro, out_dir: Optional[str] = None, log=print) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="a YAML file, e.g. recipes/cola_vs_lora.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
-    parser.add_argument("--out", default=None, help="output folder (default: the recipe's output_dir)")
-    args = parser.parse_args(argv)
-    reproduce(Repro.from_yaml(args.recipe, args.set), args.out)
+    recipe_main(__doc__, "recipes/cola_vs_lora.yaml", Repro.from_yaml, reproduce, argv)
 
 
 if __name__ == "__main__":
