@@ -101,14 +101,14 @@ def test_an_adapter_folder_of_an_unknown_peft_type_names_the_field_and_package(t
     model.save_pretrained(tmp_path)
     config_file = tmp_path / "adapter_config.json"
     data = json.loads(config_file.read_text())
-    data.update(peft_type="SMORE", peft_ext_requirement="peft-ext>=9.1")
+    data.update(peft_type="MADE_UP_METHOD", peft_ext_requirement="peft-ext>=9.1")
     config_file.write_text(json.dumps(data))
     for load in (lambda: PeftModel.from_pretrained(tiny_llama(), tmp_path), lambda: PeftConfig.from_pretrained(tmp_path)):
-        with pytest.raises(UnknownPeftTypeError, match=r"peft_type 'SMORE'.*no installed package.*pip install -U 'peft-ext>=9.1'"):
+        with pytest.raises(UnknownPeftTypeError, match=r"peft_type 'MADE_UP_METHOD'.*no installed package.*pip install -U 'peft-ext>=9.1'"):
             load()
     data.pop("peft_ext_requirement")  # made by some other plugin: no requirement recorded
     config_file.write_text(json.dumps(data))
-    with pytest.raises(KeyError, match=r"peft_type 'SMORE'.*Install \(and import\) the package that defines it"):
+    with pytest.raises(KeyError, match=r"peft_type 'MADE_UP_METHOD'.*Install \(and import\) the package that defines it"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
