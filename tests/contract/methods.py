@@ -335,8 +335,75 @@ SMORE_ENTRY = MethodEntry(
 )
 
 
+# ------------------------------------------------------------------------------------------------ SSMLORA
+_SSMLORA_TARGETS = {  # the tiny models without q_proj / v_proj: explicit modules, one chain through them
+    "gpt2": ["c_attn", "c_fc"], "bert_cls": ["query", "value"], "mlp": ["lin0", "lin1", "lin2"],
+}
+
+
+def _ssmlora_config(model_kind: str, **overrides) -> PeftConfig:
+    # rank 3: with rank 2 the min-max normalised state is always (0, 1) or (1, 0), with (almost) no gradient to C
+    kwargs = {"task_type": MODELS[model_kind].task_type, "r": 3, "alpha": 2.0, "state_dropout": 0.0}
+    if "target_modules" in overrides:
+        overrides.pop("insertion", None)  # an insertion variant given explicit modules
+    if model_kind in _SSMLORA_TARGETS and "target_modules" not in overrides:
+        overrides.pop("insertion", None)  # an insertion variant: these models have no q_proj / v_proj
+        kwargs.update(target_modules=_SSMLORA_TARGETS[model_kind], chain="all")
+    kwargs.update(overrides)
+    return peft_ext.SsmLoraConfig(**kwargs)
+
+
+def _ssmlora_expected_trainable(base: nn.Module, config) -> int:
+    """SSMLoRA spec: per module A (r x in), B (out x r), D (r x r) and C (r x r) except on each chain's first module,
+    whose incoming state is always zero; plus the modules_to_save copies."""
+    total = modules_to_save_numel(base, config.modules_to_save)
+    for chain in config.chain_layout:
+        for i, name in enumerate(chain):
+            n_in, n_out = _in_out(base.get_submodule(name))
+            total += config.r * (n_in + n_out) + config.r * config.r * (2 if i else 1)
+    return total
+
+
+# D starts random (state_init="normal"): the state path is active, so merging is refused (an adapter with C = D = 0,
+# state_init="zeros" before D trains, merges exactly as a LoRA: tests/ssmlora)
+_SSMLORA_NO_MERGE = DocumentedError(ValueError, r"SSMLoRA cannot be merged while its state path is active", "C or D non-zero")
+
+SSMLORA_ENTRY = MethodEntry(
+    name="ssmlora",
+    peft_type="SSMLORA",
+    config_cls=peft_ext.SsmLoraConfig,
+    prefix="ssmlora_",
+    make_config=_ssmlora_config,
+    expected_trainable=_ssmlora_expected_trainable,
+    trained_modules=lambda config: [name for chain in config.chain_layout for name in chain],
+    nonidentity_overrides={"init_weights": False},
+    seed_overrides=lambda seed: {"seed": seed},
+    bad_configs=(
+        BadConfig("rank_zero", {"r": 0}, ValueError, r"SsmLoraConfig\.r\b"),
+        BadConfig("rank_negative", {"r": -2}, ValueError, r"SsmLoraConfig\.r\b"),
+        BadConfig("dropout_one", {"state_dropout": 1.0}, ValueError, r"state_dropout"),
+        BadConfig("dropout_negative", {"state_dropout": -0.1}, ValueError, r"state_dropout"),
+        BadConfig("insertion_unknown", {"insertion": "every_third"}, ValueError, r"insertion"),
+        BadConfig("chain_unknown", {"chain": "per_layer"}, ValueError, r"chain"),
+        BadConfig("alpha_zero", {"alpha": 0}, ValueError, r"alpha"),
+        BadConfig("rank_above_layer", {"r": 64}, ValueError, r"above the layer", "inject"),
+        BadConfig("chain_mixes_ranks", {"insertion": "alternate_qv", "rank_pattern": {"v_proj": 4}}, ValueError,
+                  r"mixes ranks", "inject"),
+    ),
+    nothing_trainable=BadConfig(
+        "nothing_trainable", {"target_modules": ["q_proj"], "exclude_modules": ["q_proj"]}, ValueError, r"matches no", "inject"
+    ),
+    card_terms=("ssmlora", "peft-ext"),
+    init_atol=0.0,
+    train_steps=2,
+    documented_errors={
+        "merge": _SSMLORA_NO_MERGE, "safe_merge": _SSMLORA_NO_MERGE,
+    },
+)
+
+
 # One entry per method: the whole suite (per-model items, TRL, bad inputs, compile) runs on each.
-METHODS: list[MethodEntry] = [HFT_ENTRY, COLA_ENTRY, DELTACOME_ENTRY, SMORE_ENTRY]
+METHODS: list[MethodEntry] = [HFT_ENTRY, COLA_ENTRY, DELTACOME_ENTRY, SMORE_ENTRY, SSMLORA_ENTRY]
 # Config variants of a method: the per-model items (1 to 6, without compile) run on each as well.
 VARIANTS: list[MethodEntry] = [
     variant(HFT_ENTRY, "param", strategy="param"),
@@ -345,5 +412,7 @@ VARIANTS: list[MethodEntry] = [
     variant(SMORE_ENTRY, "noisy_topk", gate_type="noisy_topk"),
     variant(SMORE_ENTRY, "dense_child", gate_type="dense", activation_position="child", num_experts=[2, 2], expert_ranks=[2, 2]),
     variant(SMORE_ENTRY, "shared_pool", shared_expert_pool=True, num_experts=[3, 3], expert_ranks=[2, 2], init="eq_1_layer", expert_act="identity"),
+    variant(SSMLORA_ENTRY, "all_qv_per_type", insertion="all", state_dropout=0.1),
+    variant(SSMLORA_ENTRY, "chain_gradients", detach_state=False),
     variant(SMORE_ENTRY, "one_layer_nobias", num_experts=[4], num_active=[2], expert_ranks=[3], expert_bias=False, aux_loss_mode="inject"),
 ]

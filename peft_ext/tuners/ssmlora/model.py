@@ -1,0 +1,194 @@
+from __future__ import annotations
+
+import copy
+import re
+from typing import Optional
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.utils.error import NoMatchingPeftModuleError
+import torch
+from torch import nn
+
+from peft_ext.tuners.base import PeftExtTuner, is_linear_like
+
+from .config import SsmLoraConfig
+from .layer import SsmLoraLayer, SsmRun, merge_error
+
+# the first number in a module's name is its block's index: q_proj in even blocks, v_proj in odd ones
+_INSERTION_REGEX = {
+    "alternate_qv": r"(?:.*?\.)?\d*[02468]\.(?:.*\.)?q_proj|(?:.*?\.)?\d*[13579]\.(?:.*\.)?v_proj",
+    "all": r"(?:.*\.)?(?:q_proj|v_proj)",
+}
+
+
+class SsmLoraModel(PeftExtTuner, BaseTuner):
+    """SSMLoRA as a PEFT tuner: each adapted linear layer becomes an `SsmLoraLayer` (see `SsmLoraConfig`); the
+    wrapped model's forward hooks start every chain's state from zero and let each layer hand its state to the next
+    module of its chain.
+
+    Example:
+        >>> import peft_ext
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, peft_ext.SsmLoraConfig(r=8, insertion="alternate_qv"))
+    """
+
+    prefix: str = "ssmlora_"
+    tuner_layer_cls = SsmLoraLayer
+    target_module_mapping: dict = {}
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, **kwargs) -> None:
+        self.ssmlora_run = SsmRun()
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
+        self._ssmlora_hooks = [
+            self.model.register_forward_pre_hook(self._ssmlora_pre_forward),
+            self.model.register_forward_hook(self._ssmlora_post_forward, always_call=True),
+        ]
+
+    # ------------------------------------------------------------------------------------------ injection
+    def _prepare_adapter_config(self, peft_config: SsmLoraConfig, model_config: dict) -> SsmLoraConfig:
+        return peft_config  # target_modules None: the insertion pattern decides (_check_target_module_exists)
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: SsmLoraConfig, key: str) -> bool:
+        if peft_config.insertion is None:
+            return bool(check_target_module_exists(peft_config, key))
+        config = copy.copy(peft_config)
+        config.target_modules = _INSERTION_REGEX[peft_config.insertion]
+        return bool(check_target_module_exists(config, key))
+
+    def _check_new_adapter_config(self, config) -> None:
+        if not isinstance(config, SsmLoraConfig):
+            raise TypeError(f"an SSMLoRA model takes SsmLoraConfig adapters, got {type(config).__name__}.")
+        super()._check_new_adapter_config(config)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        config: SsmLoraConfig = self.peft_config[adapter_name]
+        stored = config.chain_layout
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except NoMatchingPeftModuleError as err:
+            if config.insertion is None:
+                raise
+            raise ValueError(
+                f"SsmLoraConfig(insertion={config.insertion!r}) matches no module of {type(model).__name__}: it "
+                f"adapts q_proj / v_proj inside numbered blocks. Give target_modules (module names, a regex or "
+                f"'all-linear') for this architecture."
+            ) from err
+        layout = chain_layout(model, adapter_name)
+        for chain in layout:
+            ranks = {model.get_submodule(n).rank(adapter_name) for n in chain}
+            if len(ranks) > 1:
+                raise ValueError(
+                    f"SSMLoRA chain {chain[0]} ... {chain[-1]} mixes ranks {sorted(ranks)}: a state is handed from module "
+                    f"to module, so every module of a chain needs one rank. Make rank_pattern give them one rank, or "
+                    f"split the chain (chain='per_type')."
+                )
+        if stored is not None and [list(c) for c in stored] != layout:
+            raise ValueError(
+                f"this SSMLoRA adapter was trained with the chains {_describe(stored)}, but on "
+                f"{type(model).__name__} its modules form {_describe(layout)}: the adapter comes from another base or "
+                f"another chain layout (insertion / target_modules / chain). Load it onto the model it was trained on, "
+                f"with its own adapter_config.json."
+            )
+        for chain in layout:  # the first module's state is always zero: its C would multiply zero, never train
+            head = model.get_submodule(chain[0])
+            if adapter_name in head.ssmlora_C:
+                del head.ssmlora_C[adapter_name]
+        config.chain_layout = layout
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not (is_linear_like(base) or "bitsandbytes" in type(base).__module__):
+            raise ValueError(
+                f"SSMLoRA wraps linear layers (nn.Linear, transformers' Conv1D, bitsandbytes 4/8-bit); {current_key} is "
+                f"a {type(base).__name__}. Leave it out of target_modules (use exclude_modules)."
+            )
+        rank = _rank_for(peft_config, current_key)
+        new = self._add_to_layer(
+            SsmLoraLayer, target, adapter_name, parent, target_name, r=rank, config=peft_config,
+            chain_key=_chain_key(peft_config, current_key), name=current_key,
+        )  # fmt: skip
+        new.ssmlora_run = self.ssmlora_run
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            if self.prefix not in name:
+                p.requires_grad = False
+
+    # -------------------------------------------------------------------------------------------- merging
+    def _check_mergeable(self, adapter_names: Optional[list[str]], safe_merge: bool) -> None:
+        """Every layer of the adapters to merge has C = D = 0 (and, for safe_merge, finite tensors), checked before
+        any layer is touched."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        for module_name, module in self.model.named_modules():
+            if not isinstance(module, SsmLoraLayer):
+                continue
+            for adapter in names:
+                if adapter not in module.ssmlora_A or adapter in module.merged_adapters:
+                    continue
+                if safe_merge:
+                    tensors = [getattr(module, n)[adapter].weight for n in module.adapter_layer_names if adapter in getattr(module, n)]
+                    if not all(torch.isfinite(t).all() for t in tensors):
+                        raise ValueError(
+                            f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken: its SSMLoRA "
+                            f"tensors in {module_name} hold NaN or inf. Nothing was merged."
+                        )
+                if module.state_path_active(adapter):
+                    raise ValueError(merge_error(module_name))
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_mergeable(adapter_names, safe_merge)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            self._check_mergeable(adapter_names, safe_merge)
+        model = super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+        for handle in self._ssmlora_hooks:
+            handle.remove()
+        self._ssmlora_hooks = []
+        return model
+
+    # ------------------------------------------------------------------------------------------- the chains
+    def _ssmlora_pre_forward(self, module, args):
+        self.ssmlora_run.states = {}
+        self.ssmlora_run.in_forward = True
+
+    def _ssmlora_post_forward(self, module, args, output):
+        self.ssmlora_run.in_forward = False
+        self.ssmlora_run.states = {}
+        return output
+
+
+def chain_layout(model: nn.Module, adapter_name: str) -> list[list[str]]:
+    """The chains of `adapter_name`: per chain key (in order of first appearance), its modules' names in model
+    order."""
+    chains: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SsmLoraLayer) and adapter_name in module.ssmlora_A:
+            chains.setdefault(module.ssmlora_chain[adapter_name], []).append(name.removeprefix("base_model.model."))
+    return list(chains.values())
+
+
+def _chain_key(config: SsmLoraConfig, key: str) -> str:
+    if config.chain == "all":
+        return "all"
+    if config.insertion == "alternate_qv":
+        return "qv"  # q and v alternate across blocks: one chain
+    return key.rsplit(".", 1)[-1]
+
+
+def _rank_for(config: SsmLoraConfig, key: str) -> int:
+    for pattern, rank in (config.rank_pattern or {}).items():
+        if key == pattern or key.endswith("." + pattern) or re.fullmatch(pattern, key):
+            return rank
+    return config.r
+
+
+def _describe(layout) -> str:
+    return "; ".join(f"[{c[0]} ... {c[-1]}] ({len(c)} modules)" if len(c) > 1 else f"[{c[0]}]" for c in layout)
+
+
+__all__ = ["SsmLoraModel", "chain_layout"]
