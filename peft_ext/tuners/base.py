@@ -19,6 +19,7 @@ A method is one folder `peft_ext/tuners/<method>/` (config.py, layer.py, model.p
 from __future__ import annotations
 
 import copy
+import zlib
 from contextlib import contextmanager
 from typing import Optional
 
@@ -59,6 +60,19 @@ def output_dim(module: nn.Module, pname: str, tensor: torch.Tensor) -> int:
     """The dimension of `tensor` (the module's parameter `pname`) that indexes output features: 0, except for the
     (in, out) weight of Conv1D."""
     return 1 if pname == "weight" and tensor.dim() == 2 and is_conv1d(module) else 0
+
+
+@contextmanager
+def seeded(seed: Optional[int], name: str):
+    """An adapter's initialisation: drawn from (seed, module name) when a seed is given, leaving torch's RNGs (CUDA
+    ones included) as they were; else from torch's global RNG."""
+    if seed is None:
+        yield
+        return
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        yield
 
 
 # --------------------------------------------------------------------------------------------- merge
@@ -297,5 +311,6 @@ __all__ = [
     "is_linear_like",
     "logical_weight",
     "output_dim",
+    "seeded",
     "tag_model",
 ]

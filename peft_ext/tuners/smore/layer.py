@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import math
 import warnings
-import zlib
-from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_ext.tuners.base import PeftExtLayer, is_conv1d
+from peft_ext.tuners.base import PeftExtLayer, is_conv1d, seeded
 from peft_ext.tuners.mixed_batch import route_rows
 
 from .config import SmoreConfig
@@ -271,7 +269,7 @@ class SmoreLayer(PeftExtLayer):
         dtype = dtype or getattr(base, "compute_dtype", None) or torch.float32
         device = weight.device if weight is not None and weight.device.type != "meta" else None
         self.smore_name = name
-        with _seeded(config.seed, name):
+        with seeded(config.seed, name):
             self.smore_experts[adapter_name] = SmoreExperts(config, self.in_features, self.out_features, dtype, device)
             self.smore_router[adapter_name] = SmoreRouter(config, self.in_features, dtype, device)
         self.smore_settings[adapter_name] = SmoreSettings(config)
@@ -478,14 +476,3 @@ class SmoreLayer(PeftExtLayer):
     def __repr__(self) -> str:
         return "smore." + nn.Module.__repr__(self)
 
-
-@contextmanager
-def _seeded(seed: Optional[int], name: str):
-    """Draw from (seed, module name) when a seed is given, leaving torch's global RNG as it was; else from it."""
-    if seed is None:
-        yield
-        return
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):  # manual_seed reseeds every CUDA generator too: restore them
-        torch.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-        yield

@@ -3,8 +3,6 @@ whose low-rank features also feed a small state that flows to the next module of
 
 from __future__ import annotations
 
-import zlib
-from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -12,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_ext.kernels import lowrank_linear
-from peft_ext.tuners.base import PeftExtLayer, is_conv1d, logical_weight
+from peft_ext.tuners.base import PeftExtLayer, is_conv1d, logical_weight, seeded
 from peft_ext.tuners.mixed_batch import route_rows
 
 NORM_EPS = 1e-8  # the official min-max normalisation's epsilon
@@ -71,7 +69,7 @@ class SsmLoraLayer(PeftExtLayer):
         device = weight.device if weight is not None and weight.device.type != "meta" else None
         kw = dict(bias=False, dtype=dtype, device=device)
         self.ssmlora_name = name
-        with _seeded(config.seed, name):
+        with seeded(config.seed, name):
             self.ssmlora_A[adapter_name] = nn.Linear(self.in_features, r, **kw)
             self.ssmlora_B[adapter_name] = nn.Linear(r, self.out_features, **kw)
             self.ssmlora_C[adapter_name] = nn.Linear(r, r, **kw)
@@ -220,14 +218,3 @@ class SsmLoraLayer(PeftExtLayer):
     def __repr__(self) -> str:
         return "ssmlora." + nn.Module.__repr__(self)
 
-
-@contextmanager
-def _seeded(seed: Optional[int], name: str):
-    """Draw from (seed, module name) when a seed is given, leaving torch's RNGs as they were; else from them."""
-    if seed is None:
-        yield
-        return
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-        yield
