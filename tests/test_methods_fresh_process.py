@@ -1,6 +1,6 @@
-"""An S'MoRE adapter opens in a fresh Python that never imports peft_ext (the start-up hook registers the method
-when peft is imported): PeftModel.from_pretrained, AutoPeftModelForCausalLM and transformers' load_adapter give the
-saved model's logits bit for bit."""
+"""An adapter of each method with routing or state (S'MoRE, SSMLoRA) opens in a fresh Python that never imports
+peft_ext (the start-up hook registers the method when peft is imported): PeftModel.from_pretrained,
+AutoPeftModelForCausalLM and transformers' load_adapter give the saved model's logits bit for bit."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 CHILD = textwrap.dedent(
@@ -43,11 +44,22 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_smore_adapter_loads_without_importing_peft_ext(tmp_path):
+def _smore():
+    from peft_ext import SmoreConfig
+
+    return SmoreConfig(init="normal", expert_ranks=[2, 2], router_dim=8, router_down_dim=8, seed=3)
+
+
+def _ssmlora():
+    from peft_ext import SsmLoraConfig
+
+    return SsmLoraConfig(r=4, init_weights=False, insertion="all", seed=3)
+
+
+@pytest.mark.parametrize("make_config", [_smore, _ssmlora], ids=["smore", "ssmlora"])
+def test_adapter_loads_without_importing_peft_ext(tmp_path, make_config):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    from peft_ext import SmoreConfig
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -57,8 +69,7 @@ def test_smore_adapter_loads_without_importing_peft_ext(tmp_path):
     x = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         base_logits = base(x).logits
-    smore = SmoreConfig(init="normal", expert_ranks=[2, 2], router_dim=8, router_down_dim=8, seed=3)
-    model = get_peft_model(base, smore).eval()
+    model = get_peft_model(base, make_config()).eval()
     model.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
         expected = model(x).logits
