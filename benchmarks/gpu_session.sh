@@ -8,16 +8,18 @@
 # Phases (`all` = tests kernels models, in that order):
 #   tests    the `gpu`-marked tests (compiled kernels on CUDA against their references, the tuners in bf16)
 #   kernels  benchmarks/lowrank_kernels.py and benchmarks/delta.py at their full-size shapes
-#   models   benchmarks/lowrank.py (r=16) and benchmarks/hft_step.py, --variants all, and benchmarks/smore.py (S'MoRE vs
-#            LoRA at equal parameters), at the anchor shape
+#   models   benchmarks/lowrank.py (r=16) and benchmarks/hft_step.py, --variants all, benchmarks/smore.py (S'MoRE vs
+#            LoRA at equal parameters) and benchmarks/ssmlora.py (SSMLoRA vs LoRA on the same points / all q/v), at
+#            the anchor shape
 #   smoke    every benchmark at its small preset (CPU or GPU): checks this script, measures nothing
 #
 # Time: every step runs under its own timeout (the seconds in the step lines below; their sum, setup included,
 # is 460 s) and the whole script under GPU_SESSION_BUDGET_S (default 460 s from its start): a step is cut at
 # whichever comes first, killed with every process it started, reported, and the next step runs; a step that
 # would get less than 15 s is skipped and reported. The timeouts are first guesses (nothing has run on a GPU
-# yet; on 2026-12-06 gpu-tests, lowrank*, delta-14336x4096 and hft-step gave up 60 s to the smore step): the
-# elapsed seconds of every step are listed at the end ($OUT/session.log) to size the next run.
+# yet; on 2026-12-06 gpu-tests, lowrank*, delta-14336x4096 and hft-step gave up 60 s to the smore step, then every
+# kernels and models step 5-10 s, 45 s in all, to the ssmlora step): the elapsed seconds of every step are listed at
+# the end ($OUT/session.log) to size the next run.
 # Output: each benchmark step appends its tables to $OUT/results_<phase>.md as soon as its script ends (the
 # steps are small so that a cut loses one table, not a phase); logs go to $OUT/<phase>.log, the GPU tests'
 # results to $OUT/gpu_tests.xml. Read the tables, then append them to benchmarks/RESULTS.md.
@@ -39,7 +41,7 @@ BUDGET_S=${GPU_SESSION_BUDGET_S:-460}
 MIN_STEP_S=15
 DEADLINE=$(($(date +%s) + BUDGET_S))  # reset when main starts
 # every test module with a `gpu`-marked test lives under these (tests/test_gpu_session.py checks it)
-GPU_TESTS="tests/kernels tests/cola tests/deltacome tests/smore"
+GPU_TESTS="tests/kernels tests/cola tests/deltacome tests/smore tests/ssmlora"
 GPU_TEST_WORKERS=${GPU_TEST_WORKERS:-4}  # pytest-xdist processes for the GPU tests (their compiles run in parallel)
 PHASES="tests kernels models smoke"
 STEPS=()  # "name status seconds timeout" per step, for the summary
@@ -176,15 +178,16 @@ run_phase() {  # each step's failure is reported and the next step still runs; r
     case $phase in
         tests) step "$OUT/tests.log" "gpu-tests" 85 "$(gpu_tests_command)" || status=1 ;;
         kernels)
-            bench kernels lowrank-kernels-train 40 lowrank_kernels.py --skip-infer || status=1
-            bench kernels lowrank-kernels-infer 30 lowrank_kernels.py --skip-train || status=1
-            bench kernels delta-4096x4096 35 delta.py --shapes 4096x4096 || status=1
-            bench kernels delta-14336x4096 35 delta.py --shapes 14336x4096 || status=1
+            bench kernels lowrank-kernels-train 35 lowrank_kernels.py --skip-infer || status=1
+            bench kernels lowrank-kernels-infer 25 lowrank_kernels.py --skip-train || status=1
+            bench kernels delta-4096x4096 30 delta.py --shapes 4096x4096 || status=1
+            bench kernels delta-14336x4096 30 delta.py --shapes 14336x4096 || status=1
             ;;
         models)
-            bench models lowrank-step-and-forward 85 lowrank.py --variants all --ranks 16 --adapters 4,16 || status=1
-            bench models hft-step 50 hft_step.py --variants all || status=1
-            bench models smore-step 60 smore.py || status=1
+            bench models lowrank-step-and-forward 75 lowrank.py --variants all --ranks 16 --adapters 4,16 || status=1
+            bench models hft-step 45 hft_step.py --variants all || status=1
+            bench models smore-step 50 smore.py || status=1
+            bench models ssmlora-step 45 ssmlora.py || status=1
             ;;
         smoke)
             bench smoke lowrank-kernels 120 lowrank_kernels.py --tiny || status=1
@@ -192,6 +195,7 @@ run_phase() {  # each step's failure is reported and the next step still runs; r
             bench smoke lowrank 120 lowrank.py --tiny --steps 1 --warmup 0 || status=1
             bench smoke hft-step 120 hft_step.py --tiny --steps 1 --warmup 0 || status=1
             bench smoke smore 120 smore.py --tiny --steps 1 --warmup 0 || status=1
+            bench smoke ssmlora 120 ssmlora.py --tiny --steps 1 --warmup 0 || status=1
             ;;
     esac
     return $status

@@ -215,3 +215,71 @@ def test_smore_benchmark_tiny_cpu(tmp_path, extra):
     assert re.search(r"\d{4}-\d\d-\d\d .*torch .*triton .*peft .*transformers ", text), text
     assert "Command: `" in text and "benchmarks/smore.py --shape tiny --steps 1 --warmup 0" in text
     assert out.read_text().strip() == text.strip()
+
+
+SSMLORA_HEADERS = [
+    "variant",
+    "trainable params",
+    "step ms (median)",
+    "peak GiB",
+    "time vs LoRA (same points)",
+    "time vs LoRA all q/v",
+    "memory vs LoRA (same points)",
+    "time vs frozen base",
+    "memory vs frozen base",
+]
+SSMLORA_ROWS = ("frozen base", "PEFT LoRA r=8, same points", "PEFT LoRA r=8, all q/v", "SSMLoRA r=8, alternate_qv",
+                "SSMLoRA r=8, all q/v, chain all")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra", [[], ["--interleave", "--track-memory", "--threads", "1"]], ids=["sequential", "interleaved"]
+)
+def test_ssmlora_benchmark_tiny_cpu(tmp_path, extra):
+    """benchmarks/ssmlora.py at --shape tiny: one table, SSMLoRA (alternate q/v, and all q/v in one chain) vs PEFT LoRA
+    on the same insertion points and on all q/v, and the frozen base; every cell a number (or n/a for CUDA's peak
+    memory); the trainable counts equal the spec's formula."""
+    out = tmp_path / "RESULTS.md"
+    args = ["benchmarks/ssmlora.py", "--shape", "tiny", "--steps", "1", "--warmup", "0", *extra, "--out", str(out)]
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = proc.stdout
+    tables = _tables(text)
+    assert len(tables) == 1, text
+    header, rows = tables[0]
+    tracked = "--track-memory" in extra
+    assert header == SSMLORA_HEADERS[:4] + (["tracked peak GiB"] if tracked else []) + SSMLORA_HEADERS[4:], header
+    assert len(rows) == 5 and all(row[0].startswith(label) for row, label in zip(rows, SSMLORA_ROWS)), rows
+    by_label = dict(zip(SSMLORA_ROWS, rows))
+    for row in rows:
+        assert len(row) == len(header), row
+        cells = dict(zip(header, row))
+        assert int(cells["trainable params"].replace(",", "")) > 0, row
+        assert NUMBER.match(cells["step ms (median)"]) and float(cells["step ms (median)"]) > 0, row
+        assert cells["peak GiB"] == "n/a", row  # CPU: CUDA's allocator peak only
+        for key in ("time vs LoRA (same points)", "time vs LoRA all q/v", "time vs frozen base"):
+            assert NUMBER.match(cells[key]) and float(cells[key]) > 0, row
+        for key in ("memory vs LoRA (same points)", "memory vs frozen base"):
+            assert NUMBER.match(cells[key]) if tracked else cells[key] == "n/a", row
+        if tracked:
+            assert NUMBER.match(cells["tracked peak GiB"]), row
+    assert by_label["PEFT LoRA r=8, same points"][header.index("time vs LoRA (same points)")] == "1.00"
+    assert by_label["PEFT LoRA r=8, all q/v"][header.index("time vs LoRA all q/v")] == "1.00"
+    assert by_label["frozen base"][header.index("time vs frozen base")] == "1.00"
+    params = {label: int(row[1].replace(",", "")) for label, row in by_label.items()}
+    # tiny shape: hidden 64, 4 heads / 2 KV heads (head dim 16), 2 blocks: q_proj 64 -> 64, v_proj 64 -> 32; r = 8
+    q, v, r = 8 * (64 + 64), 8 * (64 + 32), 8
+    assert params["frozen base"] == 512 * 64  # the tiny shape's input embedding
+    assert params["PEFT LoRA r=8, same points"] == q + v  # q_proj of block 0, v_proj of block 1
+    assert params["PEFT LoRA r=8, all q/v"] == 2 * (q + v)
+    assert params["SSMLoRA r=8, alternate_qv"] == q + v + 2 * r * r + r * r  # D on both, C on the chain's second
+    assert params["SSMLoRA r=8, all q/v, chain all"] == 2 * (q + v) + 4 * r * r + 3 * r * r  # one chain of 4
+
+    # the counts, the goals and the header (date, device, versions, exact command) come with the table
+    assert "ssmlora 1,984 (= the formula, 2 adapted modules)" in text, text
+    assert "!= the formula" not in text and "WARNING" not in proc.stderr
+    assert "perf.md's LoRA-family step <= 1.1x the frozen base's time and peak memory" in text
+    assert "judged on a GPU at the anchor shape" in text
+    assert re.search(r"\d{4}-\d\d-\d\d .*torch .*triton .*peft .*transformers ", text), text
+    assert "Command: `" in text and "benchmarks/ssmlora.py --shape tiny --steps 1 --warmup 0" in text
+    assert out.read_text().strip() == text.strip()

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_ext.kernels import lowrank_linear
-from peft_ext.tuners.base import PeftExtLayer, is_conv1d, logical_weight, seeded
+from peft_ext.tuners.base import PeftExtLayer, is_conv1d, seeded
 from peft_ext.tuners.mixed_batch import route_rows
 
 NORM_EPS = 1e-8  # the official min-max normalisation's epsilon
@@ -157,25 +156,39 @@ class SsmLoraLayer(PeftExtLayer):
         return x.is_floating_point() and x.dtype == base.weight.dtype
 
     def _fused_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """base + alpha u B^T through the fused low-rank kernel (`peft_ext.kernels.lowrank_linear`), plus the state
-        term alpha * leaky_relu(dropout(ĥ)) B^T."""
+        """The low-rank kernel's layout with the state update between its halves: u = x A^T (the shrink, x read
+        once), z = u + leaky_relu(dropout(ĥ)), then y_low = b + alpha z B^T and the base GEMM y = y_low + x W^T with
+        beta = 1 (the expand in the base GEMM's epilogue: no elementwise pass over y). cuBLAS/PyTorch: the fused
+        Triton kernel (`peft_ext.kernels.lowrank_linear`) computes shrink and expand in one program, with no place
+        for the state in between."""
         base = self.get_base_layer()
         a, b, alpha = self.ssmlora_A[name].weight, self.ssmlora_B[name].weight, self.ssmlora_alpha[name]
-        state = self.state_term(name, x)
-        y = lowrank_linear(x, logical_weight(base), base.bias, a, b, alpha)
-        return y + (alpha * F.linear(state, b)).to(y.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        u = F.linear(x2.to(a.dtype), a)
+        z = u + self.state_term(name, x2, u)
+        bias = base.bias
+        if bias is None:
+            y_low = alpha * (z @ b.t())
+        else:
+            y_low = torch.addmm(bias.to(b.dtype), z, b.t(), alpha=alpha)
+        weight = base.weight if is_conv1d(base) else base.weight.t()
+        y = torch.addmm(y_low.to(x.dtype), x2, weight)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def adapter_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """alpha * (u + leaky_relu(dropout(ĥ))) B^T for adapter `name` (the state handed on along its chain)."""
         a, b = self.ssmlora_A[name].weight, self.ssmlora_B[name].weight
-        u = F.linear(x.to(a.dtype), a)
-        return self.ssmlora_alpha[name] * F.linear(u + self.state_term(name, x, u), b)
+        x2 = x.reshape(-1, self.in_features)  # the state is (tokens, r) on every path, so a chain can mix paths
+        u = F.linear(x2.to(a.dtype), a)
+        delta = self.ssmlora_alpha[name] * F.linear(u + self.state_term(name, x2, u), b)
+        return delta.view(*x.shape[:-1], self.out_features)
 
     def state_term(self, name: str, x: torch.Tensor, u: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """leaky_relu(dropout(ĥ)): the state update of this module, handing ĥ on to the next module of the chain."""
+        """leaky_relu(dropout(ĥ)) for x (tokens, in): the state update of this module, handing ĥ (tokens, r) on to
+        the next module of the chain."""
         a = self.ssmlora_A[name].weight
         if u is None:
-            u = F.linear(x.to(a.dtype), a)
+            u = F.linear(x.reshape(-1, self.in_features).to(a.dtype), a)
         h = self._incoming_state(name, u)
         h_new = h + F.linear(u, self.ssmlora_D[name].weight)
         if name in self.ssmlora_C:  # a chain's first module has no C: its incoming state is always zero
