@@ -30,7 +30,24 @@ class SsmRun:
 
     def __init__(self) -> None:
         self.in_forward = False
+        self.grad = False  # whether the running model forward records a graph
         self.states: dict[tuple[str, str], torch.Tensor] = {}
+        # per (layer, adapter): the states received in the training forwards not yet recomputed, latest last (a
+        # backward recomputes the latest forward first); emptied at the end of every backward
+        self.replay: dict[tuple[int, str], list] = {}
+        self._clear_queued = False
+
+    def clear_after_backward(self) -> None:
+        """Empty `replay` when the running backward ends (entries of forwards that never get a backward go too)."""
+        if self._clear_queued:
+            return
+        self._clear_queued = True
+
+        def clear() -> None:
+            self.replay.clear()
+            self._clear_queued = False
+
+        torch.autograd.Variable._execution_engine.queue_callback(clear)
 
 
 class SsmLoraLayer(PeftExtLayer):
@@ -204,9 +221,14 @@ class SsmLoraLayer(PeftExtLayer):
         run = self.ssmlora_run
         if run is not None and run.in_forward:
             h = run.states.get((name, self.ssmlora_chain[name]))
-            self._state_in[name] = h  # what a gradient-checkpointing recomputation replays
-        elif self.training and run is not None:  # a recomputation in the backward
-            h = self._state_in.get(name)
+            self._state_in[name] = h
+            if self.training and run.grad:  # what a gradient-checkpointing recomputation of this forward replays
+                run.replay.setdefault((id(self), name), []).append(h)
+        elif self.training and run is not None:  # a recomputation in the backward: the latest forward not replayed
+            stack = run.replay.get((id(self), name))
+            h = stack.pop() if stack else self._state_in.get(name)
+            if torch._C._current_graph_task_id() != -1:  # inside a backward
+                run.clear_after_backward()
             if (
                 h is not None and torch.is_grad_enabled() and not self.ssmlora_detach[name] and not h.requires_grad
                 and self.ssmlora_A[name].weight.requires_grad

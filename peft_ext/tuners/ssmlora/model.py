@@ -43,18 +43,24 @@ class SsmLoraModel(PeftExtTuner, BaseTuner):
             self.model.register_forward_pre_hook(self._ssmlora_pre_forward),
             self.model.register_forward_hook(self._ssmlora_post_forward, always_call=True),
         ]
+        self.register_load_state_dict_post_hook(_check_loaded_layout)
 
     # ------------------------------------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config: SsmLoraConfig, model_config: dict) -> SsmLoraConfig:
         return peft_config  # target_modules None: the insertion pattern decides (_check_target_module_exists)
 
     @staticmethod
-    def _check_target_module_exists(peft_config: SsmLoraConfig, key: str) -> bool:
+    def _check_target_module_exists(peft_config: SsmLoraConfig, key: str):
+        # PEFT's result as is (an excluded module is an _ExcludedModule, falsy: PEFT counts the exclusions)
         if peft_config.insertion is None:
-            return bool(check_target_module_exists(peft_config, key))
+            return check_target_module_exists(peft_config, key)
         config = copy.copy(peft_config)
         config.target_modules = _INSERTION_REGEX[peft_config.insertion]
-        return bool(check_target_module_exists(config, key))
+        found = check_target_module_exists(config, key)
+        if not found or peft_config.layers_to_transform is None:
+            return found
+        config.target_modules = [key.rsplit(".", 1)[-1]]  # a list target: PEFT applies layers_to_transform / pattern
+        return check_target_module_exists(config, key)
 
     def _check_new_adapter_config(self, config) -> None:
         if not isinstance(config, SsmLoraConfig):
@@ -62,7 +68,9 @@ class SsmLoraModel(PeftExtTuner, BaseTuner):
         super()._check_new_adapter_config(config)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        config: SsmLoraConfig = self.peft_config[adapter_name]
+        # a copy: chain_layout is filled in below, and the caller's config object may serve another model
+        config: SsmLoraConfig = copy.copy(self.peft_config[adapter_name])
+        self.peft_config[adapter_name] = config
         stored = config.chain_layout
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
@@ -155,6 +163,7 @@ class SsmLoraModel(PeftExtTuner, BaseTuner):
     def _ssmlora_pre_forward(self, module, args):
         self.ssmlora_run.states = {}
         self.ssmlora_run.in_forward = True
+        self.ssmlora_run.grad = torch.is_grad_enabled()
 
     def _ssmlora_post_forward(self, module, args, output):
         self.ssmlora_run.in_forward = False
@@ -170,6 +179,27 @@ def chain_layout(model: nn.Module, adapter_name: str) -> list[list[str]]:
         if isinstance(module, SsmLoraLayer) and adapter_name in module.ssmlora_A:
             chains.setdefault(module.ssmlora_chain[adapter_name], []).append(name.removeprefix("base_model.model."))
     return list(chains.values())
+
+
+def _check_loaded_layout(tuner: "SsmLoraModel", incompatible) -> None:
+    """A state dict that fills only part of an adapter's tensors was saved with another chain layout (e.g. loaded
+    with PeftModel.from_pretrained(config=...) of other chains: the stored chain_layout is not read then)."""
+    missing: dict[str, list[str]] = {}
+    for key in incompatible.missing_keys:
+        parts = key.split(".")
+        if len(parts) >= 3 and parts[-3].startswith(tuner.prefix):  # ...ssmlora_C.<adapter>.weight
+            missing.setdefault(parts[-2], []).append(key)
+    for adapter, keys in missing.items():
+        total = sum(
+            1 for n, _ in tuner.model.named_parameters() if f".{tuner.prefix}" in n and n.split(".")[-2] == adapter
+        )
+        if len(keys) < total:
+            raise ValueError(
+                f"the weights loaded into SSMLoRA adapter {adapter!r} cover only part of its modules ({len(keys)} of "
+                f"its {total} tensors missing, e.g. {keys[0]}): they were saved with another chain layout "
+                f"(insertion / target_modules / chain) than this config's. Load the adapter with its own "
+                f"adapter_config.json (PeftModel.from_pretrained without config=) or the config it was trained with."
+            )
 
 
 def _chain_key(config: SsmLoraConfig, key: str) -> str:
