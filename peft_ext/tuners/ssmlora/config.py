@@ -42,7 +42,9 @@ class SsmLoraConfig(PeftExtConfig):
             (q_proj and v_proj of every layer). Give target_modules instead (names, a regex, "all-linear") for any
             other set; not both.
         chain: how modules link. "per_type" (default): one chain per module type across layers (the q/v modules of
-            "alternate_qv" form one chain); "all": one chain through every adapted module in model order.
+            "alternate_qv" form one chain); "all": one chain through every adapted module in model order. The state
+            is per token; a module that sees another number of tokens than the one before it in its chain (an
+            encoder-decoder's other stack, a per-sequence head) starts from a zero state.
         detach_state: True (default, as the official code): the state handed to the next module carries no
             gradient. False: gradients flow along the chain (needs non-reentrant gradient checkpointing, the
             transformers default, when checkpointing is on).
