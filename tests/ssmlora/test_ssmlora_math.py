@@ -469,7 +469,8 @@ def test_a_chain_that_mixes_ranks():
     message = (
         "SSMLoRA chain model.layers.0.self_attn.q_proj ... model.layers.3.self_attn.v_proj mixes ranks [4, 8]: a "
         "state is handed from module to module, so every module of a chain needs one rank. Make rank_pattern give "
-        "them one rank, or split the chain (chain='per_type')."
+        "the chain's modules one rank (with insertion='alternate_qv', q_proj and v_proj form one chain), or link "
+        "fewer modules (chain='per_type' with insertion='all' or target_modules: one chain per module type)."
     )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         get_peft_model(llama(4), SsmLoraConfig(r=8, insertion="alternate_qv", rank_pattern={"v_proj": 4}))

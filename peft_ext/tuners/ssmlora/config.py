@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -24,7 +25,7 @@ class SsmLoraConfig(PeftExtConfig):
         y  = x W^T + b + alpha * (u + leaky_relu(dropout(ĥ))) B^T
         ĥ is handed to the next module of the chain (detached with detach_state=True)
 
-    The state starts from zero at every forward and flows along each chain in model order within that forward, so
+    The state starts from zero at every forward and flows along each chain in call order within that forward, so
     outputs are deterministic. (The official code keeps the state between calls, so a module receives the state
     left by the previous batch, padded or sub-sampled to its shape: not reproduced here.) At init B = 0 (the output
     is the base); D starts small and random (state_init="normal"), C at zero.
@@ -47,15 +48,19 @@ class SsmLoraConfig(PeftExtConfig):
             encoder-decoder's other stack, a per-sequence head) starts from a zero state.
         detach_state: True (default, as the official code): the state handed to the next module carries no
             gradient. False: gradients flow along the chain (needs non-reentrant gradient checkpointing, the
-            transformers default, when checkpointing is on).
+            transformers default, when checkpointing is on). Under gradient checkpointing each layer's recomputation
+            replays the state it received; give each forward its backward before the next forward (as trainers do),
+            or run one backward over several forwards (two forwards followed by two separate backwards replay the
+            wrong state in the first).
         state_dropout: dropout on the state path (official: 0.1), in [0, 1).
         rank_pattern: {module-name regex: rank} overriding r; every module of one chain must have the same rank.
         init_weights: True (default): B = 0, A ~ N(0, 1/r) (the official init; output = base). False: B random
             too (a non-identity adapter, for tests).
         state_init: how C and D start. "normal" (default): D ~ N(0, 1/r), C = 0. "zeros": C = D = 0, as the
-            official code; then every state is exactly zero at the first step, where the min-max normalisation's
-            gradient is of order 1/1e-8: on our tiny models Adam's second moment overflowed in fp32 and D never left
-            zero (the state path stayed off), hence the default. With C = D = 0 the adapter is exactly a LoRA.
+            official code; then every state is exactly zero at the first steps, where the min-max normalisation's
+            gradient is of order 1/1e-8: on the test suite's tiny GPT-2 (r=3) Adam's second moment overflowed in
+            fp32 and the first module's D never left zero (the state path stayed off); on a tiny Llama (r=8) it did
+            leave zero. Hence the default. With C = D = 0 the adapter is exactly a LoRA.
         seed: None (default): drawn from torch's global RNG. An int: drawn from (seed, module name).
         exclude_modules, layers_to_transform, layers_pattern, modules_to_save: as in PEFT's LoraConfig.
         chain_layout: the chains found at injection (lists of module names in model order), saved with the adapter;
@@ -111,6 +116,12 @@ class SsmLoraConfig(PeftExtConfig):
         p = self.state_dropout
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise ValueError(f"SsmLoraConfig.state_dropout must be in [0, 1), got {p!r}.")
+        if self.r == 1 or any(rank == 1 for rank in (self.rank_pattern or {}).values()):
+            warnings.warn(
+                "SsmLoraConfig: at rank 1 the min-max normalised state is always 0, so C and D never act (rank 2 "
+                "gives only 0/1 states): use r >= 3 for the state path to matter.",
+                stacklevel=3,
+            )
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"SsmLoraConfig.seed must be None or an integer >= 0, got {self.seed!r}.")
 

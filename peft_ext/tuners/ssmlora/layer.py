@@ -30,7 +30,9 @@ class SsmRun:
 
     def __init__(self) -> None:
         self.in_forward = False
+        self.depth = 0  # nesting of hooked forwards (the model, its backbone, its encoder): the outermost resets
         self.grad = False  # whether the running model forward records a graph
+        self.checkpointing = False  # whether the model recomputes its layers in the backward
         self.states: dict[tuple[str, str], torch.Tensor] = {}
         # per (layer, adapter): the states received in the training forwards not yet recomputed, latest last (a
         # backward recomputes the latest forward first); emptied at the end of every backward
@@ -210,9 +212,10 @@ class SsmLoraLayer(PeftExtLayer):
         h_new = h + F.linear(u, self.ssmlora_D[name].weight)
         if name in self.ssmlora_C:  # a chain's first module has no C: its incoming state is always zero
             h_new = h_new + F.linear(h, self.ssmlora_C[name].weight)
-        low = h_new.amin(dim=-1, keepdim=True)
-        high = h_new.amax(dim=-1, keepdim=True)
-        normed = (h_new - low) / (high - low + NORM_EPS)
+        h32 = h_new.float()  # in fp32: 1e-8 rounds to 0 in fp16, and a constant state would give 0 / 0
+        low = h32.amin(dim=-1, keepdim=True)
+        high = h32.amax(dim=-1, keepdim=True)
+        normed = ((h32 - low) / (high - low + NORM_EPS)).to(h_new.dtype)
         self._hand_on(name, normed)
         return F.leaky_relu(self.ssmlora_dropout[name](normed))
 
@@ -221,14 +224,14 @@ class SsmLoraLayer(PeftExtLayer):
         run = self.ssmlora_run
         if run is not None and run.in_forward:
             h = run.states.get((name, self.ssmlora_chain[name]))
-            self._state_in[name] = h
-            if self.training and run.grad:  # what a gradient-checkpointing recomputation of this forward replays
+            self._state_in[name] = h  # the state received in the last forward (for inspection)
+            if self.training and run.grad and run.checkpointing:  # what a recomputation of this forward replays
                 run.replay.setdefault((id(self), name), []).append(h)
-        elif self.training and run is not None:  # a recomputation in the backward: the latest forward not replayed
+        elif self.training and run is not None and torch._C._current_graph_task_id() != -1:
+            # a gradient-checkpointing recomputation inside the backward: the latest forward not yet replayed
             stack = run.replay.get((id(self), name))
-            h = stack.pop() if stack else self._state_in.get(name)
-            if torch._C._current_graph_task_id() != -1:  # inside a backward
-                run.clear_after_backward()
+            h = stack.pop() if stack else None
+            run.clear_after_backward()
             if (
                 h is not None and torch.is_grad_enabled() and not self.ssmlora_detach[name] and not h.requires_grad
                 and self.ssmlora_A[name].weight.requires_grad
@@ -239,7 +242,7 @@ class SsmLoraLayer(PeftExtLayer):
                     "checkpointing (gradient_checkpointing_kwargs={'use_reentrant': False}, transformers' default) or "
                     "SsmLoraConfig(detach_state=True)."
                 )
-        else:  # the layer called on its own: a chain of one
+        else:  # the layer called outside a model forward (on its own): a chain of one, from zero
             h = None
         if h is None or h.shape != u.shape:
             return torch.zeros_like(u)

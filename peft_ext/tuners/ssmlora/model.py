@@ -39,10 +39,12 @@ class SsmLoraModel(PeftExtTuner, BaseTuner):
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, **kwargs) -> None:
         self.ssmlora_run = SsmRun()
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
-        self._ssmlora_hooks = [
-            self.model.register_forward_pre_hook(self._ssmlora_pre_forward),
-            self.model.register_forward_hook(self._ssmlora_post_forward, always_call=True),
-        ]
+        self._ssmlora_hooks = []
+        for module in _entry_modules(self.model):  # the model, and the parts a trainer or generate() calls directly
+            self._ssmlora_hooks += [
+                module.register_forward_pre_hook(self._ssmlora_pre_forward),
+                module.register_forward_hook(self._ssmlora_post_forward, always_call=True),
+            ]
         self.register_load_state_dict_post_hook(_check_loaded_layout)
 
     # ------------------------------------------------------------------------------------------ injection
@@ -69,6 +71,12 @@ class SsmLoraModel(PeftExtTuner, BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         # a copy: chain_layout is filled in below, and the caller's config object may serve another model
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise ValueError(
+                f"SSMLoRA does not support encoder-decoder models ({type(model).__name__}) yet: its chains hand a per-"
+                f"token state from module to module, and the encoder's, the decoder's and the cross-attention's tokens "
+                f"are different sequences. Use it on decoder-only or encoder-only models, or use LoRA here."
+            )
         config: SsmLoraConfig = copy.copy(self.peft_config[adapter_name])
         self.peft_config[adapter_name] = config
         stored = config.chain_layout
@@ -88,8 +96,9 @@ class SsmLoraModel(PeftExtTuner, BaseTuner):
             if len(ranks) > 1:
                 raise ValueError(
                     f"SSMLoRA chain {chain[0]} ... {chain[-1]} mixes ranks {sorted(ranks)}: a state is handed from module "
-                    f"to module, so every module of a chain needs one rank. Make rank_pattern give them one rank, or "
-                    f"split the chain (chain='per_type')."
+                    f"to module, so every module of a chain needs one rank. Make rank_pattern give the chain's modules "
+                    f"one rank (with insertion='alternate_qv', q_proj and v_proj form one chain), or link fewer modules "
+                    f"(chain='per_type' with insertion='all' or target_modules: one chain per module type)."
                 )
         if stored is not None and [list(c) for c in stored] != layout:
             raise ValueError(
@@ -161,14 +170,37 @@ class SsmLoraModel(PeftExtTuner, BaseTuner):
 
     # ------------------------------------------------------------------------------------------- the chains
     def _ssmlora_pre_forward(self, module, args):
-        self.ssmlora_run.states = {}
-        self.ssmlora_run.in_forward = True
-        self.ssmlora_run.grad = torch.is_grad_enabled()
+        run = self.ssmlora_run
+        run.depth += 1
+        if run.depth > 1:
+            return  # the backbone inside the model's own forward: one chain run
+        run.states = {}
+        run.in_forward = True
+        run.grad = torch.is_grad_enabled()
+        # transformers 5 names it is_activation_checkpointing (is_gradient_checkpointing is deprecated)
+        flag = getattr(self.model, "is_activation_checkpointing", None)
+        run.checkpointing = bool(getattr(self.model, "is_gradient_checkpointing", False) if flag is None else flag)
+        if not run.checkpointing:
+            run.replay.clear()  # nothing will be recomputed: keep no state for it
 
     def _ssmlora_post_forward(self, module, args, output):
-        self.ssmlora_run.in_forward = False
-        self.ssmlora_run.states = {}
+        run = self.ssmlora_run
+        run.depth = max(0, run.depth - 1)
+        if run.depth == 0:
+            run.in_forward = False
+            run.states = {}
         return output
+
+
+def _entry_modules(model: nn.Module) -> list[nn.Module]:
+    """Where a forward over the adapted layers can start: the model, its backbone (`base_model_prefix`: what TRL's
+    reward and value heads call) and, for an encoder, get_encoder()."""
+    modules = [model]
+    prefix = getattr(model, "base_model_prefix", None)
+    backbone = getattr(model, prefix, None) if isinstance(prefix, str) and prefix else None
+    if isinstance(backbone, nn.Module) and backbone is not model:
+        modules.append(backbone)
+    return modules
 
 
 def chain_layout(model: nn.Module, adapter_name: str) -> list[list[str]]:
@@ -182,8 +214,17 @@ def chain_layout(model: nn.Module, adapter_name: str) -> list[list[str]]:
 
 
 def _check_loaded_layout(tuner: "SsmLoraModel", incompatible) -> None:
-    """A state dict that fills only part of an adapter's tensors was saved with another chain layout (e.g. loaded
-    with PeftModel.from_pretrained(config=...) of other chains: the stored chain_layout is not read then)."""
+    """A state dict that fills only part of an adapter's tensors, or holds SSMLoRA tensors this model has no place
+    for, was saved with another chain layout (e.g. loaded with PeftModel.from_pretrained(config=...) of other chains:
+    the stored chain_layout is not read then)."""
+    unexpected = [k for k in incompatible.unexpected_keys if f".{tuner.prefix}" in k or k.startswith(tuner.prefix)]
+    if unexpected:
+        raise ValueError(
+            f"the weights loaded into an SSMLoRA adapter hold tensors this model's chains have no place for (e.g. "
+            f"{unexpected[0]}): they were saved with another chain layout (insertion / target_modules / chain) than "
+            f"this config's. Load the adapter with its own adapter_config.json (PeftModel.from_pretrained without "
+            f"config=) or the config it was trained with."
+        )
     missing: dict[str, list[str]] = {}
     for key in incompatible.missing_keys:
         parts = key.split(".")
