@@ -224,7 +224,7 @@ class SsmLoraLayer(PeftExtLayer):
         run = self.ssmlora_run
         if run is not None and run.in_forward:
             h = run.states.get((name, self.ssmlora_chain[name]))
-            self._state_in[name] = h  # the state received in the last forward (for inspection)
+            self._state_in[name] = None if h is None else h.detach()  # the state received last (for inspection)
             if self.training and run.grad and run.checkpointing:  # what a recomputation of this forward replays
                 run.replay.setdefault((id(self), name), []).append(h)
         elif self.training and run is not None and torch._C._current_graph_task_id() != -1:
