@@ -106,5 +106,11 @@ def adapter_tensors(model: nn.Module, entry: MethodEntry) -> dict[str, torch.Ten
 
 
 def expected_trained_modules(entry: MethodEntry, base: nn.Module, config) -> set[str]:
-    return set(entry.trained_modules(config)) | set(modules_to_save_names(base, config.modules_to_save))
+    """`entry.trained_modules(config)`, or `(config, base)` for an entry whose config keeps short names only."""
+    import inspect
+
+    fn = entry.trained_modules
+    takes_base = len(inspect.signature(fn).parameters) >= 2
+    names = fn(config, base) if takes_base else fn(config)
+    return set(names) | set(modules_to_save_names(base, config.modules_to_save))
 

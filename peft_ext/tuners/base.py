@@ -90,6 +90,11 @@ class ExactMerge:
     def merged_values(self, adapter_name: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def adapter_keys(self):
+        """The names of the adapters this layer holds: the keys of its first `adapter_layer_names` entry (a layer
+        whose adapters may lack that entry overrides this)."""
+        return getattr(self, self.adapter_layer_names[0]).keys()
+
     def _merge_holder(self) -> nn.Module:
         holder = self._modules.get(self._ORIGINALS)
         if holder is None:
@@ -116,7 +121,7 @@ class ExactMerge:
         """Write the adapters' updates into the base layer; `unmerge` restores the original tensors bit for bit (kept
         while merged: one extra copy of each written parameter)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        adapters = getattr(self, self.adapter_layer_names[0])
+        adapters = self.adapter_keys()
         for name in adapter_names:
             if name not in adapters:
                 continue
@@ -259,7 +264,7 @@ class PeftExtTuner:
         for module in self.model.modules():
             if not isinstance(module, ExactMerge):
                 continue
-            adapters = getattr(module, module.adapter_layer_names[0])
+            adapters = module.adapter_keys()
             requested = module.active_adapters if adapter_names is None else adapter_names
             for name in requested:
                 if name in adapters and name not in module.merged_adapters:

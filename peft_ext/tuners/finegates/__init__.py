@@ -1,0 +1,12 @@
+"""FineGates: stochastic row / column gates that adapt a frozen model and prune it (Svirsky, Refael, Lindenbaum).
+Importing this package registers the peft type "FINEGATES" with PEFT."""
+
+from peft_ext.registry import register_method
+
+from .config import FineGatesConfig
+from .layer import FineGatesLayer
+from .model import FineGatesModel
+
+PEFT_TYPE = register_method("FINEGATES", FineGatesConfig, FineGatesModel)
+
+__all__ = ["FineGatesConfig", "FineGatesLayer", "FineGatesModel"]
