@@ -11,6 +11,8 @@
       learning_rate: 1e-4
     output_dir: outputs/hft_sft      # the trained adapter (or full model) is saved here
     adapter: null                    # optional: a saved adapter to train further (a new stage), instead of `method`
+    pruned_dir: outputs/pruned       # optional, FineGates: after training also cut what the gates closed and save
+                                     # the smaller plain model there (merge_and_unload(prune=True) + save_pruned)
     imports: [my_methods]            # optional: packages to import first (a method of your own that registers
                                      # itself with peft_ext.register_method; installed ones with a "peft_ext.methods"
                                      # entry point register on their own)
@@ -49,6 +51,7 @@ class Recipe:
     output_dir: str = "outputs/recipe"
     adapter: str | None = None
     imports: list = field(default_factory=list)
+    pruned_dir: str | None = None
 
     def __post_init__(self):
         if isinstance(self.imports, str):
@@ -65,6 +68,13 @@ class Recipe:
             raise ValueError(f"recipe trainer must be one of {sorted(TRAINERS)}, got {self.trainer!r}")
         if self.method is not None and self.adapter is not None:
             raise ValueError("a recipe gives either `method` (a new adapter) or `adapter` (train a saved one), not both")
+        if self.pruned_dir is not None:
+            peft_type = str((self.method or {}).get("peft_type", "")).upper()
+            if self.adapter is None and peft_type != "FINEGATES":
+                raise ValueError(
+                    f"recipe pruned_dir={self.pruned_dir!r} needs a FineGates method (method: {{peft_type: FINEGATES, "
+                    f"...}}): it saves the model pruned by the gates. Remove pruned_dir for method {peft_type or None}."
+                )
         if self.method is not None and "peft_type" not in self.method:
             raise ValueError("recipe `method` needs a peft_type, e.g. {peft_type: HFT, ratio: 0.5} or {peft_type: LORA, r: 8}")
 
@@ -143,4 +153,26 @@ def run_recipe(recipe: Recipe):
         what = "model"
     trainer.processing_class.save_pretrained(output_dir)
     print(f"Saved the trained {what} to {output_dir.resolve()}")
+    if recipe.pruned_dir is not None:
+        save_pruned_model(trainer, Path(recipe.pruned_dir))
     return trainer
+
+
+def save_pruned_model(trainer, pruned_dir: Path) -> None:
+    """FineGates: the trained model with what its gates closed cut out, saved with its shape manifest (load it with
+    peft_ext.load_pruned), and the size report printed."""
+    from peft_ext.tuners.finegates import FineGatesModel, save_pruned
+
+    model = trainer.model
+    if not (isinstance(model, PeftModel) and isinstance(model.base_model, FineGatesModel)):
+        raise ValueError(
+            f"recipe pruned_dir: the trained model is not a FineGates model ({type(getattr(model, 'base_model', model)).__name__}): "
+            f"remove pruned_dir, or train a FineGates adapter."
+        )
+    model.eval()
+    pruned = model.merge_and_unload(prune=True)
+    report = pruned.finegates_prune_report
+    save_pruned(pruned, pruned_dir, report)
+    trainer.processing_class.save_pretrained(pruned_dir)
+    print(report.table() if hasattr(report, "table") else report)
+    print(f"Saved the pruned model to {pruned_dir.resolve()} (load it with peft_ext.load_pruned)")

@@ -97,7 +97,12 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
 
         return tiny_llama(dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    if os.path.isfile(os.path.join(name_or_path, "pruned_manifest.json")):  # a FineGates-pruned model (save_pruned)
+        from peft_ext.tuners.finegates.prune import load_pruned
+
+        model = load_pruned(name_or_path, torch_dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     if tokenizer.pad_token is None:  # Llama-style tokenizers ship without one; batching and TRL need it
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

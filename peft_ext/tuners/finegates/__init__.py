@@ -6,7 +6,17 @@ from peft_ext.registry import register_method
 from .config import FineGatesConfig
 from .layer import FineGatesLayer
 from .model import FineGatesModel
+from .prune import PrunedLinear, PruneReport, load_pruned, prune_model, save_pruned
 
 PEFT_TYPE = register_method("FINEGATES", FineGatesConfig, FineGatesModel)
 
-__all__ = ["FineGatesConfig", "FineGatesLayer", "FineGatesModel"]
+__all__ = [
+    "FineGatesConfig",
+    "FineGatesLayer",
+    "FineGatesModel",
+    "PruneReport",
+    "PrunedLinear",
+    "load_pruned",
+    "prune_model",
+    "save_pruned",
+]
