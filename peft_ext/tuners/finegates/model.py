@@ -14,8 +14,9 @@ from .layer import FineGatesLayer, is_quantized, keep_probability, quantized_mer
 
 PRUNED_ERROR = (
     "this FineGates model was physically pruned by merge_and_unload(prune=True): the cut rows, columns, neurons and "
-    "heads are gone, so {what} cannot give the base back. Load the base model and the adapter again "
-    "(PeftModel.from_pretrained) for that; pruning them again gives the same pruned model."
+    "heads are gone, and the adapter with them, so {what} has nothing to work on. Save the pruned model with "
+    "peft_ext.save_pruned(model, folder); for the base or the adapter, load them again (PeftModel.from_pretrained): "
+    "pruning them again gives the same pruned model."
 )
 
 
@@ -211,6 +212,8 @@ class FineGatesModel(PeftExtTuner, BaseTuner):
                 f"gates closed. Pass adapter_names=[one name], or merge_and_unload(prune=False) to fold them all."
             )
         config = self.peft_config[names[0]] if names and names[0] in self.peft_config else None
+        if prune:
+            self._check_activations(names)
         model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
         if not prune:
             return model
@@ -225,7 +228,61 @@ class FineGatesModel(PeftExtTuner, BaseTuner):
         self._pruned = True
         self.prune_report = report
         model.finegates_prune_report = report
+        # PEFT's own entry points (disable_adapter(), save_pretrained, get_model_status) look for tuner layers under
+        # this tuner: this one answers with the pruned model's error instead of "No adapter layers found"
+        self._modules["finegates_pruned"] = _PrunedMarker()
         return model
+
+    @torch.no_grad()
+    def _check_activations(self, names: list[str]) -> None:
+        """Before anything is folded: refuse a prune whose closed gate_proj / c_fc rows would need act(0) = 0 under an
+        activation with act(0) != 0 (prune_model refuses it too, but by then the adapter would be merged away)."""
+        from .prune import activation_blocks
+
+        def closed(module_name: str, side: str) -> Optional[torch.Tensor]:
+            layer = self.model.get_submodule(module_name)
+            if not isinstance(layer, FineGatesLayer):
+                return None
+            result = None
+            for name in names:
+                if name in layer.gates_settings:
+                    rows, cols = layer.gates(name, sample=False)
+                    gate = rows if side == "rows" else cols
+                    if gate is not None:
+                        result = (gate == 0) if result is None else result | (gate == 0)
+            return result
+
+        for block, gate_name, partners, down, act_ok in activation_blocks(self.model):
+            if act_ok:
+                continue
+            gate_dead = closed(gate_name, "rows")
+            if gate_dead is None or not bool(gate_dead.any()):
+                continue
+            dead = closed(down, "cols")
+            dead = torch.zeros_like(gate_dead) if dead is None else dead.to(gate_dead.device)
+            for partner in partners:
+                rows = closed(partner, "rows")
+                if rows is not None:
+                    dead = dead | rows.to(gate_dead.device)
+            extra = int((gate_dead & ~dead).sum())
+            if extra:
+                raise ValueError(
+                    f"merge_and_unload(prune=True): {block}'s activation has act(0) != 0, so the {extra} neurons whose "
+                    f"{gate_name.rsplit('.', 1)[-1]} row gates are closed are not dead and cannot be cut. Nothing was "
+                    f"merged. Use merge_and_unload(prune=False) (the gates folded, same shapes), or leave "
+                    f"{gate_name.rsplit('.', 1)[-1]} out of FineGatesConfig.target_modules (gate the up/down side)."
+                )
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names, **kwargs):
+        """save_pretrained / get_peft_model_state_dict: refused after a physical prune (it would write an adapter
+        without tensors)."""
+        if getattr(getattr(model, "base_model", None), "_pruned", False):
+            raise RuntimeError(PRUNED_ERROR.format(what="save_pretrained()"))
+        return super()._get_adapter_state_dict(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict,
+            unwanted_adapter_names=unwanted_adapter_names, **kwargs,
+        )  # fmt: skip
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:
@@ -234,5 +291,16 @@ class FineGatesModel(PeftExtTuner, BaseTuner):
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
 
+
+class _PrunedMarker(nn.Module, BaseTunerLayer):
+    """Left under a FineGatesModel by merge_and_unload(prune=True): PEFT's functions that walk the tuner for its layers
+    (PeftModel.disable_adapter() -> get_model_status(), ...) read `adapter_layer_names` and get the pruned error."""
+
+    @property
+    def adapter_layer_names(self):
+        raise RuntimeError(PRUNED_ERROR.format(what="disable_adapter()"))
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(PRUNED_ERROR.format(what="the adapter"))
 
 __all__ = ["FineGatesModel"]

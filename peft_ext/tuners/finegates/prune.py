@@ -195,12 +195,20 @@ def _is_lin(module: Any) -> bool:
     return isinstance(module, nn.Module) and (type(module) is nn.Linear or is_conv1d(module))
 
 
+def _unwrap(module: Any) -> Any:
+    """The base layer of a PEFT tuner layer (discovery also runs on a model that still holds adapters)."""
+    get_base = getattr(module, "get_base_layer", None)
+    return get_base() if callable(get_base) and not isinstance(module, PrunedLinear) else module
+
+
 def _is_lin_any(module: Any) -> bool:
+    module = _unwrap(module)
     return _is_lin(module) or isinstance(module, PrunedLinear)
 
 
 def _io(module: nn.Module) -> tuple[int, int]:
     """(in, out) features of a Linear / Conv1D / PrunedLinear (full width)."""
+    module = _unwrap(module)
     if isinstance(module, PrunedLinear):
         return module.in_features, module.out_features
     return in_out_features(module)
@@ -443,6 +451,19 @@ def _discover(model: nn.Module) -> tuple[list, list, list]:
             else:
                 skipped.append(f"{name} ({type(mod).__name__}): intermediate/output MLP of an unrecognised layout")
     return mlps, attns, skipped
+
+
+def activation_blocks(model: nn.Module) -> list[tuple[str, str, list[str], str, bool]]:
+    """The MLPs pruning recognises in `model` (plain, or still holding PEFT tuner layers), as (block, the module whose
+    zero rows need act(0) = 0, its act-independent row partners (up_proj), the module whose columns are the neurons,
+    whether act(0) = 0): what a caller checks before folding adapters in, so that a prune that would be refused is
+    refused before anything is changed."""
+    out = []
+    for mlp in _discover(model)[0]:
+        weight = _unwrap(model.get_submodule(mlp.down)).weight
+        partners = [n for n in mlp.fc if n != mlp.gate]
+        out.append((mlp.name, mlp.gate, partners, mlp.down, _act_zero_at_zero(mlp.act, weight)))
+    return out
 
 
 def _embedding_like_names(model: nn.Module) -> set:
