@@ -295,9 +295,20 @@ def random_token_batches(seed: int, vocab: int, batch: int, seq: int, n: int, de
     return [torch.randint(0, vocab, (batch, seq), generator=generator).to(device) for _ in range(max(1, n))]
 
 
-def time_training_step(model, optimizer, batches, warmup: int, steps: int, device) -> dict:
+def causal_lm_loss(model, ids):
+    """The default training loss of the step benchmarks: the model's causal-LM loss on `ids` (labels = inputs)."""
+    return model(input_ids=ids, labels=ids).loss
+
+
+def optimizer_elements(optimizer) -> int:
+    """Elements of the parameters `optimizer` updates (the "trainable params" column)."""
+    return sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+
+
+def time_training_step(model, optimizer, batches, warmup: int, steps: int, device, loss_fn=None) -> dict:
     """Time whole training steps (causal-LM forward + backward + optimizer step + zero_grad), cycling `batches`.
 
+    loss_fn(model, ids) -> the loss to backpropagate (default `causal_lm_loss`; e.g. FineGates adds its sparsity loss).
     Returns trainable (elements the optimizer updates), ms (median), gib (peak), times (every timed step) and the
     last loss.
     """
@@ -305,17 +316,18 @@ def time_training_step(model, optimizer, batches, warmup: int, steps: int, devic
 
     feed = itertools.cycle(batches)
     last = {}
+    loss_fn = loss_fn or causal_lm_loss
 
     def step():
         ids = next(feed)
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = loss_fn(model, ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         last["loss"] = loss.detach()
 
     m = measure(step, warmup, steps, device)
-    trainable = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    trainable = optimizer_elements(optimizer)
     return {"trainable": trainable, "ms": m.median_ms, "gib": m.peak_gib, "times": m.times_ms, "loss": float(last["loss"])}
 
 
@@ -382,3 +394,229 @@ def kernel_device(requested: Optional[str], small: bool, script: str, flag: str)
             sys.exit(f"{script} measures CUDA kernels: run it on a GPU, or pass {flag} for a CPU smoke test.")
         os.environ["TRITON_INTERPRET"] = "1"  # the kernels compile lazily, so this still applies
     return device
+
+
+# ------------------------------------------------------------------ training-step benchmarks (smore, ssmlora, ...)
+# The presets of the model-level step benchmarks (--shape): perf.md's anchor, a small Llama for a CPU table, a smoke
+# test. smore.py, ssmlora.py and finegates.py share them.
+TRAIN_SHAPES = {
+    "anchor": dict(
+        hidden=2048, ffn=5632, layers=22, heads=32, kv_heads=4, vocab=32000, batch=4, seq=2048,
+        dtype="bfloat16", steps=5, warmup=2,
+    ),
+    "cpu": dict(
+        hidden=512, ffn=1408, layers=4, heads=8, kv_heads=4, vocab=4096, batch=4, seq=256,
+        dtype="bfloat16", steps=10, warmup=2,
+    ),
+    "tiny": dict(
+        hidden=64, ffn=176, layers=2, heads=4, kv_heads=2, vocab=512, batch=2, seq=32,
+        dtype="bfloat16", steps=2, warmup=1,
+    ),
+}  # fmt: skip
+SHAPE_FLAGS = ("hidden", "ffn", "layers", "heads", "kv-heads", "vocab", "batch", "seq")
+
+
+def freeze_all_but_input_embedding(model):
+    """The frozen-base row: every weight frozen but the input embedding, so that a backward runs through every block
+    (perf.md's anchor row)."""
+    model.requires_grad_(False)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    return model
+
+
+def trainable_dtypes(model) -> str:
+    """The dtypes of the trainable parameters, e.g. "float32" (the "adapter weights" of a row's label)."""
+    dtypes = {str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if p.requires_grad}
+    return "/".join(sorted(dtypes)) or NA
+
+
+def add_train_shape_args(p, small_flag: bool = False) -> None:
+    """The shape options of a step benchmark: --shape / --tiny (/ --small), the Llama's sizes, dtype, steps,
+    warm-up and device (their defaults come from the preset, `resolve_train_args`)."""
+    anchor = TRAIN_SHAPES["anchor"]
+    p.add_argument("--shape", choices=sorted(TRAIN_SHAPES), default=None,
+                   help="preset: anchor (default; perf.md), cpu (a small Llama for a CPU table), tiny (smoke test)")
+    p.add_argument("--tiny", action="store_true", help="the same as --shape tiny (as the other scripts)")
+    if small_flag:
+        p.add_argument("--small", action="store_true", help="the same as --shape cpu")
+    for name in SHAPE_FLAGS:
+        p.add_argument(f"--{name}", type=int, default=None, help=f"default {anchor[name.replace('-', '_')]} (anchor)")
+    p.add_argument("--dtype", choices=sorted(DTYPE_ALIASES), default=None, help="weight dtype (default bfloat16)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps, median reported (default 5 at the anchor)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 at the anchor)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu (cpu for --shape cpu/tiny)")
+
+
+def add_train_run_args(p) -> None:
+    """The run options of a step benchmark: --track-memory, --threads, --interleave, --lr, --attn, --seed, --out."""
+    p.add_argument("--track-memory", action="store_true",
+                   help="one more step per variant under tracked allocations (peak memory on any device)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (CPU; default torch's). On a CPU shared with other jobs, 1 thread "
+                        "avoids the stalls of oversubscribed thread pools")  # fmt: skip
+    p.add_argument("--interleave", action="store_true",
+                   help="off CUDA: all models built first, steps taken in rounds (one per variant per round), so "
+                        "that a change of a shared machine's load hits every row alike")  # fmt: skip
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--attn", default="sdpa", help="attn_implementation (default sdpa)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also append the header and table to this markdown file")
+
+
+def resolve_train_shape(p, args, default_shape: str = "anchor"):
+    """--tiny (/ --small) -> --shape, the preset's values for every option left unset, the device (cpu for a non-anchor
+    preset), the dtype's long name; checks the steps and the head counts."""
+    small = getattr(args, "small", False)
+    for flag, shape in (("tiny", "tiny"), ("small", "cpu")):
+        if getattr(args, flag, False):
+            if args.shape not in (None, shape) or (flag == "tiny" and small):
+                p.error(f"--{flag} is --shape {shape}")
+            args.shape = shape
+    args.shape = args.shape or default_shape
+    fill_from_preset(args, TRAIN_SHAPES[args.shape])
+    if args.device is None:
+        args.device = "cpu" if args.shape != "anchor" else default_device()
+    args.dtype = str(DTYPE_ALIASES[args.dtype]).removeprefix("torch.")
+    return args
+
+
+def check_train_args(p, args) -> None:
+    """The checks every step benchmark makes once its own options are parsed."""
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.hidden % args.heads or args.heads % args.kv_heads:
+        p.error("--hidden must be a multiple of --heads, and --heads a multiple of --kv-heads")
+
+
+def check_interleave(p, args) -> None:
+    if args.interleave and torch.device(args.device).type == "cuda":
+        p.error("--interleave keeps every model alive at once, which spoils CUDA's per-row peak memory: CPU only")
+
+
+def run_training_variants(
+    variants, build, args, device, batches, describe=None, loss_fn=None, log=None
+) -> list[dict]:
+    """Time the training step of every variant; one row dict per variant, in order.
+
+    build(variant) -> (model, optimizer); describe(variant, model) -> extra row entries (e.g. the adapter dtype);
+    loss_fn(variant) -> the loss function of that variant's step (None: `causal_lm_loss`); log(row) is called for
+    each row once it is measured.
+    Sequential (default): one model alive at a time, freed between variants, a CUDA OOM fails its row only.
+    args.interleave (off CUDA): every model built first, then the steps taken in rounds, one step of each variant per
+    round (warm-up rounds first), so that a change of the machine's load hits every row alike; each step timed by
+    `measure` (one call), the median per variant reported. args.track_memory: one more step per variant under
+    hft_step.py's tracked allocations ("tracked" GiB).
+    """
+    describe = describe or (lambda variant, model: {})
+    loss_fn = loss_fn or (lambda variant: None)
+    log = log or (lambda row: None)
+
+    def tracked(model, optimizer):
+        from hft_step import tracked_peak_step
+
+        return tracked_peak_step(model, optimizer, batches[0], device)
+
+    if not args.interleave:
+
+        def one(variant) -> dict:  # its model and optimizer die with this frame, an OOM's too
+            model, optimizer = build(variant)
+            row = {"name": variant, **describe(variant, model)}
+            row.update(time_training_step(model, optimizer, batches, args.warmup, args.steps, device, loss_fn(variant)))
+            if args.track_memory:
+                row.update(tracked(model, optimizer))
+            return row
+
+        rows = []
+        for variant in variants:
+            free_memory(device)
+            try:
+                row = one(variant)
+            except torch.cuda.OutOfMemoryError:
+                row = {"name": variant, "error": "OOM"}
+            free_memory(device)
+            rows.append(row)
+            log(row)
+        return rows
+
+    import itertools
+
+    models = {v: build(v) for v in variants}
+    rows = {v: {"name": v, **describe(v, m), "times": [], "gib": None} for v, (m, _) in models.items()}
+    feeds = {v: itertools.cycle(batches) for v in models}  # the same batches, in the same order, as time_training_step
+
+    def stepper(variant):
+        model, optimizer = models[variant]
+        compute_loss = loss_fn(variant) or causal_lm_loss
+
+        def step():
+            ids = next(feeds[variant])
+            loss = compute_loss(model, ids)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            rows[variant]["loss"] = float(loss.detach())
+
+        return step
+
+    steps = {v: stepper(v) for v in models}
+    for round_ in range(args.warmup + args.steps):
+        for variant in models:
+            t = measure(steps[variant], 0, 1, device).median_ms
+            if round_ >= args.warmup:
+                rows[variant]["times"].append(t)
+    for variant, (model, optimizer) in models.items():
+        row = rows[variant]
+        row["ms"] = statistics.median(row["times"])
+        row["times"] = tuple(row["times"])
+        row["trainable"] = optimizer_elements(optimizer)
+        if args.track_memory:
+            row.update(tracked(model, optimizer))
+    for variant in models:
+        log(rows[variant])
+    return [rows[v] for v in models]
+
+
+def log_step_row(row: dict, detail: str) -> None:
+    """One variant's step times, peak and last loss on stderr ("[name] trainable N (detail) | step ms ... | ...")."""
+    import math
+
+    variant = row["name"]
+    if row.get("error"):
+        print(f"[{variant}] {row['error']}", file=sys.stderr, flush=True)
+        return
+    times = " ".join(fmt_ms(t) for t in row["times"])
+    tracked = f" | tracked peak GiB {row['tracked']:.3f}" if "tracked" in row else ""
+    print(
+        f"[{variant}] trainable {fmt_int(row['trainable'])} ({detail}) | step ms {times} | peak GiB "
+        f"{fmt_gib(row['gib'])}{tracked} | last loss {row['loss']:.4f}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if not math.isfinite(row["loss"]):
+        print(f"[{variant}] WARNING: the loss is not finite", file=sys.stderr, flush=True)
+
+
+def judged_at(args, anchor: dict) -> bool:
+    """A goal is judged ("met" / "NOT met") only for a CUDA run at the anchor shape (steps and warm-up aside)."""
+    keys = [k for k in anchor if k not in ("steps", "warmup")]
+    return torch.device(args.device).type == "cuda" and all(getattr(args, k) == anchor[k] for k in keys)
+
+
+def verdict(value, goal, judged: bool) -> str:
+    """"1.23x", with " (met)" / " (NOT met)" against `goal` (an upper bound) when judged."""
+    if value is None:
+        return NA
+    return f"{value:.2f}x" + (f" ({'met' if value <= goal else 'NOT met'})" if judged else "")
+
+
+def parse_variants(p, text: str, labels: dict, references: Sequence[str]) -> list[str]:
+    """--variants: comma-separated keys of `labels` or "all", with the ratios' reference rows added, in `labels`
+    order."""
+    variants = list(labels) if text == "all" else [v.strip() for v in text.split(",") if v]
+    unknown = [v for v in variants if v not in labels]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; choose from {list(labels)} or 'all'")
+    for ref in references:
+        if ref not in variants:
+            variants.insert(0, ref)
+    return sorted(dict.fromkeys(variants), key=list(labels).index)

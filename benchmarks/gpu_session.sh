@@ -9,8 +9,9 @@
 #   tests    the `gpu`-marked tests (compiled kernels on CUDA against their references, the tuners in bf16)
 #   kernels  benchmarks/lowrank_kernels.py and benchmarks/delta.py at their full-size shapes
 #   models   benchmarks/lowrank.py (r=16) and benchmarks/hft_step.py, --variants all, benchmarks/smore.py (S'MoRE vs
-#            LoRA at equal parameters) and benchmarks/ssmlora.py (SSMLoRA vs LoRA on the same points / all q/v), at
-#            the anchor shape
+#            LoRA at equal parameters), benchmarks/ssmlora.py (SSMLoRA vs LoRA on the same points / all q/v) and
+#            benchmarks/finegates.py (training step vs LoRA, gated linear vs nn.Linear, pruned vs dense inference),
+#            at the anchor shape
 #   smoke    every benchmark at its small preset (CPU or GPU): checks this script, measures nothing
 #
 # Time: every step runs under its own timeout (the seconds in the step lines below; their sum, setup included,
@@ -18,8 +19,9 @@
 # whichever comes first, killed with every process it started, reported, and the next step runs; a step that
 # would get less than 15 s is skipped and reported. The timeouts are first guesses (nothing has run on a GPU
 # yet; on 2026-12-06 gpu-tests, lowrank*, delta-14336x4096 and hft-step gave up 60 s to the smore step, then every
-# kernels and models step 5-10 s, 45 s in all, to the ssmlora step): the elapsed seconds of every step are listed at
-# the end ($OUT/session.log) to size the next run.
+# kernels and models step 5-10 s, 45 s in all, to the ssmlora step, then the same eight steps 40 s in proportion to
+# their caps (x 295/335, 4-9 s each) to the finegates step): the elapsed seconds of every step are listed at the end
+# ($OUT/session.log) to size the next run.
 # Output: each benchmark step appends its tables to $OUT/results_<phase>.md as soon as its script ends (the
 # steps are small so that a cut loses one table, not a phase); logs go to $OUT/<phase>.log, the GPU tests'
 # results to $OUT/gpu_tests.xml. Read the tables, then append them to benchmarks/RESULTS.md.
@@ -178,16 +180,19 @@ run_phase() {  # each step's failure is reported and the next step still runs; r
     case $phase in
         tests) step "$OUT/tests.log" "gpu-tests" 85 "$(gpu_tests_command)" || status=1 ;;
         kernels)
-            bench kernels lowrank-kernels-train 35 lowrank_kernels.py --skip-infer || status=1
-            bench kernels lowrank-kernels-infer 25 lowrank_kernels.py --skip-train || status=1
-            bench kernels delta-4096x4096 30 delta.py --shapes 4096x4096 || status=1
-            bench kernels delta-14336x4096 30 delta.py --shapes 14336x4096 || status=1
+            bench kernels lowrank-kernels-train 31 lowrank_kernels.py --skip-infer || status=1
+            bench kernels lowrank-kernels-infer 22 lowrank_kernels.py --skip-train || status=1
+            bench kernels delta-4096x4096 26 delta.py --shapes 4096x4096 || status=1
+            bench kernels delta-14336x4096 26 delta.py --shapes 14336x4096 || status=1
             ;;
         models)
-            bench models lowrank-step-and-forward 75 lowrank.py --variants all --ranks 16 --adapters 4,16 || status=1
-            bench models hft-step 45 hft_step.py --variants all || status=1
-            bench models smore-step 50 smore.py || status=1
-            bench models ssmlora-step 45 ssmlora.py || status=1
+            bench models lowrank-step-and-forward 66 lowrank.py --variants all --ranks 16 --adapters 4,16 || status=1
+            bench models hft-step 40 hft_step.py --variants all || status=1
+            bench models smore-step 44 smore.py || status=1
+            bench models ssmlora-step 40 ssmlora.py || status=1
+            # two sparsity levels (the control and the LLM post-training target 0.3) and 3 timed repetitions, to fit
+            # 40 s; its tables are written in the order training step, gated linear, inference (the longest, last)
+            bench models finegates-step 40 finegates.py --levels 0,0.3 --infer-reps 3 --infer-warmup 1 || status=1
             ;;
         smoke)
             bench smoke lowrank-kernels 120 lowrank_kernels.py --tiny || status=1
@@ -196,6 +201,7 @@ run_phase() {  # each step's failure is reported and the next step still runs; r
             bench smoke hft-step 120 hft_step.py --tiny --steps 1 --warmup 0 || status=1
             bench smoke smore 120 smore.py --tiny --steps 1 --warmup 0 || status=1
             bench smoke ssmlora 120 ssmlora.py --tiny --steps 1 --warmup 0 || status=1
+            bench smoke finegates 120 finegates.py --tiny --steps 1 --warmup 0 || status=1
             ;;
     esac
     return $status

@@ -55,6 +55,7 @@ from common import (  # noqa: I001  (common must come first: it fixes sys.path b
     fill_from_preset,
     fmt_ms,
     free_memory,
+    freeze_all_but_input_embedding,
     fmt_ratio,
     GIB,
     markdown_table,
@@ -104,9 +105,7 @@ def prepare(variant: str, model: torch.nn.Module, args) -> torch.nn.Module:
     if variant == "full":
         return model.requires_grad_(True)
     if variant == "frozen":
-        model.requires_grad_(False)
-        model.get_input_embeddings().weight.requires_grad_(True)
-        return model
+        return freeze_all_but_input_embedding(model)
     if variant == "lora":
         from peft import LoraConfig, get_peft_model
 

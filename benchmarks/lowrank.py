@@ -32,7 +32,6 @@ import sys
 from common import (  # noqa: I001  (common must come first: it fixes sys.path before transformers loads)
     build_llama,
     publish,
-    NA,
     DTYPE_ALIASES,
     default_device,
     env_header,
@@ -41,6 +40,9 @@ from common import (  # noqa: I001  (common must come first: it fixes sys.path b
     fill_from_preset,
     fmt_ms,
     free_memory,
+    judged_at,
+    verdict,
+    freeze_all_but_input_embedding,
     markdown_table,
     measure,
     random_token_batches,
@@ -85,9 +87,7 @@ def prepare_step(variant: str, model: torch.nn.Module, r: int) -> torch.nn.Modul
     from peft import get_peft_model
 
     if variant == "frozen":
-        model.requires_grad_(False)
-        model.get_input_embeddings().weight.requires_grad_(True)
-        return model
+        return freeze_all_but_input_embedding(model)
     if variant in ("lora", "lora-fused"):
         peft_model = get_peft_model(model, lora_config(r))
         return peft_ext.accelerate_lora(peft_model) if variant == "lora-fused" else peft_model
@@ -209,31 +209,20 @@ def run(args) -> tuple[list[dict], list[dict]]:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def _judged(args) -> bool:
-    keys = [k for k in ANCHOR if k not in ("steps", "warmup")]
-    return torch.device(args.device).type == "cuda" and all(getattr(args, k) == ANCHOR[k] for k in keys)
-
-
-def _verdict(value, goal, judged: bool) -> str:
-    if value is None:
-        return NA
-    return f"{value:.2f}x" + (f" ({'met' if value <= goal else 'NOT met'})" if judged else "")
-
-
 def goal_lines(args, step_rows, fwd_rows) -> list[str]:
-    judged = _judged(args)
+    judged = judged_at(args, ANCHOR)
     lines = [f"Goals (design/perf.md): LoRA-family step <= {STEP_GOAL}x frozen-base time and peak memory at r=16; "
              f"one unmerged adapter <= {ONE_ADAPTER_GOAL}x, 4 and 16 mixed adapters <= {MIXED_GOAL}x the no-adapter "
              f"forward."]  # fmt: skip
     for row in step_rows:
         if row["name"] in ("lora-fused-r16", "cola-r16"):
             t, m = ratio(step_rows, row, "ms", "frozen"), ratio(step_rows, row, "gib", "frozen")
-            lines.append(f"- {row['label']}: time {_verdict(t, STEP_GOAL, judged)}, memory {_verdict(m, STEP_GOAL, judged)}.")
+            lines.append(f"- {row['label']}: time {verdict(t, STEP_GOAL, judged)}, memory {verdict(m, STEP_GOAL, judged)}.")
     for row in fwd_rows:
         if "accelerate" not in row["label"]:
             continue
         goal = ONE_ADAPTER_GOAL if row["label"].startswith("one") else MIXED_GOAL
-        lines.append(f"- {row['label']}: {_verdict(ratio(fwd_rows, row, 'ms', 'base'), goal, judged)}.")
+        lines.append(f"- {row['label']}: {verdict(ratio(fwd_rows, row, 'ms', 'base'), goal, judged)}.")
     if torch.device(args.device).type != "cuda":
         lines.append("- CPU run: a smoke test of the script, not a performance measurement (the fused path runs the "
                      "PyTorch reference on the CPU; peak memory is measured on CUDA only).")  # fmt: skip

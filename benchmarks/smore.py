@@ -45,45 +45,37 @@ tensor alive on the device, as `hft_step.py --track-memory`; a kernel's scratch 
 from __future__ import annotations
 
 import argparse
-import itertools
-import math
-import statistics
-import sys
 
 from common import (  # noqa: I001  (common must come first: it fixes sys.path before transformers loads)
     build_llama,
     publish,
     NA,
     DTYPE_ALIASES,
-    default_device,
+    TRAIN_SHAPES,
+    add_train_run_args,
+    add_train_shape_args,
+    check_interleave,
+    check_train_args,
     env_header,
     fmt_gib,
     fmt_int,
-    fill_from_preset,
     fmt_ms,
-    free_memory,
+    freeze_all_but_input_embedding,
+    judged_at,
+    parse_variants,
+    log_step_row,
     markdown_table,
     random_token_batches,
     ratio,
-    time_training_step,
+    resolve_train_shape,
+    run_training_variants,
+    trainable_dtypes,
+    verdict,
 )
 
 import torch
 
-SHAPES = {
-    "anchor": dict(
-        hidden=2048, ffn=5632, layers=22, heads=32, kv_heads=4, vocab=32000, batch=4, seq=2048,
-        dtype="bfloat16", steps=5, warmup=2,
-    ),
-    "cpu": dict(
-        hidden=512, ffn=1408, layers=4, heads=8, kv_heads=4, vocab=4096, batch=4, seq=256,
-        dtype="bfloat16", steps=10, warmup=2,
-    ),
-    "tiny": dict(
-        hidden=64, ffn=176, layers=2, heads=4, kv_heads=2, vocab=512, batch=2, seq=32,
-        dtype="bfloat16", steps=2, warmup=1,
-    ),
-}  # fmt: skip
+SHAPES = TRAIN_SHAPES  # common.py's presets (anchor, cpu, tiny), shared with ssmlora.py and finegates.py
 ANCHOR = SHAPES["anchor"]
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 SMORE = dict(num_experts=[4, 4], num_active=[2, 2], expert_ranks=[8, 8], gate_type="switch")
@@ -134,9 +126,7 @@ def prepare(variant: str, model: torch.nn.Module, args) -> torch.nn.Module:
     from peft import get_peft_model
 
     if variant == "frozen":
-        model.requires_grad_(False)
-        model.get_input_embeddings().weight.requires_grad_(True)
-        return model
+        return freeze_all_but_input_embedding(model)
     if variant in ("lora", "lora-bf16"):
         from peft import LoraConfig
 
@@ -149,11 +139,6 @@ def prepare(variant: str, model: torch.nn.Module, args) -> torch.nn.Module:
     raise ValueError(f"unknown variant {variant!r}; choose from {sorted(LABELS)}")
 
 
-def adapter_dtype(model: torch.nn.Module) -> str:
-    dtypes = {str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if p.requires_grad}
-    return "/".join(sorted(dtypes)) or NA
-
-
 # ----------------------------------------------------------------------------------------------------- run
 def build_variant(variant: str, args, device: torch.device, dtype: torch.dtype):
     model = prepare(variant, build_llama(args, device, dtype, max_positions=args.seq), args)
@@ -161,93 +146,14 @@ def build_variant(variant: str, args, device: torch.device, dtype: torch.dtype):
     return model, optimizer
 
 
-def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype, batches) -> dict:
-    model, optimizer = build_variant(variant, args, device, dtype)
-    row = {"name": variant, "dtype": adapter_dtype(model)}
-    row.update(time_training_step(model, optimizer, batches, args.warmup, args.steps, device))
-    if args.track_memory:
-        from hft_step import tracked_peak_step
-
-        row.update(tracked_peak_step(model, optimizer, batches[0], device))
-    return row
-
-
-def run_interleaved(args, device: torch.device, dtype: torch.dtype, batches) -> list[dict]:
-    """--interleave (off CUDA): every variant's model built first, then the steps taken in rounds, one step of each
-    variant per round (warm-up rounds first), so that a change of the machine's load hits every row alike. Each
-    step is timed by common.measure (one call); the median per variant is reported."""
-    from common import measure
-
-    models = {v: build_variant(v, args, device, dtype) for v in args.variants}
-    rows = {v: {"name": v, "dtype": adapter_dtype(m), "times": [], "gib": None} for v, (m, _) in models.items()}
-    feeds = {v: itertools.cycle(batches) for v in models}  # the same batches, in the same order, as time_training_step
-
-    def stepper(variant):
-        model, optimizer = models[variant]
-
-        def step():
-            ids = next(feeds[variant])
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            rows[variant]["loss"] = float(loss.detach())
-
-        return step
-
-    steps = {v: stepper(v) for v in models}
-    for round_ in range(args.warmup + args.steps):
-        for variant in models:
-            t = measure(steps[variant], 0, 1, device).median_ms
-            if round_ >= args.warmup:
-                rows[variant]["times"].append(t)
-    for variant, (model, optimizer) in models.items():
-        row = rows[variant]
-        row["ms"] = statistics.median(row["times"])
-        row["times"] = tuple(row["times"])
-        row["trainable"] = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
-        if args.track_memory:
-            from hft_step import tracked_peak_step
-
-            row.update(tracked_peak_step(model, optimizer, batches[0], device))
-    return [rows[v] for v in models]
-
-
-def _log(row: dict) -> None:
-    variant = row["name"]
-    if row.get("error"):
-        print(f"[{variant}] {row['error']}", file=sys.stderr, flush=True)
-        return
-    times = " ".join(fmt_ms(t) for t in row["times"])
-    tracked = f" | tracked peak GiB {row['tracked']:.3f}" if "tracked" in row else ""
-    print(
-        f"[{variant}] trainable {fmt_int(row['trainable'])} ({row['dtype']}) | step ms {times} | peak GiB "
-        f"{fmt_gib(row['gib'])}{tracked} | last loss {row['loss']:.4f}",
-        file=sys.stderr,
-        flush=True,
-    )
-    if not math.isfinite(row["loss"]):
-        print(f"[{variant}] WARNING: the loss is not finite", file=sys.stderr, flush=True)
-
-
 def run(args) -> list[dict]:
     device, dtype = torch.device(args.device), DTYPE_ALIASES[args.dtype]
     batches = random_token_batches(args.seed + 1, args.vocab, args.batch, args.seq, args.warmup + args.steps, device)
-    if args.interleave:
-        rows = run_interleaved(args, device, dtype, batches)
-        for row in rows:
-            _log(row)
-    else:
-        rows = []
-        for variant in args.variants:
-            free_memory(device)
-            try:
-                row = run_variant(variant, args, device, dtype, batches)
-            except torch.cuda.OutOfMemoryError:
-                row = {"name": variant, "error": "OOM"}
-            free_memory(device)
-            rows.append(row)
-            _log(row)
+    rows = run_training_variants(
+        args.variants, lambda v: build_variant(v, args, device, dtype), args, device, batches,
+        describe=lambda v, model: {"dtype": trainable_dtypes(model)},
+        log=lambda row: log_step_row(row, row.get("dtype")),
+    )  # fmt: skip
     for row in rows:
         row["label"] = LABELS[row["name"]].format(r=args.lora_r, dtype=row.get("dtype", NA))
         # memory column the ratios read: CUDA's allocator peak, else the tracked peak when measured
@@ -272,17 +178,6 @@ def columns(args) -> tuple[list, list]:
     return cols, ratios
 
 
-def _judged(args) -> bool:
-    keys = [k for k in ANCHOR if k not in ("steps", "warmup")]
-    return torch.device(args.device).type == "cuda" and all(getattr(args, k) == ANCHOR[k] for k in keys)
-
-
-def _verdict(value, goal, judged: bool) -> str:
-    if value is None:
-        return NA
-    return f"{value:.2f}x" + (f" ({'met' if value <= goal else 'NOT met'})" if judged else "")
-
-
 def note_lines(args, rows: list[dict]) -> list[str]:
     by_name = {row["name"]: row for row in rows}
     per_rank = sum(i + o for i, o in adapted_shapes(args))
@@ -301,7 +196,7 @@ def note_lines(args, rows: list[dict]) -> list[str]:
             f"Counted from the optimizer: S'MoRE {fmt_int(smore['trainable'])}{check}, LoRA r={args.lora_r} "
             f"{fmt_int(lora['trainable'])}: LoRA has {diff:+.2f} % of S'MoRE's count."
         )
-    judged = _judged(args)
+    judged = judged_at(args, ANCHOR)
     lines += [
         "",
         f"Goals: S'MoRE step <= {GOAL_VS_LORA}x a PEFT LoRA step at equal trainable parameters (issue); LoRA-family "
@@ -315,10 +210,10 @@ def note_lines(args, rows: list[dict]) -> list[str]:
         t_frozen = ratio(rows, row, "ms", "frozen")
         extra = ""
         if name == "smore-bf16" and "lora-bf16" in by_name:
-            extra = f", vs the bf16 LoRA row {_verdict(ratio(rows, row, 'ms', 'lora-bf16'), GOAL_VS_LORA, judged)}"
+            extra = f", vs the bf16 LoRA row {verdict(ratio(rows, row, 'ms', 'lora-bf16'), GOAL_VS_LORA, judged)}"
         lines.append(
-            f"- {row['label']}: time vs LoRA {_verdict(t_lora, GOAL_VS_LORA, judged)}{extra}; time vs frozen base "
-            f"{_verdict(t_frozen, GOAL_VS_FROZEN, judged)}."
+            f"- {row['label']}: time vs LoRA {verdict(t_lora, GOAL_VS_LORA, judged)}{extra}; time vs frozen base "
+            f"{verdict(t_frozen, GOAL_VS_FROZEN, judged)}."
         )
     device = torch.device(args.device)
     if device.type != "cuda":
@@ -368,57 +263,19 @@ def report(args, rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                   help="preset: anchor (default; perf.md), cpu (a small Llama for a CPU table), tiny (smoke test)")
-    p.add_argument("--tiny", action="store_true", help="the same as --shape tiny (as the other scripts)")
-    for name in ("hidden", "ffn", "layers", "heads", "kv-heads", "vocab", "batch", "seq"):
-        p.add_argument(f"--{name}", type=int, default=None, help=f"default {ANCHOR[name.replace('-', '_')]} (anchor)")
-    p.add_argument("--dtype", choices=sorted(DTYPE_ALIASES), default=None, help="weight dtype (default bfloat16)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps, median reported (default 5 at the anchor)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 at the anchor)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu (cpu for --shape cpu/tiny)")
+    add_train_shape_args(p)
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma-separated, from {', '.join(LABELS)}; 'all' for every one")  # fmt: skip
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: equal parameters to S'MoRE 4-4)")
     p.add_argument("--router-dim", type=int, default=32, help="S'MoRE router_dim = router_down_dim (default 32)")
-    p.add_argument("--track-memory", action="store_true",
-                   help="one more step per variant under tracked allocations (peak memory on any device)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (CPU; default torch's). On a CPU shared with other jobs, 1 thread "
-                        "avoids the stalls of oversubscribed thread pools")  # fmt: skip
-    p.add_argument("--interleave", action="store_true",
-                   help="off CUDA: all models built first, steps taken in rounds (one per variant per round), so "
-                        "that a change of a shared machine's load hits every row alike")  # fmt: skip
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--attn", default="sdpa", help="attn_implementation (default sdpa)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="also append the header and table to this markdown file")
+    add_train_run_args(p)
     args = p.parse_args(argv)
-    if args.tiny:
-        if args.shape not in (None, "tiny"):
-            p.error("--tiny is --shape tiny")
-        args.shape = "tiny"
-    args.shape = args.shape or "anchor"
-    fill_from_preset(args, SHAPES[args.shape])
-    if args.device is None:
-        args.device = "cpu" if args.shape != "anchor" else default_device()
-    args.dtype = str(DTYPE_ALIASES[args.dtype]).removeprefix("torch.")
-    args.variants = list(LABELS) if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v]
-    unknown = [v for v in args.variants if v not in LABELS]
-    if unknown:
-        p.error(f"unknown variant(s) {unknown}; choose from {list(LABELS)} or 'all'")
-    for ref in ("lora", "frozen"):  # the ratios' references
-        if ref not in args.variants:
-            args.variants.insert(0, ref)
-    args.variants = sorted(dict.fromkeys(args.variants), key=list(LABELS).index)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
-    if args.hidden % args.heads or args.heads % args.kv_heads:
-        p.error("--hidden must be a multiple of --heads, and --heads a multiple of --kv-heads")
+    resolve_train_shape(p, args)
+    args.variants = parse_variants(p, args.variants, LABELS, ("lora", "frozen"))  # with the ratios' references
+    check_train_args(p, args)
     if args.router_dim < 1 or (args.lora_r is not None and args.lora_r < 1) or (args.threads or 1) < 1:
         p.error("--router-dim, --lora-r and --threads must be >= 1")
-    if args.interleave and torch.device(args.device).type == "cuda":
-        p.error("--interleave keeps every model alive at once, which spoils CUDA's per-row peak memory: CPU only")
+    check_interleave(p, args)
     args.smore_params = smore_parameters("smore", args)
     if args.lora_r is None:
         args.lora_r = lora_rank(args.smore_params, args)

@@ -50,9 +50,6 @@ tensor alive on the device, as `hft_step.py --track-memory`; a kernel's scratch 
 from __future__ import annotations
 
 import argparse
-import itertools
-import math
-import statistics
 import sys
 
 from common import (  # noqa: I001  (common must come first: it fixes sys.path before transformers loads)
@@ -60,35 +57,31 @@ from common import (  # noqa: I001  (common must come first: it fixes sys.path b
     publish,
     NA,
     DTYPE_ALIASES,
-    default_device,
+    TRAIN_SHAPES,
+    add_train_run_args,
+    add_train_shape_args,
+    check_interleave,
+    check_train_args,
     env_header,
     fmt_gib,
     fmt_int,
-    fill_from_preset,
     fmt_ms,
-    free_memory,
+    freeze_all_but_input_embedding,
+    judged_at,
+    log_step_row,
     markdown_table,
+    parse_variants,
     random_token_batches,
     ratio,
-    time_training_step,
+    resolve_train_shape,
+    run_training_variants,
+    trainable_dtypes,
+    verdict,
 )
 
 import torch
 
-SHAPES = {
-    "anchor": dict(
-        hidden=2048, ffn=5632, layers=22, heads=32, kv_heads=4, vocab=32000, batch=4, seq=2048,
-        dtype="bfloat16", steps=5, warmup=2,
-    ),
-    "cpu": dict(
-        hidden=512, ffn=1408, layers=4, heads=8, kv_heads=4, vocab=4096, batch=4, seq=256,
-        dtype="bfloat16", steps=10, warmup=2,
-    ),
-    "tiny": dict(
-        hidden=64, ffn=176, layers=2, heads=4, kv_heads=2, vocab=512, batch=2, seq=32,
-        dtype="bfloat16", steps=2, warmup=1,
-    ),
-}  # fmt: skip
+SHAPES = TRAIN_SHAPES  # common.py's presets (anchor, cpu, tiny), shared with smore.py and finegates.py
 ANCHOR = SHAPES["anchor"]
 LABELS = {
     "frozen": "frozen base (only the input embedding trainable)",
@@ -151,9 +144,7 @@ def prepare(variant: str, model: torch.nn.Module, args) -> torch.nn.Module:
     from peft import get_peft_model
 
     if variant == "frozen":
-        model.requires_grad_(False)
-        model.get_input_embeddings().weight.requires_grad_(True)
-        return model
+        return freeze_all_but_input_embedding(model)
     if variant in ("lora", "lora-qv", "lora-bf16"):
         from peft import LoraConfig
 
@@ -170,11 +161,6 @@ def prepare(variant: str, model: torch.nn.Module, args) -> torch.nn.Module:
     raise ValueError(f"unknown variant {variant!r}; choose from {sorted(LABELS)}")
 
 
-def adapter_dtype(model: torch.nn.Module) -> str:
-    dtypes = {str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if p.requires_grad}
-    return "/".join(sorted(dtypes)) or NA
-
-
 def adapted_modules(model: torch.nn.Module) -> int:
     """How many modules carry an adapter (PEFT's LoRA layers or SSMLoRA's), to check the insertion points."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -189,96 +175,14 @@ def build_variant(variant: str, args, device: torch.device, dtype: torch.dtype):
     return model, optimizer
 
 
-def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype, batches) -> dict:
-    model, optimizer = build_variant(variant, args, device, dtype)
-    row = {"name": variant, "dtype": adapter_dtype(model), "modules": adapted_modules(model)}
-    row.update(time_training_step(model, optimizer, batches, args.warmup, args.steps, device))
-    if args.track_memory:
-        from hft_step import tracked_peak_step
-
-        row.update(tracked_peak_step(model, optimizer, batches[0], device))
-    return row
-
-
-def run_interleaved(args, device: torch.device, dtype: torch.dtype, batches) -> list[dict]:
-    """--interleave (off CUDA): every variant's model built first, then the steps taken in rounds, one step of each
-    variant per round (warm-up rounds first), so that a change of the machine's load hits every row alike. Each
-    step is timed by common.measure (one call); the median per variant is reported."""
-    from common import measure
-
-    models = {v: build_variant(v, args, device, dtype) for v in args.variants}
-    rows = {
-        v: {"name": v, "dtype": adapter_dtype(m), "modules": adapted_modules(m), "times": [], "gib": None}
-        for v, (m, _) in models.items()
-    }
-    feeds = {v: itertools.cycle(batches) for v in models}  # the same batches, in the same order, as time_training_step
-
-    def stepper(variant):
-        model, optimizer = models[variant]
-
-        def step():
-            ids = next(feeds[variant])
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            rows[variant]["loss"] = float(loss.detach())
-
-        return step
-
-    steps = {v: stepper(v) for v in models}
-    for round_ in range(args.warmup + args.steps):
-        for variant in models:
-            t = measure(steps[variant], 0, 1, device).median_ms
-            if round_ >= args.warmup:
-                rows[variant]["times"].append(t)
-    for variant, (model, optimizer) in models.items():
-        row = rows[variant]
-        row["ms"] = statistics.median(row["times"])
-        row["times"] = tuple(row["times"])
-        row["trainable"] = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
-        if args.track_memory:
-            from hft_step import tracked_peak_step
-
-            row.update(tracked_peak_step(model, optimizer, batches[0], device))
-    return [rows[v] for v in models]
-
-
-def _log(row: dict) -> None:
-    variant = row["name"]
-    if row.get("error"):
-        print(f"[{variant}] {row['error']}", file=sys.stderr, flush=True)
-        return
-    times = " ".join(fmt_ms(t) for t in row["times"])
-    tracked = f" | tracked peak GiB {row['tracked']:.3f}" if "tracked" in row else ""
-    print(
-        f"[{variant}] trainable {fmt_int(row['trainable'])} ({row['dtype']}, {row['modules']} adapted modules) | "
-        f"step ms {times} | peak GiB {fmt_gib(row['gib'])}{tracked} | last loss {row['loss']:.4f}",
-        file=sys.stderr,
-        flush=True,
-    )
-    if not math.isfinite(row["loss"]):
-        print(f"[{variant}] WARNING: the loss is not finite", file=sys.stderr, flush=True)
-
-
 def run(args) -> list[dict]:
     device, dtype = torch.device(args.device), DTYPE_ALIASES[args.dtype]
     batches = random_token_batches(args.seed + 1, args.vocab, args.batch, args.seq, args.warmup + args.steps, device)
-    if args.interleave:
-        rows = run_interleaved(args, device, dtype, batches)
-        for row in rows:
-            _log(row)
-    else:
-        rows = []
-        for variant in args.variants:
-            free_memory(device)
-            try:
-                row = run_variant(variant, args, device, dtype, batches)
-            except torch.cuda.OutOfMemoryError:
-                row = {"name": variant, "error": "OOM"}
-            free_memory(device)
-            rows.append(row)
-            _log(row)
+    rows = run_training_variants(
+        args.variants, lambda v: build_variant(v, args, device, dtype), args, device, batches,
+        describe=lambda v, model: {"dtype": trainable_dtypes(model), "modules": adapted_modules(model)},
+        log=lambda row: log_step_row(row, f"{row.get('dtype')}, {row.get('modules')} adapted modules"),
+    )  # fmt: skip
     for row in rows:
         row["label"] = LABELS[row["name"]].format(r=args.r, p=args.state_dropout, dtype=row.get("dtype", NA))
         # memory column the ratios read: CUDA's allocator peak, else the tracked peak when measured
@@ -303,17 +207,6 @@ def columns(args) -> tuple[list, list]:
         ("memory vs frozen base", "mem", "frozen"),
     ]
     return cols, ratios
-
-
-def _judged(args) -> bool:
-    keys = [k for k in ANCHOR if k not in ("steps", "warmup")]
-    return torch.device(args.device).type == "cuda" and all(getattr(args, k) == ANCHOR[k] for k in keys)
-
-
-def _verdict(value, goal, judged: bool) -> str:
-    if value is None:
-        return NA
-    return f"{value:.2f}x" + (f" ({'met' if value <= goal else 'NOT met'})" if judged else "")
 
 
 def note_lines(args, rows: list[dict]) -> list[str]:
@@ -349,7 +242,7 @@ def note_lines(args, rows: list[dict]) -> list[str]:
             f"SSMLoRA alternate_qv has {100.0 * ssm['trainable'] / qv['trainable']:.1f} % of LoRA-on-all-q/v's "
             f"parameters (the paper's \"about half\")."
         )
-    judged = _judged(args)
+    judged = judged_at(args, ANCHOR)
     lines += [
         "",
         f"Goals: none against LoRA in the issue; perf.md's LoRA-family step <= {GOAL_VS_FROZEN}x the frozen base's "
@@ -372,7 +265,7 @@ def note_lines(args, rows: list[dict]) -> list[str]:
         m_frozen = ratio(rows, row, "mem", "frozen")
         lines.append(
             f"- {row['label']}: time vs {vs} {NA if t_lora is None else f'{t_lora:.2f}x'}; vs frozen base: time "
-            f"{_verdict(t_frozen, GOAL_VS_FROZEN, judged)}, memory {_verdict(m_frozen, GOAL_VS_FROZEN, judged)}."
+            f"{verdict(t_frozen, GOAL_VS_FROZEN, judged)}, memory {verdict(m_frozen, GOAL_VS_FROZEN, judged)}."
         )
     device = torch.device(args.device)
     if device.type != "cuda":
@@ -422,53 +315,16 @@ def report(args, rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                   help="preset: anchor (default; perf.md), cpu (a small Llama for a CPU table), tiny (smoke test)")
-    p.add_argument("--tiny", action="store_true", help="the same as --shape tiny (as the other scripts)")
-    for name in ("hidden", "ffn", "layers", "heads", "kv-heads", "vocab", "batch", "seq"):
-        p.add_argument(f"--{name}", type=int, default=None, help=f"default {ANCHOR[name.replace('-', '_')]} (anchor)")
-    p.add_argument("--dtype", choices=sorted(DTYPE_ALIASES), default=None, help="weight dtype (default bfloat16)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps, median reported (default 5 at the anchor)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 at the anchor)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu (cpu for --shape cpu/tiny)")
+    add_train_shape_args(p)
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma-separated, from {', '.join(LABELS)}; 'all' for every one")  # fmt: skip
     p.add_argument("--r", type=int, default=8, help="rank of every LoRA and SSMLoRA row (default 8, the paper's)")
     p.add_argument("--state-dropout", type=float, default=0.1, help="SSMLoRA's state dropout (default 0.1, the spec's)")
-    p.add_argument("--track-memory", action="store_true",
-                   help="one more step per variant under tracked allocations (peak memory on any device)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (CPU; default torch's). On a CPU shared with other jobs, 1 thread "
-                        "avoids the stalls of oversubscribed thread pools")  # fmt: skip
-    p.add_argument("--interleave", action="store_true",
-                   help="off CUDA: all models built first, steps taken in rounds (one per variant per round), so "
-                        "that a change of a shared machine's load hits every row alike")  # fmt: skip
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--attn", default="sdpa", help="attn_implementation (default sdpa)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="also append the header and table to this markdown file")
+    add_train_run_args(p)
     args = p.parse_args(argv)
-    if args.tiny:
-        if args.shape not in (None, "tiny"):
-            p.error("--tiny is --shape tiny")
-        args.shape = "tiny"
-    args.shape = args.shape or "anchor"
-    fill_from_preset(args, SHAPES[args.shape])
-    if args.device is None:
-        args.device = "cpu" if args.shape != "anchor" else default_device()
-    args.dtype = str(DTYPE_ALIASES[args.dtype]).removeprefix("torch.")
-    args.variants = list(LABELS) if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v]
-    unknown = [v for v in args.variants if v not in LABELS]
-    if unknown:
-        p.error(f"unknown variant(s) {unknown}; choose from {list(LABELS)} or 'all'")
-    for ref in ("lora-qv", "lora", "frozen"):  # the ratios' references
-        if ref not in args.variants:
-            args.variants.insert(0, ref)
-    args.variants = sorted(dict.fromkeys(args.variants), key=list(LABELS).index)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
-    if args.hidden % args.heads or args.heads % args.kv_heads:
-        p.error("--hidden must be a multiple of --heads, and --heads a multiple of --kv-heads")
+    resolve_train_shape(p, args)
+    args.variants = parse_variants(p, args.variants, LABELS, ("lora-qv", "lora", "frozen"))  # + ratios' references
+    check_train_args(p, args)
     if args.layers < 2:
         p.error("--layers must be >= 2 (alternate_qv puts q_proj in even blocks and v_proj in odd ones)")
     if args.r < 1 or (args.threads or 1) < 1:
@@ -478,8 +334,7 @@ def parse_args(argv=None):
         p.error(f"--r must be <= v_proj's width kv_heads * hidden / heads = {width}")
     if not 0.0 <= args.state_dropout < 1.0:
         p.error("--state-dropout must be in [0, 1)")
-    if args.interleave and torch.device(args.device).type == "cuda":
-        p.error("--interleave keeps every model alive at once, which spoils CUDA's per-row peak memory: CPU only")
+    check_interleave(p, args)
     # the insertion points on a Llama of this shape, named as in the model (blocks model.layers.<i>)
     layers = range(args.layers)
     args.points = {

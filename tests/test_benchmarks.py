@@ -283,3 +283,105 @@ def test_ssmlora_benchmark_tiny_cpu(tmp_path, extra):
     assert re.search(r"\d{4}-\d\d-\d\d .*torch .*triton .*peft .*transformers ", text), text
     assert "Command: `" in text and "benchmarks/ssmlora.py --shape tiny --steps 1 --warmup 0" in text
     assert out.read_text().strip() == text.strip()
+
+
+FINEGATES_STEP_HEADERS = [
+    "variant",
+    "trainable params",
+    "step ms (median)",
+    "peak GiB",
+    "time vs LoRA",
+    "memory vs LoRA",
+    "time vs frozen base",
+    "memory vs frozen base",
+]
+FINEGATES_STEP_ROWS = ("frozen base", "PEFT LoRA r=8, all linear layers of the blocks", "FineGates, default targets",
+                       "FineGates + bias=\"gates\" + LoRA r=8")  # fmt: skip
+FINEGATES_INFER_HEADERS = [
+    "variant", "params", "closed gates", "removable (gate_stats)", "max abs logit diff vs dense (fp32)",
+    "prefill 1x16 ms", "prefill 2x16 ms", "decode ms/token", "prefill 1x16 vs dense", "prefill 2x16 vs dense",
+    "decode vs dense",
+]  # fmt: skip
+
+
+def _percent(cell: str) -> float:
+    assert cell.endswith(" %"), cell
+    return float(cell[:-2]) / 100
+
+
+@pytest.mark.parametrize(
+    "extra", [["--force-gated-linear"], ["--interleave", "--track-memory", "--threads", "1", "--tables", "1"]],
+    ids=["three-tables", "interleaved-step-only"],
+)  # fmt: skip
+def test_finegates_benchmark_tiny_cpu(tmp_path, extra):
+    """benchmarks/finegates.py --tiny: the training step of FineGates (alone and with bias + LoRA) against PEFT LoRA r=8
+    and the frozen base, with the spec's trainable counts; the gated linear against nn.Linear (forced on the CPU); the
+    pruned vs dense inference of a tiny random Llama at synthetic sparsity 0 / 0.2 / 0.3 / 0.4: pruned logits equal
+    the dense ones, fewer parameters at every s > 0 and none removed at the control."""
+    out = tmp_path / "RESULTS.md"
+    args = ["benchmarks/finegates.py", "--tiny", "--steps", "1", "--warmup", "0", *extra, "--out", str(out)]
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = proc.stdout
+    tables = _tables(text)
+    all_tables = "--tables" not in extra
+    assert len(tables) == (3 if all_tables else 1), text
+
+    # 1. training step
+    header, rows = tables[0]
+    tracked = "--track-memory" in extra
+    assert header == FINEGATES_STEP_HEADERS[:4] + (["tracked peak GiB"] if tracked else []) + FINEGATES_STEP_HEADERS[4:]
+    assert len(rows) == 4 and all(row[0].startswith(label) for row, label in zip(rows, FINEGATES_STEP_ROWS)), rows
+    for row in rows:
+        cells = dict(zip(header, row))
+        assert len(row) == len(header) and cells["peak GiB"] == "n/a", row  # CPU: CUDA's allocator peak only
+        assert NUMBER.match(cells["step ms (median)"]) and float(cells["step ms (median)"]) > 0, row
+        for key in ("time vs LoRA", "time vs frozen base"):
+            assert NUMBER.match(cells[key]) and float(cells[key]) > 0, row
+        assert NUMBER.match(cells["memory vs LoRA"]) if tracked else cells["memory vs LoRA"] == "n/a", row
+    assert rows[1][header.index("time vs LoRA")] == "1.00" and rows[0][header.index("time vs frozen base")] == "1.00"
+    params = [int(row[1].replace(",", "")) for row in rows]
+    # tiny shape: hidden 64, FFN 176, 4 heads / 2 KV heads (k, v 64 -> 32), 2 blocks; (in + out) of the seven linears
+    in_out = 2 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 176))
+    outs = 2 * (64 + 32 + 32 + 64 + 176 + 176 + 64)
+    assert params == [512 * 64, 8 * in_out, in_out, in_out + outs + 8 * in_out], params
+    assert "(= the formula)" in text and "!= the formula" not in text
+    assert "perf.md's LoRA-family step (FineGates + LoRA among them) <= 1.1x the frozen base's time" in text
+    assert re.search(r"machine load \(os\.getloadavg 1/5/15 min\) [\d.]+/[\d.]+/[\d.]+ before", text), text
+    assert re.search(r"\d{4}-\d\d-\d\d .*torch .*triton .*peft .*transformers ", text), text
+    assert "Command: `" in text and "benchmarks/finegates.py --tiny --steps 1 --warmup 0" in text
+    assert out.read_text().strip() == text.strip()
+    if not all_tables:
+        return
+
+    # 3. (printed second) the gated linear against nn.Linear, forced on the CPU
+    header, rows = tables[1]
+    assert header == ["variant", "shape (out x in)", "tokens", "ms (median)", "vs nn.Linear"], header
+    assert [row[1] for row in rows] == ["176x64"] * 4 + ["64x176"] * 4, rows
+    assert [row[0].split(" ")[0] for row in rows[:4]] == ["nn.Linear,", "autograd", "peft-ext", "ref:"], rows
+    assert all(NUMBER.match(row[3]) and NUMBER.match(row[4]) for row in rows) and rows[0][4] == "1.00", rows
+    assert "Not judged: a CPU run tests the script" in text and "No Triton gated_linear is written" in text
+
+    # 2. (printed last) pruned vs dense inference, synthetic gates
+    header, rows = tables[2]
+    assert header == FINEGATES_INFER_HEADERS, header
+    assert [row[0].split(":")[0] for row in rows] == [
+        "s=0 (control) dense", "s=0 (control) pruned", "s=0.2 dense", "s=0.2 pruned", "s=0.3 dense", "s=0.3 pruned",
+        "s=0.4 dense", "s=0.4 pruned",
+    ]  # fmt: skip
+    total = 158_016  # the tiny Llama: embeddings 2 x 512 x 64, 2 blocks, norms
+    for dense, pruned in zip(rows[::2], rows[1::2]):
+        d, p = dict(zip(header, dense)), dict(zip(header, pruned))
+        assert int(d["params"].replace(",", "")) == total and d["max abs logit diff vs dense (fp32)"] == "-"
+        assert float(p["max abs logit diff vs dense (fp32)"]) < 1e-4, pruned
+        assert d["closed gates"] == p["closed gates"] and d["removable (gate_stats)"] == p["removable (gate_stats)"]
+        for key in ("prefill 1x16", "prefill 2x16", "decode"):
+            assert d[f"{key} vs dense"] == "1.00" and NUMBER.match(p[f"{key} vs dense"]), (dense, pruned)
+    assert int(dict(zip(header, rows[1]))["params"].replace(",", "")) == total  # the control removes nothing
+    closed = [_percent(dict(zip(header, row))["closed gates"]) for row in rows[1::2]]
+    assert closed[0] == 0 and all(abs(c - s) < 0.05 for c, s in zip(closed[1:], (0.2, 0.3, 0.4))), closed
+    pruned_params = [int(row[1].replace(",", "")) for row in rows[1::2]]
+    assert pruned_params[0] > pruned_params[1] > pruned_params[2] > pruned_params[3], pruned_params
+    assert "synthetic gates at realised sparsity s" in text and "greedy tokens identical" in text
+    assert "NOT within" not in text and "DIFFER" not in text
+    assert re.search(r"Machine load \(os\.getloadavg, 1/5/15 min\): [\d.]+/[\d.]+/[\d.]+ before", text), text
