@@ -46,6 +46,8 @@ from typing import Optional
 
 import torch
 
+from peft_ext.experiments.common import classification_logits
+from peft_ext.experiments.common import encode as _encode
 from peft_ext.experiments.recipe_main import recipe_main
 from peft_ext.experiments.smore_vs_lora import _RSS, _mean_std, hardware_text
 from peft_ext.overrides import apply_overrides, load_yaml
@@ -243,41 +245,13 @@ def parameter_plan(repro: Repro, shapes: list[tuple[int, str, int, int]], head: 
 
 # ------------------------------------------------------------------------------------------------ scoring
 def encode(tokenizer, items: list[dict], max_length: int) -> list[dict]:
-    rows = []
-    for item in items:
-        ids = tokenizer(item["text"]).input_ids
-        if len(ids) > max_length:
-            raise ValueError(
-                f"ssmlora_vs_lora: a review has {len(ids)} tokens, above max_length={max_length}: raise max_length "
-                f"or lower the variant's filler"
-            )
-        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": item["label"]})
-    return rows
+    return _encode(tokenizer, items, max_length, "ssmlora_vs_lora")
 
 
 def predict(model, tokenizer, items: list[dict], batch_size: int = 25, max_length: int = 4096) -> list[int]:
     """The argmax class of every item (right padding; the model reads the last non-padding token)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
-    encoded = encode(tokenizer, items, max_length)
-    was_training = model.training
-    model.eval()
-    out: list[int] = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(encoded), batch_size):
-                chunk = encoded[start : start + batch_size]
-                width = max(len(x["input_ids"]) for x in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, x in enumerate(chunk):
-                    ids[row, : len(x["input_ids"])] = torch.tensor(x["input_ids"])
-                    mask[row, : len(x["input_ids"])] = 1
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                out += logits.argmax(-1).cpu().tolist()
-    finally:
-        model.train(was_training)
-    return out
+    logits = classification_logits(model, tokenizer, items, batch_size, max_length, "ssmlora_vs_lora")
+    return logits.argmax(-1).tolist() if len(logits) else []
 
 
 def accuracy(items: list[dict], predicted: list[int]) -> dict:
