@@ -14,6 +14,7 @@ Contract item keys used in `documented_errors` (optionally suffixed with ":<mode
     "gradient_checkpointing"                                "compile"        torch.compile
     "trl_sft", "trl_dpo"                                    TRL trainers with peft_config=
     "several_active"  set_adapter([a, b]) runs what merging both writes
+    "ddp", "fsdp"     2 processes (gloo) under DDP / FSDP2's fully_shard equal one process on the same global batch
 
 An entry for a method whose pruned model cannot be unloaded to the base, say:
 
@@ -42,7 +43,7 @@ from .models import MODEL_KINDS
 CONTRACT_ITEMS = (
     "identity_init", "train", "save", "low_level_api", "merge", "safe_merge", "unload", "disable", "multi_adapter",
     "mixed_batch", "bf16", "fp16", "autocast", "gradient_checkpointing", "compile", "trl_sft", "trl_dpo",
-    "several_active",
+    "several_active", "ddp", "fsdp",
 )  # fmt: skip
 
 
@@ -99,6 +100,11 @@ class MethodEntry:
     # methods; 2 where a zero-initialised output factor blocks the first step's gradient to zero-initialised
     # tensors beneath it (weight decay moves the non-zero ones), e.g. S'MoRE's biases under P = 0
     train_steps: int = 1
+    # config overrides for the distributed item (2 processes under DDP / FSDP2 vs one process on the same global
+    # batch) that switch off what makes a replica's step differ from the whole batch's by design: a loss over batch
+    # statistics (S'MoRE's load-balance loss is per replica), noise drawn per row. Noise drawn per parameter (FineGates'
+    # gate noise) needs nothing: every rank and the single process draw it from the same seed
+    distributed_overrides: dict = field(default_factory=dict)
     documented_errors: dict[str, DocumentedError] = field(default_factory=dict)
 
     def __post_init__(self):

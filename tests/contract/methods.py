@@ -331,6 +331,8 @@ SMORE_ENTRY = MethodEntry(
     card_terms=("smore", "peft-ext"),
     init_atol=0.0,
     train_steps=2,
+    # the load-balance loss is over the batch's routing statistics: per replica under DDP/FSDP, not the global batch's
+    distributed_overrides={"aux_loss_mode": "none"},
     documented_errors={"merge": _SMORE_NO_MERGE, "safe_merge": _SMORE_NO_MERGE},
 )
 

@@ -28,8 +28,9 @@ if os.environ.get("PYTEST_VERSION") and not (_plugin and _plugin.is_active()):  
 
 from ..entries import BadConfig, DocumentedError, MethodEntry, variant  # noqa: E402
 from ..models import MODEL_KINDS, MODELS  # noqa: E402
-from . import adapters, dtypes, errors, forward_train, merge, save, trl  # noqa: E402
+from . import adapters, distributed, dtypes, errors, forward_train, merge, save, trl  # noqa: E402
 from .adapters import *  # noqa: E402, F403
+from .distributed import *  # noqa: E402, F403
 from .dtypes import *  # noqa: E402, F403
 from .errors import *  # noqa: E402, F403
 from .forward_train import *  # noqa: E402, F403
@@ -37,6 +38,6 @@ from .merge import *  # noqa: E402, F403
 from .save import *  # noqa: E402, F403
 from .trl import *  # noqa: E402, F403
 
-SUITE_MODULES = (forward_train, save, merge, adapters, dtypes, errors, trl)
+SUITE_MODULES = (forward_train, save, merge, adapters, dtypes, errors, trl, distributed)
 TESTS = [name for module in SUITE_MODULES for name in module.__all__]
 __all__ = [*TESTS, "MethodEntry", "DocumentedError", "BadConfig", "variant", "MODELS", "MODEL_KINDS"]

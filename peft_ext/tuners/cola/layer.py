@@ -17,11 +17,34 @@ from peft_ext.tuners.lora_fused import VARIANT_KEYS, FusedLoraLinear
 
 class MergedFactor(nn.Module):
     """One frozen factor of the merged links (a module, not a bare tensor, so that its parameter is named
-    `cola_merged_A.<adapter>.weight`: TRL's reference-adapter copy takes parameters named `.default.`)."""
+    `cola_merged_A.<adapter>.weight`: TRL's reference-adapter copy takes parameters named `.default.`).
+
+    Before any link is merged the factor is empty ((0, in) for A, (out, 0) for B): `weight` is then an empty
+    non-persistent buffer, not a parameter, so the model holds no zero-size parameter (FSDP2 shards one to an empty
+    piece that `get_model_state_dict(full_state_dict=True)` cannot gather in torch 2.13) and the state dict, hence an
+    adapter file, holds no empty tensor. It becomes a frozen parameter when a link is merged (`set`)."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.set(weight)
+
+    @property
+    def empty(self) -> bool:
+        return "weight" not in self._parameters
+
+    def set(self, value: torch.Tensor) -> None:
+        """Hold `value`: in the frozen parameter's storage (the same Parameter object) once it is one; an empty
+        `value` turns the factor back into the empty buffer."""
+        value = value.detach()
+        if value.numel() == 0:
+            self._parameters.pop("weight", None)
+            self.register_buffer("weight", value, persistent=False)
+        elif not self.empty:
+            self.weight.data = value
+        else:
+            self._buffers.pop("weight", None)  # the empty buffer, if any
+            self._non_persistent_buffers_set.discard("weight")
+            self.weight = nn.Parameter(value, requires_grad=False)
 
 
 class ColaChain:
@@ -55,7 +78,7 @@ class ColaChain:
         self.cola_link_ranks[adapter_name] = ranks
         self.cola_init[adapter_name] = config.init_lora_weights
         weight = self.lora_A[adapter_name].weight
-        merged = sum(ranks[:k])
+        merged = sum(ranks[:k])  # 0 at link 0: empty factors, held as buffers (see MergedFactor)
         self.cola_merged_A[adapter_name] = MergedFactor(weight.new_zeros(merged, self.in_features))
         self.cola_merged_B[adapter_name] = MergedFactor(weight.new_zeros(self.out_features, merged))
         self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: ("cola_merged_A", "cola_merged_B")}
@@ -102,9 +125,13 @@ class ColaChain:
             raise ValueError(f"the chain of {len(ranks)} links is complete: there is no link {k + 2} to start.")
         lin_a, lin_b = self.lora_A[adapter], self.lora_B[adapter]
         a, b = lin_a.weight, lin_b.weight
-        ma, mb = self.cola_merged_A[adapter].weight, self.cola_merged_B[adapter].weight
-        ma.data = torch.cat([ma.data, a.data.to(ma.dtype)], 0)
-        mb.data = torch.cat([mb.data, (b.data.float() * self.scaling[adapter]).to(mb.dtype)], 1)
+        _refuse_sharded(a, b)
+        fa, fb = self.cola_merged_A[adapter], self.cola_merged_B[adapter]
+        # the first merge makes the factors parameters in the link's dtype (as the empty ones were cast with it)
+        like_a, like_b = (a, b) if fa.empty else (fa.weight, fb.weight)
+        new_b = (b.detach().float() * self.scaling[adapter]).to(like_b.device, like_b.dtype)
+        fa.set(torch.cat([fa.weight.to(like_a.device, like_a.dtype), a.detach().to(like_a.device, like_a.dtype)], 0))
+        fb.set(torch.cat([fb.weight.to(like_b.device, like_b.dtype), new_b], 1))
         rank = ranks[k + 1]
         if rank != a.shape[0]:
             a.data = a.data.new_empty(rank, self.in_features)
@@ -130,10 +157,13 @@ class ColaChain:
                 f"the checkpoint's current link has rank {current_rank}, but link {k + 1} of this ColaConfig has rank "
                 f"{ranks[k]}: load the adapter with the config it was saved with."
             )
-        ma, mb = self.cola_merged_A[adapter].weight, self.cola_merged_B[adapter].weight
-        if ma.shape[0] != merged_rank:
-            ma.data = ma.data.new_zeros(merged_rank, self.in_features)
-            mb.data = mb.data.new_zeros(self.out_features, merged_rank)
+        fa, fb = self.cola_merged_A[adapter], self.cola_merged_B[adapter]
+        if fa.weight.shape[0] != merged_rank:
+            _refuse_sharded(self.lora_A[adapter].weight, self.lora_B[adapter].weight)
+            # the dtype of the link (as the first merge gives them) unless they hold merged links already
+            like_a, like_b = (self.lora_A[adapter].weight, self.lora_B[adapter].weight) if fa.empty else (fa.weight, fb.weight)
+            fa.set(like_a.detach().new_zeros(merged_rank, self.in_features))
+            fb.set(like_b.detach().new_zeros(self.out_features, merged_rank))
         lin_a, lin_b = self.lora_A[adapter], self.lora_B[adapter]
         if lin_a.weight.shape[0] != current_rank:
             lin_a.weight.data = lin_a.weight.data.new_zeros(current_rank, self.in_features)
@@ -285,6 +315,24 @@ def links_for_rank(ranks: list[int], merged_rank: int) -> int:
         f"merged COLA factors of rank {merged_rank} are not a whole number of links of ranks {ranks} (the last link "
         f"is never merged): load the adapter with the ColaConfig it was saved with."
     )
+
+
+FSDP2_LINK_MERGE = (
+    "COLA cannot merge a link (or reshape its chain for a checkpoint) while the model is sharded with FSDP2 "
+    "(fully_shard): the link's parameters are sharded DTensors that FSDP2 manages, which the merge would move and "
+    "resize. Run each link as its own FSDP2 run: save the adapter at the link boundary, call "
+    "`model.base_model.next_link()` on the unsharded model (or load a checkpoint into it before `fully_shard`), then "
+    "shard it again; or train the chain under DDP, or on one process."
+)
+
+
+def _refuse_sharded(*params: torch.Tensor) -> None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - a torch without torch.distributed
+        return
+    if any(isinstance(p, DTensor) for p in params):
+        raise RuntimeError(FSDP2_LINK_MERGE)
 
 
 def _scaling(alpha: float, rank: int, use_rslora: bool) -> float:

@@ -100,31 +100,47 @@ class ColaModel(PeftExtTuner, LoraModel):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """Reshape the chain to the checkpoint's before it loads: a Trainer resuming mid-chain loads a checkpoint
-        whose merged factors hold k links into an adapter built at link 0. Sets config.current_link = k."""
-        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        whose merged factors hold k links into an adapter built at link 0 (and loading the best checkpoint at the end
+        of a run may go back to fewer links). Sets config.current_link = k.
+
+        A checkpoint at link 0 holds no merged factors (they are empty: not parameters, see MergedFactor); files
+        written before that hold them as empty tensors, which are dropped here."""
+        state_dict = dict(state_dict)
         links = {}
         for name, layer in model.named_modules():
             if not isinstance(layer, ColaChain) or adapter_name not in layer.lora_A:
                 continue
-            keys = [f"{name}.cola_merged_A.{adapter_name}.weight", f"{name}.lora_A.{adapter_name}.weight"]
-            keys += [k.removeprefix("base_model.model.") for k in keys] + ["base_model.model." + k for k in keys]
-            merged = next((state_dict[k] for k in keys if ".cola_merged_A." in k and k in state_dict), None)
-            current = next((state_dict[k] for k in keys if ".lora_A." in k and k in state_dict), None)
-            if merged is None or current is None:
+            keys = {part: _checkpoint_keys(name, part, adapter_name) for part in ("cola_merged_A", "cola_merged_B", "lora_A")}
+            for key in keys["cola_merged_A"] + keys["cola_merged_B"]:
+                if key in state_dict and state_dict[key].numel() == 0:
+                    del state_dict[key]
+            merged = next((state_dict[k] for k in keys["cola_merged_A"] if k in state_dict), None)
+            current = next((state_dict[k] for k in keys["lora_A"] if k in state_dict), None)
+            if current is None:
                 continue  # missing keys: PEFT's load reports them
             for t in (merged, current):
-                if t.dim() != 2 or t.shape[1] != layer.in_features:
+                if t is not None and (t.dim() != 2 or t.shape[1] != layer.in_features):
                     raise ValueError(
                         f"The adapter file's COLA factor for {name.removeprefix('base_model.model.')} has shape "
                         f"{tuple(t.shape)}, but this layer has in_features={layer.in_features}: the adapter was "
                         f"trained on another base model. Load it onto the model it was trained on."
                     )
-            links[name] = layer.resize_for(adapter_name, merged.shape[0], current.shape[0])
+            merged_rank = 0 if merged is None else merged.shape[0]
+            links[name] = layer.resize_for(adapter_name, merged_rank, current.shape[0])
         if len(set(links.values())) > 1:
             raise ValueError(f"the COLA checkpoint's layers are at different links: {sorted(set(links.values()))}.")
         if links:
             config.current_link = next(iter(links.values()))
-        return state_dict
+        # after the reshaping, so that the merged factors (parameters now, where links are merged) are mapped
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def _checkpoint_keys(module_name: str, part: str, adapter_name: str) -> list[str]:
+    """The keys `<module>.<part>.weight` may have in a checkpoint: without the adapter name (a file) or with it, with
+    or without PEFT's "base_model.model." prefix."""
+    keys = [f"{module_name}.{part}.weight", f"{module_name}.{part}.{adapter_name}.weight"]
+    prefix = "base_model.model."
+    return keys + [k.removeprefix(prefix) for k in keys] + [prefix + k for k in keys]
 
 
 __all__ = ["ColaModel"]

@@ -109,15 +109,23 @@ class HftLayer(OneAdapterForward, PeftExtLayer):
             out[pname] = original.index_copy(self._row_dim(pname, original), rows, value.to(original.dtype))
         return out
 
-    def original_values(self, adapter_name: str, pname: str, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def original_values(
+        self, adapter_name: str, pname: str, rows: Optional[torch.Tensor] = None, original: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """The pre-trained values that `hft_weight[adapter_name][pname]` replaces (only its rows for strategy
-        "param"; `rows` overrides the adapter's own, e.g. a checkpoint's), even while an adapter is merged."""
-        original = self.original_base_value(pname).detach()
+        "param"; `rows` overrides the adapter's own, e.g. a checkpoint's), even while an adapter is merged.
+        `original`: W0 of the whole base parameter, read elsewhere (a gathered state dict's), instead of the module's."""
+        original = (self.original_base_value(pname) if original is None else original).detach()
         if rows is None and adapter_name in self.hft_index:
             rows = self.hft_index[adapter_name]["rows"]
         if rows is None:
             return original
         return original.index_select(self._row_dim(pname, original), rows.to(original.device))
+
+    def _holds_original(self, pname: str) -> bool:
+        """Whether W0 of `pname` is kept aside (an adapter is merged into the base parameter)."""
+        holder = self._modules.get(self._ORIGINALS)
+        return holder is not None and pname in holder._buffers
 
     def get_delta_weight(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """W_adapter - W_base for each trained parameter of this module."""

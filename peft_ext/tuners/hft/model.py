@@ -222,7 +222,7 @@ class HftModel(PeftExtTuner, BaseTuner):
         weights = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         if config.save_format == "full":
             return weights
-        return deltas_from_weights(model, weights, adapter_name)
+        return deltas_from_weights(model, weights, adapter_name, state_dict)
 
     @staticmethod
     def state_dict_for_transformers(model, config, state_dict):

@@ -10,6 +10,8 @@ written before (fp32 deltas of 16-bit weights) still load: a delta is added in i
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .layer import HftLayer
@@ -18,14 +20,24 @@ WEIGHT, DELTA, INDEX = ".hft_weight.", ".hft_delta.", ".hft_index."
 _PEFT_PREFIX = "base_model.model."
 
 
-def deltas_from_weights(model: torch.nn.Module, weights: dict, adapter_name: str) -> dict:
+def deltas_from_weights(model: torch.nn.Module, weights: dict, adapter_name: str, state_dict: Optional[dict] = None) -> dict:
+    """The adapter's tensors (`weights`, keys with the adapter name) with each trained tensor turned into its delta.
+
+    W_0 is read from `state_dict` (the whole model's state dict that `weights` was taken from) where it holds the
+    base parameter, `<module>.base_layer.<param>`, and the module does not hold an adapter merged into it: a state
+    dict gathered for saving (FSDP2's `get_model_state_dict(full_state_dict=True)`, accelerate's `get_state_dict`)
+    holds full tensors while the module's own parameters are still sharded. Otherwise from the module, a sharded
+    DTensor gathered whole (a collective: every rank must save, as FSDP2's own state-dict gathering requires)."""
     out = {}
     for key, value in weights.items():
         if WEIGHT not in key:
             out[key] = value
             continue
         module_path, _, rest = key.partition(WEIGHT)
-        base = _layer(model, module_path).original_values(adapter_name, rest.rpartition(".")[2])
+        pname = rest.rpartition(".")[2]
+        layer = _layer(model, module_path)
+        saved = None if state_dict is None else state_dict.get(f"{module_path}.base_layer.{pname}")
+        base = layer.original_values(adapter_name, pname, original=_original(layer, pname, saved, value))
         delta, exact = _delta(value, base)
         out[module_path + DELTA + rest if exact else key] = delta if exact else value
     return out
@@ -89,6 +101,26 @@ def weights_for_plain_model(model: torch.nn.Module, state_dict: dict) -> dict:
             )
         out[module_path + WEIGHT + pname] = base.to(value.dtype) + value.to(base.device)
     return out
+
+
+def _original(layer: HftLayer, pname: str, saved: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+    """W0 of the base parameter `pname` of `layer`, to compute the delta of the saved tensor `value` from: the state
+    dict's base parameter `saved` unless an adapter is merged into the module (it then holds merged values, and the
+    layer keeps W0 aside), else the module's. A sharded W0 (an FSDP2 DTensor) is gathered whole (a collective) unless
+    `value` is sharded too."""
+    original = saved if saved is not None and not layer._holds_original(pname) else layer.original_base_value(pname)
+    original = original.detach()
+    if _is_dtensor(original) and not _is_dtensor(value):
+        original = original.full_tensor()
+    return original
+
+
+def _is_dtensor(value: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - a torch without torch.distributed
+        return False
+    return isinstance(value, DTensor)
 
 
 def _delta(value: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, bool]:
