@@ -287,10 +287,11 @@ class FineGatesCallback(TrainerCallback):
     integrations before the callbacks given to it; to send the values there too, move this callback to the front:
     `trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(FineGatesCallback))`.
 
+        `finegates/closed_fraction`     row and column gates exactly 0 / all gates (what target_sparsity aims at),
     stop_at_target=True: after each optimizer step past `sparsity_start_step`, stops training
-    (`control.should_training_stop`) once `removable_fraction` >= target - tolerance (reached the band target ±
-    tolerance, or overshot it in one step); target: `target` or the config's `target_sparsity`. `stopped_at` records
-    the step.
+    (`control.should_training_stop`) once `closed_fraction` >= target - tolerance (reached the band target ±
+    tolerance, or overshot it in one step); target: `target` or the config's `target_sparsity`, a fraction of gates
+    (the removable fraction of weight entries is larger: about 1 - (1 - s)^2). `stopped_at` records the step.
 
     Without the FineGatesTrainerMixin (a plain trainer class) the sparsity loss is not in the objective: it warns once
     and names `with_finegates`. A model without FineGates adapters is left alone.
@@ -338,13 +339,13 @@ class FineGatesCallback(TrainerCallback):
         if state.global_step <= int(getattr(config, "sparsity_start_step", 0)):
             return  # the sparsity loss has not acted yet
         target = self.target if self.target is not None else float(config.target_sparsity)
-        removable = float(tuner.gate_stats()["removable_fraction"])
-        if removable >= target - self.tolerance:
+        closed = float(tuner.gate_stats()["closed_fraction"])
+        if closed >= target - self.tolerance:
             self.stopped_at = int(state.global_step)
             control.should_training_stop = True
             logger.info(
-                "FineGatesCallback: removable fraction %.4f reached target %.4f +- %.4f at step %d: stopping.",
-                removable, target, self.tolerance, state.global_step,
+                "FineGatesCallback: closed gate fraction %.4f reached target %.4f +- %.4f at step %d: stopping.",
+                closed, target, self.tolerance, state.global_step,
             )
 
     def _values(self, tuner) -> dict[str, float]:
@@ -360,6 +361,7 @@ class FineGatesCallback(TrainerCallback):
             "finegates/open_rows": float(stats["open_rows"]),
             "finegates/open_cols": float(stats["open_cols"]),
             "finegates/removable_fraction": float(stats["removable_fraction"]),
+            "finegates/closed_fraction": float(stats["closed_fraction"]),
         }
 
 

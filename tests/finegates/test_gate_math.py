@@ -253,6 +253,8 @@ def test_gate_stats_on_hand_set_logits():
     removable = (20 * 12 - open_r0 * open_c0) + (10 * 20 - open_r1 * open_c1)
     assert stats["removed_params"] == removable == 240 - 150 + 200 - 84
     assert stats["removable_fraction"] == pytest.approx(removable / (240 + 200))
+    closed = (20 - open_r0) + (12 - open_c0) + (10 - open_r1) + (20 - open_c1)  # 5 + 2 + 4 + 6
+    assert stats["closed_fraction"] == pytest.approx(closed / (20 + 12 + 10 + 20)) and closed == 17
     kr = keep_prob(torch.tensor(rows0 + rows1)).mean().item()
     kc = keep_prob(torch.tensor(cols0 + cols1)).mean().item()
     assert stats["mean_keep_rows"] == pytest.approx(kr, abs=1e-6)

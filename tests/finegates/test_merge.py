@@ -212,3 +212,30 @@ def test_two_bias_deltas_merged_into_a_bias_less_layer():
         assert all(l.get_base_layer().bias is None for l in gated_layers(model).values())
         _assert_same_state(_state(model.get_base_model()), base_state)
         assert torch.equal(spec.run(model, inputs), both)
+
+
+def test_bias_deltas_merged_without_pruning_survive_save_pretrained(tmp_path):
+    """Llama: every q/k/v/o and gate/up/down got a bias from its delta, so the merge declares attention_bias and
+    mlp_bias in the config and save_pretrained + from_pretrained keeps them (they were dropped silently before)."""
+    from transformers import AutoModelForCausalLM
+
+    spec = MODELS["llama"]
+    model = get_peft_model(spec.make(0), config(task_type="CAUSAL_LM", target_modules=None, bias="gates", init_weights=False, seed=1))
+    model.eval()
+    inputs = spec.inputs()
+    with torch.no_grad():
+        gated = spec.run(model, inputs)
+    merged = model.merge_and_unload(prune=False)
+    assert merged.config.attention_bias is True and merged.config.mlp_bias is True
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(spec.run(reloaded, inputs), gated, rtol=1e-5, atol=1e-5)
+
+
+def test_bias_deltas_the_config_cannot_declare_warn():
+    """Qwen2's o_proj has no bias and no config flag for one: the merge warns, naming save_pruned."""
+    spec = MODELS["qwen2_gqa"]
+    model = get_peft_model(spec.make(0), config(task_type="CAUSAL_LM", target_modules=None, bias="gates", init_weights=False, seed=1))
+    with pytest.warns(UserWarning, match=r"bias='gates'.*does not declare.*save_pretrained.*drop them.*save_pruned"):
+        model.merge_and_unload(prune=False)

@@ -30,7 +30,7 @@ DPO_ROWS = [
     {"prompt": "0 plus 6 is", "chosen": " 6.", "rejected": " 1."},
 ]
 LOG_KEYS = ("finegates/sparsity_loss", "finegates/lambda", "finegates/open_rows", "finegates/open_cols",
-            "finegates/removable_fraction")
+            "finegates/removable_fraction", "finegates/closed_fraction")
 
 
 def training_args(tmp_path, cls=TrainingArguments, **overrides):

@@ -124,17 +124,20 @@ def test_callback_leaves_other_models_alone(tmp_path):
 
 def test_stop_at_target(tmp_path):
     """Gates start fractional (init_weights=False, none closed) and close step by step under lambda 50 at gates lr
-    0.05: training stops after the first step whose removable fraction reaches 0.4 - 0.02."""
+    0.05: training stops after the first step whose closed gate fraction reaches 0.4 - 0.02 (a fraction of gates,
+    as target_sparsity: the removable fraction of weight entries is then larger)."""
     model = finegates_model(target_sparsity=0.4, sparsity_lambda=50.0, gates_learning_rate=0.05, init_weights=False)
     callback = FineGatesCallback(stop_at_target=True, tolerance=0.02)
     trainer = with_finegates(Trainer)(model=model, args=training_args(tmp_path, max_steps=20),
                                       train_dataset=TokenDataset(n=40), callbacks=[callback])
     trainer.train()
+    closed = [h["finegates/closed_fraction"] for h in step_logs(trainer)]
     removable = [h["finegates/removable_fraction"] for h in step_logs(trainer)]
     assert callback.stopped_at is not None and 1 < callback.stopped_at < 20
-    assert trainer.state.global_step == callback.stopped_at == len(removable)
-    assert removable[-1] >= 0.38 > removable[-2]
-    assert model.base_model.gate_stats()["removable_fraction"] == removable[-1]
+    assert trainer.state.global_step == callback.stopped_at == len(closed)
+    assert closed[-1] >= 0.38 > closed[-2]
+    assert model.base_model.gate_stats()["closed_fraction"] == closed[-1]
+    assert removable[-1] > closed[-1]  # 1 - (1 - r)(1 - c) > the gates' closed share
 
 
 @pytest.mark.parametrize("start, stopped_at", [(0, 1), (100, None)])

@@ -303,6 +303,7 @@ class FineGatesLayer(PeftExtLayer):
         if pname == "bias" and getattr(base, "bias", None) is None:
             base.bias = nn.Parameter(value.to(device=base.weight.device, dtype=base.weight.dtype).clone(),
                                      requires_grad=False)  # fmt: skip
+            base._finegates_added_bias = True  # FineGatesModel.merge_and_unload declares it in the config
             self._merge_holder().created_bias = True
             return
         super().write_base_value(pname, value)
@@ -312,7 +313,9 @@ class FineGatesLayer(PeftExtLayer):
         created = bool(getattr(holder, "created_bias", False))
         super().unmerge()
         if created:
-            self.get_base_layer().register_parameter("bias", None)
+            base = self.get_base_layer()
+            base.register_parameter("bias", None)
+            base.__dict__.pop("_finegates_added_bias", None)
 
     def __repr__(self) -> str:
         return "finegates." + nn.Module.__repr__(self)

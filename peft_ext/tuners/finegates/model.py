@@ -133,8 +133,10 @@ class FineGatesModel(PeftExtTuner, BaseTuner):
 
     @torch.no_grad()
     def gate_stats(self) -> dict[str, float]:
-        """Of the active adapters' evaluation gates: the open row and column fractions, the mean keep probability of
-        rows and columns, the removable weight entries of the gated layers (count and fraction)."""
+        """Of the active adapters' evaluation gates: the fraction of all row and column gates that are exactly 0
+        (`closed_fraction`: what target_sparsity aims at), the open row and column fractions, the mean keep
+        probability of rows and columns, the removable weight entries of the gated layers (count and fraction: about
+        1 - (1 - s)^2 for a closed fraction s of rows and columns)."""
         counts = {"rows": 0, "cols": 0, "open_rows": 0, "open_cols": 0, "removable": 0, "entries": 0}
         keep = {"rows": [], "cols": []}
         for _, module in self._gated_layers():
@@ -149,7 +151,9 @@ class FineGatesModel(PeftExtTuner, BaseTuner):
                         keep[side].append(keep_probability(d[a], sigma))
         if not counts["entries"]:
             raise ValueError("gate_stats(): no FineGates adapter is active.")
+        gates = counts["rows"] + counts["cols"]
         return {
+            "closed_fraction": (gates - counts["open_rows"] - counts["open_cols"]) / gates,
             "open_rows": counts["open_rows"] / counts["rows"],
             "open_cols": counts["open_cols"] / counts["cols"],
             "removable_fraction": counts["removable"] / counts["entries"],
@@ -215,6 +219,7 @@ class FineGatesModel(PeftExtTuner, BaseTuner):
         if prune:
             self._check_activations(names)
         model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        _declare_added_biases(model, pruned=prune)
         if not prune:
             return model
         from .prune import prune_model
@@ -289,6 +294,40 @@ class FineGatesModel(PeftExtTuner, BaseTuner):
             self._check_mergeable(adapter_names)
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _declare_added_biases(model: nn.Module, pruned: bool) -> None:
+    """A bias delta merged into layers without a bias gave them one (bias="gates"). Where the architecture's config can
+    say so (Llama-style `attention_bias` / `mlp_bias`, when every such projection now has a bias) it is set, so that
+    save_pretrained + from_pretrained keeps them; otherwise a warning names the way that does."""
+    added = [n for n, m in model.named_modules() if getattr(m, "_finegates_added_bias", False)]
+    if not added:
+        return
+    config = getattr(model, "config", None)
+    undeclared = set(added)
+    for flag, names in (("attention_bias", _ATTENTION), ("mlp_bias", _MLP)):
+        if config is None or getattr(config, flag, None) is not False:
+            continue
+        group = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names]
+        if group and all(getattr(m, "bias", None) is not None for _, m in group):
+            setattr(config, flag, True)
+            undeclared -= {n for n, _ in group}
+    for name in added:
+        delattr(model.get_submodule(name), "_finegates_added_bias")
+    if undeclared and not pruned:
+        import warnings
+
+        warnings.warn(
+            f"merge_and_unload(prune=False): the bias deltas (FineGatesConfig.bias='gates') gave {len(undeclared)} "
+            f"layers a bias that {type(model).__name__}'s config does not declare (e.g. {sorted(undeclared)[0]}): "
+            f"model.save_pretrained + from_pretrained would drop them. Save with peft_ext.save_pruned(model, folder) "
+            f"(a shape manifest; load_pruned reads it), or keep the base and the adapter.",
+            stacklevel=3,
         )
 
 

@@ -782,7 +782,10 @@ def build_manifest(model: nn.Module, report: Optional[PruneReport] = None) -> di
 
 
 def save_pruned(model: nn.Module, path: str, report: Optional[PruneReport] = None) -> str:
-    """Save a pruned model: safetensors weights (save_pretrained) + config + `pruned_manifest.json`."""
+    """Save a pruned model: safetensors weights (save_pretrained) + config + `pruned_manifest.json` (with `report`, or
+    the model's own `finegates_prune_report` from merge_and_unload(prune=True))."""
+    if report is None:
+        report = getattr(model, "finegates_prune_report", None)
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"save_pruned needs a transformers PreTrainedModel, got {type(model).__name__}")
     os.makedirs(path, exist_ok=True)
