@@ -51,6 +51,10 @@ class FineGatesConfig(PeftExtConfig):
     A gate is exactly 0 in eval iff its logit <= -atanh(0.5) = -0.549 (1 iff >= 0.549). At init every logit is
     >= 0.55, so the evaluation output equals the base bit for bit; in training a gate dips below 1 with probability
     about 0.5 % (the noise), so the task alone barely moves the gates until the sparsity loss pulls mu toward 0.5.
+    Only gates at exactly 0 are cut by pruning; the "target" objective can also be met by gates all sitting part-way
+    (folded as scales, not cut). `gate_stats()["closed_fraction"]` (logged as finegates/closed_fraction) is the share
+    actually closed: give the logits a learning rate that takes them from ~1 below -0.55 within the run
+    (gates_learning_rate).
 
     After training:
         - `merge_and_unload(prune=True)` (default): folds the gates into the weights, then cuts what they closed:
