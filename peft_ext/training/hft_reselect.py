@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 
+import torch
 from transformers import TrainerCallback
 
 from peft_ext.tuners.hft import HftConfig, HftModel
@@ -33,6 +35,14 @@ class HftReselectCallback(TrainerCallback):
     A re-selection needs the optimizer the Trainer passes to the callback's events; without one, or with one whose
     parameters cannot change (DeepSpeed's), it raises a ValueError that gives the fix, before anything is re-drawn.
 
+    Several processes (DDP, e.g. `torchrun`): the Trainer wraps the model in DDP before the callback's events, and DDP
+    all-reduces only the gradients of the parameters that required grad when it was built, so the callback takes the
+    new half into the gradient averaging itself (`_DdpGradSync`: a gradient hook on each newly trainable copy that DDP
+    does not reduce, which all-reduces and averages it during backward, before the Trainer clips the gradients), and
+    broadcasts the new copies' values from rank 0. The draw itself is seeded (seed + stage), the same on every rank.
+    Under FSDP a re-selection raises a ValueError that gives the fix (FSDP flattens and shards the parameters it was
+    built with; it cannot take new trainable ones mid-run).
+
         trainer = SFTTrainer(model, ..., peft_config=HftConfig(), callbacks=[HftReselectCallback()])
     """
 
@@ -40,7 +50,10 @@ class HftReselectCallback(TrainerCallback):
         _restore_stage_on_load(model)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        for tuner, name, config in _hft_adapters(model):
+        adapters = _hft_adapters(model)
+        if adapters and _world_size() > 1:
+            _DdpGradSync.of(adapters[0][0]).run_begins(model, optimizer)
+        for tuner, name, config in adapters:
             if config.reselect == "stage" and config.trained_stages > config.stage:
                 _reselect(model, tuner, name, optimizer, lr_scheduler, "at the start of a new trainer.train()")
 
@@ -82,8 +95,130 @@ def _reselect(model, tuner, name, optimizer, lr_scheduler, when):
             f"`model.base_model.reselect({name!r})`, then a new Trainer for the next task (the callback sees the "
             f"stage already drawn). Nothing was re-drawn."
         )
+    if _fsdp_wrapped(model):
+        raise ValueError(
+            f"HftReselectCallback: HFT adapter {name!r} is due for a new selection {when}, but the model is sharded "
+            f"with FSDP, which flattens and shards the parameters it was wrapped with and cannot take newly trainable "
+            f"copies mid-run (they would be neither sharded nor reduced across ranks). Use reselect='never' under "
+            f"FSDP, or one stage per run: reselect='stage', and draw each stage before its Trainer wraps the model "
+            f"(`model.base_model.reselect({name!r})`, then a new Trainer for the next task: the callback sees the stage "
+            f"already drawn). Nothing was re-drawn."
+        )
     added, removed = tuner.reselect(name)
     swap_optimizer_params(optimizer, added, removed, lr_scheduler, model=model)
+    if _world_size() > 1:
+        _DdpGradSync.of(tuner).take(model, added)
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _fsdp_wrapped(model) -> bool:
+    """Whether `model` is (or holds) an FSDP (1 or 2) module, or has DTensor parameters (sharded at load time)."""
+    if not torch.distributed.is_available():
+        return False
+    kinds = []
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        kinds.append(FullyShardedDataParallel)
+        from torch.distributed.fsdp import FSDPModule
+
+        kinds.append(FSDPModule)
+    except ImportError:
+        pass
+    if kinds and any(isinstance(m, tuple(kinds)) for m in model.modules()):
+        return True
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+class _DdpGradSync:
+    """Gradient averaging across ranks for the HFT copies a re-selection made trainable after DDP was built.
+
+    DDP's Reducer takes the parameters that require grad when DDP is constructed (the Trainer does it before
+    `on_train_begin`), and no others. At each run's start (`run_begins`), the parameters that require grad then are
+    the ones the run's DDP reduces: a new Trainer (a new optimizer) wraps the model anew; the same Trainer again (the
+    same optimizer) keeps its DDP wrapper, and with it the set of its first run. Each copy a re-selection makes
+    trainable (`take`) gets a gradient hook, which, while the copy is not one DDP reduces, all-reduces the gradient
+    on the default process group and divides it by the world size: during backward, like DDP, so that gradient
+    clipping, the logged norm and the optimizer step see the averaged gradient (an all-reduce at `on_pre_optimizer_step`
+    would come after the Trainer clipped each rank's own gradient, with a different factor per rank). Every rank
+    runs the same backward graph, so the hooks' all-reduces come in the same order. Under gradient accumulation the
+    hook averages every micro-batch's gradient (DDP skips the all-reduce under `no_sync`): the same sum, more traffic.
+    The new copies' values are broadcast from rank 0 (they are copies of weights DDP synced, but the noise of
+    `init_weights=False` draws from each process's own state).
+
+    Kept on the HFT tuner (`tuner.__dict__`); a deep copy or a pickle of the model gets a fresh, empty one.
+    """
+
+    _KEY = "_hft_ddp_grad_sync"
+
+    def __init__(self):
+        self.reduced_by_ddp: set[int] = set()  # ids of the parameters the current DDP wrapper reduces
+        self.hooked: set[int] = set()
+        self._optimizer = None  # weakref to the torch optimizer of the run that built the wrapper
+
+    @classmethod
+    def of(cls, tuner) -> "_DdpGradSync":
+        sync = tuner.__dict__.get(cls._KEY)
+        if not isinstance(sync, cls):
+            sync = tuner.__dict__[cls._KEY] = cls()
+        return sync
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def run_begins(self, model, optimizer) -> None:
+        inner = _inner_optimizer(optimizer)
+        if inner is not None and self._optimizer is not None and self._optimizer() is inner:
+            return  # the same Trainer again: it kept its DDP wrapper, built in an earlier run
+        self.reduced_by_ddp = {id(p) for p in model.parameters() if p.requires_grad}
+        self._optimizer = weakref.ref(inner) if inner is not None else None
+
+    def take(self, model, added) -> None:
+        added_ids = {id(p) for p in added}
+        params = [p for p in model.parameters() if id(p) in added_ids]  # the model's order: the same on every rank
+        with torch.no_grad():
+            for p in params:
+                torch.distributed.broadcast(p.data, src=0)
+        for p in params:
+            if id(p) not in self.hooked:
+                p.register_hook(self._hook(id(p)))
+                self.hooked.add(id(p))
+
+    def _hook(self, param_id: int):
+        sync = weakref.ref(self)
+
+        def average_across_ranks(grad):
+            owner = sync()
+            if owner is None or param_id in owner.reduced_by_ddp or _world_size() <= 1:
+                return grad
+            grad = grad.clone()
+            torch.distributed.all_reduce(grad)
+            return grad.div_(torch.distributed.get_world_size())
+
+        return average_across_ranks
+
+
+def _inner_optimizer(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer (wrapped once per `trainer.train()`)."""
+    inner, seen = optimizer, set()
+    while getattr(inner, "optimizer", None) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        inner = inner.optimizer
+    return inner
 
 
 def _restore_stage_on_load(model) -> None:
