@@ -141,20 +141,36 @@ def build_trainer(recipe: Recipe):
 
 
 def run_recipe(recipe: Recipe):
-    """Train, then save the adapter (or, without a method, the full model) and the tokenizer to output_dir."""
+    """Train, then save the adapter (or, without a method, the full model) and the tokenizer to output_dir.
+
+    Distributed (`torchrun` / `accelerate launch`, see docs/distributed.md): every rank trains; only the main process
+    writes the files and prints, the others wait for it at a barrier. Under FSDP the full state dict is gathered by
+    every rank (a collective) before the main process saves it."""
     trainer = build_trainer(recipe)
+    if recipe.pruned_dir is not None and trainer.is_fsdp_enabled:
+        raise ValueError(
+            "recipe pruned_dir is not supported under FSDP (the pruned model is cut from the whole, unsharded model): "
+            "train with DDP or one process, or prune the saved adapter afterwards in one process"
+        )
     trainer.train()
     output_dir = Path(recipe.output_dir)
-    if isinstance(trainer.model, PeftModel):
-        trainer.model.save_pretrained(output_dir)
+    main = trainer.is_world_process_zero()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if isinstance(model, PeftModel):
+        # under FSDP every rank joins the gather; otherwise the main process's own tensors are the adapter
+        state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+        if main:
+            model.save_pretrained(output_dir, state_dict=state_dict)
         what = "adapter"
     else:
-        trainer.save_model(str(output_dir))
+        trainer.save_model(str(output_dir))  # every rank: Trainer gathers under FSDP and writes from the main process
         what = "model"
-    trainer.processing_class.save_pretrained(output_dir)
-    print(f"Saved the trained {what} to {output_dir.resolve()}")
-    if recipe.pruned_dir is not None:
-        save_pruned_model(trainer, Path(recipe.pruned_dir))
+    if main:
+        trainer.processing_class.save_pretrained(output_dir)
+        print(f"Saved the trained {what} to {output_dir.resolve()}")
+        if recipe.pruned_dir is not None:
+            save_pruned_model(trainer, Path(recipe.pruned_dir))
+    trainer.accelerator.wait_for_everyone()  # no rank returns (or exits) before the files are written
     return trainer
 
 
