@@ -11,7 +11,9 @@ callback instance, any other class is a trainer mixin put in front of the traine
 from __future__ import annotations
 
 import importlib
+from typing import Callable, Optional
 
+from torch import nn
 from transformers import TrainerCallback
 
 
@@ -53,3 +55,21 @@ def attach_companions(trainer_cls: type, peft_config) -> tuple[type, list[Traine
         name = "".join(m.__name__ for m in mixins) + trainer_cls.__name__
         trainer_cls = type(name, (*mixins, trainer_cls), {"__module__": trainer_cls.__module__})
     return trainer_cls, callbacks
+
+
+def find_tuner(model, is_tuner: Callable[[nn.Module], bool]) -> Optional[nn.Module]:
+    """The tuner inside whatever a trainer holds: `model` itself, a PeftModel's base_model, or under accelerate / DDP /
+    DeepSpeed (`.module`) or torch.compile (`._orig_mod`) wrappers; the first module `is_tuner` accepts, or None."""
+    seen = set()
+    while isinstance(model, nn.Module) and id(model) not in seen:
+        seen.add(id(model))
+        if is_tuner(model):
+            return model
+        for attr in ("module", "_orig_mod", "base_model"):
+            inner = getattr(model, attr, None)
+            if isinstance(inner, nn.Module) and inner is not model:
+                model = inner
+                break
+        else:
+            return None
+    return None

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from peft_ext.training.companions import find_tuner
+
 logger = logging.getLogger(__name__)
 
 GATE_LOGIT_PATTERN = re.compile(r"(?:^|\.)gates_(?:row|col)_logits(?:\.|$)")
@@ -56,19 +58,7 @@ def _is_finegates_tuner(module: Any) -> bool:
 def find_finegates_model(model) -> Optional[nn.Module]:
     """The FineGatesModel inside `model`: itself, a PeftModel's base_model, or under accelerate / DDP / DeepSpeed
     (`.module`) or torch.compile (`._orig_mod`) wrappers; None if there is none."""
-    seen = set()
-    while isinstance(model, nn.Module) and id(model) not in seen:
-        seen.add(id(model))
-        if _is_finegates_tuner(model):
-            return model
-        for attr in ("module", "_orig_mod", "base_model"):
-            inner = getattr(model, attr, None)
-            if isinstance(inner, nn.Module) and inner is not model:
-                model = inner
-                break
-        else:
-            return None
-    return None
+    return find_tuner(model, _is_finegates_tuner)
 
 
 def _active_configs(tuner) -> list:

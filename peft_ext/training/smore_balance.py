@@ -6,9 +6,9 @@ import warnings
 from typing import Optional
 
 import torch
-from torch import nn
 from transformers import TrainerCallback
 
+from peft_ext.training.companions import find_tuner
 from peft_ext.tuners.smore import SmoreConfig, SmoreModel
 
 STARVE_FACTOR = 0.25  # an expert starves below STARVE_FACTOR / s_l of its layer's picks (the spec's 1 / (4 s_l))
@@ -194,19 +194,7 @@ class SmoreCallback(TrainerCallback):
 def find_smore_model(model) -> Optional[SmoreModel]:
     """The SmoreModel inside `model`: itself, a PeftModel's base_model, or under accelerate / DDP (`.module`) or
     torch.compile (`._orig_mod`) wrappers; None if there is none."""
-    seen = set()
-    while isinstance(model, nn.Module) and id(model) not in seen:
-        seen.add(id(model))
-        if isinstance(model, SmoreModel):
-            return model
-        for attr in ("module", "_orig_mod", "base_model"):
-            inner = getattr(model, attr, None)
-            if isinstance(inner, nn.Module) and inner is not model:
-                model = inner
-                break
-        else:
-            return None
-    return None
+    return find_tuner(model, lambda module: isinstance(module, SmoreModel))
 
 
 def _smore_configs(tuner: SmoreModel) -> list[tuple[str, SmoreConfig]]:
