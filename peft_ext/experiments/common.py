@@ -1,7 +1,12 @@
-"""Pieces the sequence-classification reproductions share (ssmlora_vs_lora, finegates_vs_lora): encoding the
-generated reviews and reading a classifier's logits on them."""
+"""Pieces the reproductions share: encoding the generated reviews and reading a classifier's logits on them
+(ssmlora_vs_lora, finegates_vs_lora), and writing a run's results (those two and smore_vs_lora)."""
 
 from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -47,3 +52,14 @@ def classification_logits(
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def write_run_results(out: Path, text: str, started: float, log: Callable[[str], None], results, **fields) -> None:
+    """The end of a run: the printed table `text` with the wall time since `started` appended, written to
+    out/results.md and logged; out/results.json holds `fields` (in order), the wall time and `results`."""
+    wall = time.time() - started
+    text += f"\nWall time {wall / 60:.1f} min.\n"
+    saved = {**fields, "wall_seconds": wall, "results": results}
+    (out / "results.json").write_text(json.dumps(saved, indent=2, default=str))
+    (out / "results.md").write_text(text)
+    log(text)

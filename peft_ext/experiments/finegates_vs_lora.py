@@ -52,7 +52,7 @@ from typing import Optional
 
 import torch
 
-from peft_ext.experiments.common import classification_logits, encode
+from peft_ext.experiments.common import classification_logits, encode, write_run_results
 from peft_ext.experiments.recipe_main import recipe_main
 from peft_ext.experiments.smore_vs_lora import _mean_std, hardware_text
 from peft_ext.experiments.ssmlora_vs_lora import DATA_DEFAULTS, accuracy, load_classifier, trainable_parameters
@@ -594,13 +594,7 @@ def reproduce(repro: Repro, out_dir: Optional[str] = None, log=print) -> dict:
             log(text)
             (out / "partial.json").write_text(json.dumps({"results": results}, indent=2, default=str))
     text = summarize(repro, plan, results, length, hardware)
-    wall = time.time() - started
-    text += f"\nWall time {wall / 60:.1f} min.\n"
-    saved = {"recipe": repro.__dict__, "plan": plan, "length": length, "hardware": hardware, "wall_seconds": wall,
-             "results": results}  # fmt: skip
-    (out / "results.json").write_text(json.dumps(saved, indent=2, default=str))
-    (out / "results.md").write_text(text)
-    log(text)
+    write_run_results(out, text, started, log, results, recipe=repro.__dict__, plan=plan, length=length, hardware=hardware)
     return results
 
 

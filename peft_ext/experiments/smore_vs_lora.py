@@ -33,7 +33,6 @@ results.json and results.md (the tables printed at the end) to the output folder
 from __future__ import annotations
 
 import ctypes
-import json
 import math
 import os
 import statistics
@@ -44,6 +43,7 @@ from typing import Optional
 
 import torch
 
+from peft_ext.experiments.common import write_run_results
 from peft_ext.experiments.recipe_main import recipe_main
 from peft_ext.overrides import apply_overrides, load_yaml
 from peft_ext.trainer_defaults import device_defaults
@@ -625,13 +625,7 @@ def reproduce(repro: Repro, out_dir: Optional[str] = None, log=print) -> dict:
                 f"step {row['step_seconds']:.2f} s, {row['seconds']} s)"
             )
     text = summarize(repro, plan, results, base, hardware)
-    wall = time.time() - started
-    text += f"\nWall time {wall / 60:.1f} min.\n"
-    saved = {"recipe": repro.__dict__, "plan": plan, "base": base, "hardware": hardware, "wall_seconds": wall,
-             "results": results}  # fmt: skip
-    (out / "results.json").write_text(json.dumps(saved, indent=2, default=str))
-    (out / "results.md").write_text(text)
-    log(text)
+    write_run_results(out, text, started, log, results, recipe=repro.__dict__, plan=plan, base=base, hardware=hardware)
     return results
 
 

@@ -46,7 +46,7 @@ from typing import Optional
 
 import torch
 
-from peft_ext.experiments.common import classification_logits
+from peft_ext.experiments.common import classification_logits, write_run_results
 from peft_ext.experiments.common import encode as _encode
 from peft_ext.experiments.recipe_main import recipe_main
 from peft_ext.experiments.smore_vs_lora import _RSS, _mean_std, hardware_text
@@ -482,13 +482,7 @@ def reproduce(repro: Repro, out_dir: Optional[str] = None, log=print) -> dict:
                 )
                 (out / "partial.json").write_text(json.dumps({"results": results}, indent=2, default=str))
     text = summarize(repro, plan, results, lengths, hardware)
-    wall = time.time() - started
-    text += f"\nWall time {wall / 60:.1f} min.\n"
-    saved = {"recipe": repro.__dict__, "plan": plan, "lengths": lengths, "hardware": hardware, "wall_seconds": wall,
-             "results": results}  # fmt: skip
-    (out / "results.json").write_text(json.dumps(saved, indent=2, default=str))
-    (out / "results.md").write_text(text)
-    log(text)
+    write_run_results(out, text, started, log, results, recipe=repro.__dict__, plan=plan, lengths=lengths, hardware=hardware)
     return results
 
 
