@@ -74,15 +74,22 @@ def test_adapter_loads_without_importing_peft_ext(tmp_path, make_config):
     with torch.no_grad():
         expected = model(x).logits
     assert (expected - base_logits).abs().max() > 1e-3  # a loader that dropped the adapter cannot pass
+    assert loaders_in_fresh_process(tmp_path, x, expected, threads=torch.get_num_threads()) == {
+        "PeftModel": True, "AutoPeftModelForCausalLM": True, "load_adapter": True, "peft_ext_imported_by_the_hook": True,
+    }  # fmt: skip
+
+
+def loaders_in_fresh_process(tmp_path, x: torch.Tensor, expected: torch.Tensor, threads: int) -> dict:
+    """Load tmp_path/adapter onto tmp_path/base in a fresh Python that never imports peft_ext, with each loader
+    (PeftModel, AutoPeftModelForCausalLM, transformers' load_adapter): {loader: logits on x equal `expected` bit for
+    bit, or the error}, and whether the start-up hook imported peft_ext."""
     torch.save(x, tmp_path / "x.pt")
     torch.save(expected, tmp_path / "expected.pt")
-    args = {"threads": torch.get_num_threads(), "base": str(tmp_path / "base"), "adapter": str(tmp_path / "adapter"),
+    args = {"threads": threads, "base": str(tmp_path / "base"), "adapter": str(tmp_path / "adapter"),
             "x": str(tmp_path / "x.pt"), "expected": str(tmp_path / "expected.pt")}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PEFT_EXT_NO_AUTOLOAD": "0"}
     result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True,
                             cwd=tmp_path, env=env, timeout=300)
     lines = [line for line in result.stdout.splitlines() if line.startswith("REPORT ")]
     assert lines, result.stderr[-3000:]
-    report = json.loads(lines[-1][len("REPORT "):])
-    assert report == {"PeftModel": True, "AutoPeftModelForCausalLM": True, "load_adapter": True,
-                      "peft_ext_imported_by_the_hook": True}, report
+    return json.loads(lines[-1][len("REPORT "):])

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -16,37 +13,9 @@ from peft import PeftModel, get_peft_model
 from peft_ext import FineGatesConfig
 from peft_ext.testing.models import MODELS
 
-from .refs import gated_layers
+from tests.test_methods_fresh_process import loaders_in_fresh_process
 
-CHILD = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    args = json.loads(sys.argv[1])
-    torch.set_num_threads(1)
-    from transformers import AutoModelForCausalLM
-    x = torch.load(args["x"])
-    results = {}
-    for loader in ("PeftModel", "AutoPeftModelForCausalLM", "load_adapter"):
-        try:
-            if loader == "PeftModel":
-                from peft import PeftModel
-                model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(args["base"]), args["adapter"])
-            elif loader == "AutoPeftModelForCausalLM":
-                from peft import AutoPeftModelForCausalLM
-                model = AutoPeftModelForCausalLM.from_pretrained(args["adapter"])
-            else:
-                model = AutoModelForCausalLM.from_pretrained(args["base"])
-                model.load_adapter(args["adapter"])
-            with torch.no_grad():
-                y = model.eval()(x).logits
-            results[loader] = torch.equal(y, torch.load(args["expected"]))
-        except Exception as err:  # reported, and the test fails with it
-            results[loader] = repr(err)
-    results["peft_ext_imported_by_the_hook"] = "peft_ext" in sys.modules  # this code never imports it
-    print("REPORT " + json.dumps(results))
-    """
-)
+from .refs import gated_layers
 
 
 def test_adapter_loads_in_a_fresh_process_without_importing_peft_ext(tmp_path):
@@ -67,18 +36,9 @@ def test_adapter_loads_in_a_fresh_process_without_importing_peft_ext(tmp_path):
     with torch.no_grad():
         expected = model(x).logits
     assert (expected - base_logits).abs().max() > 1e-3  # a loader that dropped the adapter cannot pass
-    torch.save(x, tmp_path / "x.pt")
-    torch.save(expected, tmp_path / "expected.pt")
-    args = {"base": str(tmp_path / "base"), "adapter": str(tmp_path / "adapter"), "x": str(tmp_path / "x.pt"),
-            "expected": str(tmp_path / "expected.pt")}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PEFT_EXT_NO_AUTOLOAD": "0", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True,
-                            cwd=tmp_path, env=env, timeout=300)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("REPORT ")]
-    assert lines, result.stderr[-3000:]
-    report = json.loads(lines[-1][len("REPORT "):])
-    assert report == {"PeftModel": True, "AutoPeftModelForCausalLM": True, "load_adapter": True,
-                      "peft_ext_imported_by_the_hook": True}, report
+    assert loaders_in_fresh_process(tmp_path, x, expected, threads=1) == {
+        "PeftModel": True, "AutoPeftModelForCausalLM": True, "load_adapter": True, "peft_ext_imported_by_the_hook": True,
+    }  # fmt: skip
 
 
 def test_several_adapters_save_and_reload(tmp_path):
