@@ -7,7 +7,6 @@ saved before (with empty tensors in the file) and after a merge keep loading exa
 A link merge under FSDP2 (the link's parameters are sharded DTensors) is refused with an error naming the way out."""
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from peft_ext import ColaConfig
 from peft_ext.tuners.cola import ColaChain
+from peft_ext.testing.contract.distributed import _free_port
 from peft_ext.tuners.cola.layer import FSDP2_LINK_MERGE
 
 CONFIG = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, seed=0, chain_length=3)
@@ -172,9 +172,7 @@ _SHARDED = textwrap.dedent(
 def test_a_link_merge_under_fsdp2_is_refused_clearly(tmp_path):
     """fully_shard on one process (a subprocess: this one holds no process group); the merge would concatenate the
     sharded DTensor link with the plain merged factors and resize FSDP2-managed parameters."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     script = tmp_path / "sharded.py"
     script.write_text(_SHARDED)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}

@@ -17,6 +17,7 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from peft_ext import HftConfig
+from peft_ext.testing.contract.distributed import _free_port
 from peft_ext.tuners.hft.layer import HftLayer
 from peft_ext.tuners.hft.state_dict import deltas_from_weights
 
@@ -153,11 +154,7 @@ _SHARDED = textwrap.dedent(
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_sharded_base_parameters(tmp_path):
     """A real DTensor base (one-process gloo group, in a subprocess so that this process holds no process group)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     script = tmp_path / "sharded.py"
     script.write_text(_SHARDED)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
