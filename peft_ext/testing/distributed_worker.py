@@ -2,10 +2,10 @@
 
     python -m torch.distributed.run --nproc_per_node 2 --master_port PORT \\
         -m peft_ext.testing.distributed_worker --entry tests.contract.test_contract_distributed:hft \\
-        --modes ddp,fsdp --out DIR
+        --modes ddp,fsdp,fsdp1 --out DIR
 
-It builds the tiny Llama with the entry's config, wraps it (DDP, or FSDP2's `fully_shard` on each decoder layer and the
-root), trains `STEPS` AdamW steps on a fixed global batch split evenly across the ranks, and writes under DIR/<mode>/:
+It builds the tiny Llama with the entry's config, wraps it (DDP; FSDP2's `fully_shard` on each decoder layer and the
+root; or FSDP1, `FullyShardedDataParallel(use_orig_params=True)` with each decoder layer a unit), trains `STEPS` AdamW steps on a fixed global batch split evenly across the ranks, and writes under DIR/<mode>/:
 
     rank<r>.json            what happened on rank r: "ok" with the per-step losses and seconds, or "error" with the
                             stage it failed in ("train": building, wrapping and the steps; "gather"; "save"), the
@@ -51,7 +51,7 @@ BATCH_SEED = 1000  # step s trains on MODELS[MODEL_KIND].batch_with_labels(GLOBA
 TRAIN_SEED = 1234  # torch's global RNG right before the first training forward (training noise: FineGates' gates)
 MODEL_SEED = 0
 PG_TIMEOUT_S = 60  # init_process_group(timeout=...): a collective that waits longer raises
-MODES = ("ddp", "fsdp")
+MODES = ("ddp", "fsdp", "fsdp1")  # DDP, FSDP2 (fully_shard), FSDP1 (FullyShardedDataParallel, use_orig_params=True)
 
 
 # ------------------------------------------------------------------------------------------------------- entries
@@ -157,6 +157,32 @@ def wrap_fsdp(model: nn.Module) -> nn.Module:
     return model
 
 
+def wrap_fsdp1(model: nn.Module) -> nn.Module:
+    """FSDP1 as accelerate's and the Trainer's `fsdp` settings build it: `FullyShardedDataParallel` with
+    `use_orig_params=True` (PEFT's frozen and trainable parameters share flat parameters), each decoder layer a unit of
+    its own, the root the rest."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    blocks = {type(m) for m in decoder_layers(model)}
+    return FullyShardedDataParallel(
+        model, use_orig_params=True, auto_wrap_policy=ModuleWrapPolicy(blocks), device_id=torch.device("cpu")
+    )
+
+
+def fsdp1_full_state_dict(wrapped: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of an FSDP1 root, with the unwrapped model's names, on every rank (a
+    collective): what accelerate's `get_state_dict` gives under FSDP1's FULL_STATE_DICT."""
+    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+
+    config = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
+    with FullyShardedDataParallel.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, config):
+        return {k: v.detach().clone() for k, v in wrapped.state_dict().items()}
+
+
+WRAPS = {"ddp": wrap_ddp, "fsdp": wrap_fsdp, "fsdp1": wrap_fsdp1}
+
+
 def gathered_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with each sharded tensor gathered whole, a collective under FSDP2 (every rank calls it):
     what the test compares. An empty tensor (a zero-size parameter) is rebuilt from its shape, which
@@ -204,10 +230,13 @@ def run_mode(entry, mode: str, out: Path, rank: int, world_size: int, stage: _St
 
     start = time.perf_counter()
     stage.name = "train"
-    wrap = wrap_ddp if mode == "ddp" else wrap_fsdp
-    model, trained, losses = train(entry, world_size, rank, wrap)
+    model, trained, losses = train(entry, world_size, rank, WRAPS[mode])
     stage.name = "gather"
-    tensors = adapter_state(gathered_tensors(model) if mode == "fsdp" else model.state_dict(), entry)
+    if mode == "fsdp1":
+        full = fsdp1_full_state_dict(trained)
+    else:
+        full = gathered_tensors(model) if mode == "fsdp" else model.state_dict()
+    tensors = adapter_state(full, entry)
     if not tensors:
         raise ValueError(f"no adapter tensors (names containing '.{entry.prefix}') in the trained model's state dict")
     with torch.no_grad():  # every rank runs it (FSDP2 gathers the parameters)
@@ -217,7 +246,11 @@ def run_mode(entry, mode: str, out: Path, rank: int, world_size: int, stage: _St
         save_file({"logits": logits}, str(out / "logits.safetensors"))
     (out / f"rank{rank}.losses.json").write_text(json.dumps(losses))
     stage.name = "save"
-    state = full_state_dict(model) if mode == "fsdp" else None  # every rank: a collective
+    state = None  # DDP: the model's own tensors
+    if mode == "fsdp":
+        state = full_state_dict(model)  # every rank: a collective
+    elif mode == "fsdp1":
+        state = full  # gathered above
     if rank == 0:
         model.save_pretrained(str(out / "adapter"), state_dict=state)
     return {"status": "ok", "losses": losses, "seconds": time.perf_counter() - start}
@@ -226,7 +259,7 @@ def run_mode(entry, mode: str, out: Path, rank: int, world_size: int, stage: _St
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--entry", required=True, help="MODULE:NAME, the MethodEntry (see the module docstring)")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, in order: ddp, fsdp")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, in order: ddp, fsdp, fsdp1")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -15,6 +15,7 @@ Contract item keys used in `documented_errors` (optionally suffixed with ":<mode
     "trl_sft", "trl_dpo"                                    TRL trainers with peft_config=
     "several_active"  set_adapter([a, b]) runs what merging both writes
     "ddp", "fsdp"     2 processes (gloo) under DDP / FSDP2's fully_shard equal one process on the same global batch
+    "fsdp1"           the same under FSDP1 (FullyShardedDataParallel, use_orig_params=True)
 
 An entry for a method whose pruned model cannot be unloaded to the base, say:
 
@@ -43,7 +44,7 @@ from .models import MODEL_KINDS
 CONTRACT_ITEMS = (
     "identity_init", "train", "save", "low_level_api", "merge", "safe_merge", "unload", "disable", "multi_adapter",
     "mixed_batch", "bf16", "fp16", "autocast", "gradient_checkpointing", "compile", "trl_sft", "trl_dpo",
-    "several_active", "ddp", "fsdp",
+    "several_active", "ddp", "fsdp", "fsdp1",
 )  # fmt: skip
 
 

@@ -62,6 +62,30 @@ def output_dim(module: nn.Module, pname: str, tensor: torch.Tensor) -> int:
     return 1 if pname == "weight" and tensor.dim() == 2 and is_conv1d(module) else 0
 
 
+
+def call_with_parameters(module: nn.Module, params: dict[str, torch.Tensor], args: tuple = (), kwargs=None, strict=None):
+    """`torch.func.functional_call(module, params, args, kwargs)`: run `module` with some of its parameters (by name,
+    dotted for submodules) replaced by `params`, also under FSDP1 with `use_orig_params=True`.
+
+    FSDP1 sets each unsharded parameter of a wrapped module as a plain attribute for the forward (`module.__dict__`),
+    which shadows the `_parameters` entry that functional_call swaps: there, functional_call alone runs the module
+    with its own (base) tensors, raises nothing, and `params` get no gradient. The shadowing attributes are swapped
+    here as well, and restored after the call."""
+    kwargs = {} if kwargs is None else kwargs
+    shadowed = []
+    for name, value in params.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if leaf in owner.__dict__:
+            shadowed.append((owner, leaf, owner.__dict__[leaf]))
+            owner.__dict__[leaf] = value
+    try:
+        extra = {} if strict is None else {"strict": strict}
+        return torch.func.functional_call(module, params, args, kwargs, **extra)
+    finally:
+        for owner, leaf, value in reversed(shadowed):
+            owner.__dict__[leaf] = value
+
 @contextmanager
 def seeded(seed: Optional[int], name: str):
     """An adapter's initialisation: drawn from (seed, module name) when a seed is given, leaving torch's RNGs (CUDA
@@ -231,6 +255,17 @@ def _expand_all_linear(config, model: nn.Module) -> None:
     config.target_modules = expanded | {name.rsplit(".", 1)[-1] for name in wrapped - skip}
 
 
+# the segments wrappers insert into module names, which state dicts of the whole model do not have (FSDP1's units;
+# torch's activation-checkpoint wrapper)
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _unwrapped_name(name: str) -> str:
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
 class PeftExtTuner:
     """Mixin for a tuner (list it before `BaseTuner` or `LoraModel`): model-card tags, `adapter_names=` mixed
     batches for every `tuner_layer_cls` layer, and a clear error when target_modules match nothing. After injection
@@ -239,6 +274,24 @@ class PeftExtTuner:
     `routes_adapter_names = False`."""
 
     routes_adapter_names = True
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names, **kwargs):
+        """PEFT's selection of the adapter's entries, also for a model whose layers are wrapped inside (FSDP1's
+        auto-wrap units, activation-checkpoint wrappers): PEFT derives the keys from the module names and strips only
+        a leading `_fsdp_wrapped_module.`, while the full state dict of such a model has the unwrapped names, so
+        `save_pretrained(state_dict=...)` wrote an adapter file without the wrapped layers' tensors."""
+        selected = super()._get_adapter_state_dict(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict,
+            unwanted_adapter_names=unwanted_adapter_names, **kwargs,
+        )  # fmt: skip
+        if not any(seg in name for name, _ in model.named_modules() for seg in _WRAPPER_SEGMENTS):
+            return selected
+        from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
+
+        prefixes = {_unwrapped_name(p) for p in _get_tuner_state_dict_key_prefixes(model)}
+        missing = {k: v for k, v in _filter_state_dict_by_key_prefixes(state_dict, prefixes).items() if k not in selected}
+        return {**selected, **missing}
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         config = self.peft_config[adapter_name]

@@ -1,17 +1,19 @@
-"""Contract item 9: two processes on CPU (gloo) under DDP and under FSDP2 give what one process gives.
+"""Contract item 9: two processes on CPU (gloo) under DDP, FSDP2 and FSDP1 give what one process gives.
 
 Per method, on the tiny Llama: `python -m torch.distributed.run --nproc_per_node 2` runs
 peft_ext.testing.distributed_worker, which trains `STEPS` AdamW steps on a fixed global batch split across the ranks,
-once under DDP and once under FSDP2 (`fully_shard` on each decoder layer and on the root); the test then asserts, for
-each mode, that
+under DDP, under FSDP2 (`fully_shard` on each decoder layer and on the root) and under FSDP1
+(`FullyShardedDataParallel(use_orig_params=True)`, each decoder layer a unit: what the Trainer's and accelerate's
+`fsdp` settings build by default); the test then asserts, for each mode, that
 
 - the adapter's tensors after the steps equal a single process trained on the whole batch (fp32: rtol 1e-4, atol
   1e-5: the ranks' partial gradients are summed in another order), and the mean of the ranks' losses its loss;
 - the replicas are identical (every rank's adapter tensors, bit for bit);
-- rank 0's `save_pretrained` (FSDP2: of the full state dict gathered with `get_model_state_dict`) reloads onto a
+- rank 0's `save_pretrained` (FSDP2: of the full state dict gathered with `get_model_state_dict`; FSDP1: of the
+  FULL_STATE_DICT state dict) reloads onto a
   fresh base exactly: the same tensors and the same output as the trained model, bit for bit.
 
-A method documented as not trainable ("train") asserts that error and launches nothing; "ddp" / "fsdp" in
+A method documented as not trainable ("train") asserts that error and launches nothing; "ddp" / "fsdp" / "fsdp1" in
 `documented_errors` say that the method refuses that mode (the worker records the error and the test matches it).
 `MethodEntry.distributed_overrides` holds config overrides for this item (see docs/contract_suite.md).
 
@@ -19,7 +21,7 @@ The worker imports the test module by name to rebuild the entry (its callables a
 above the module's top-level package first on PYTHONPATH: the module must be importable under its `__name__`
 (pytest's default rootdir-based import and `--import-mode=importlib` inside a package both give such names).
 
-One launch runs both modes; the method's other test reuses it (a folder per method for the session, shared by
+One launch runs the three modes; the method's other tests reuse it (a folder per method for the session, shared by
 pytest-xdist's workers under a file lock). Each launch is killed after `LAUNCH_TIMEOUT_S` (env
 PEFT_EXT_CONTRACT_LAUNCH_TIMEOUT), its workers by their pids, with a message naming a hung collective; each rank's
 process group times out a collective after 60 s. A launch takes ~10-15 s on 2 CPU cores, nearly all of it imports.
@@ -49,7 +51,7 @@ from ..harness import assert_equal, output, peft_model, train_step
 from ..marks import per_method
 from ..models import MODELS
 
-__all__ = ["test_ddp_two_processes_equal_one", "test_fsdp2_two_processes_equal_one"]
+__all__ = ["test_ddp_two_processes_equal_one", "test_fsdp2_two_processes_equal_one", "test_fsdp1_two_processes_equal_one"]
 
 NPROC = 2
 LAUNCH_TIMEOUT_S = float(os.environ.get("PEFT_EXT_CONTRACT_LAUNCH_TIMEOUT", "120"))
@@ -66,6 +68,11 @@ def test_ddp_two_processes_equal_one(entry, request, tmp_path_factory):
 @per_method
 def test_fsdp2_two_processes_equal_one(entry, request, tmp_path_factory):
     _check_mode(entry, "fsdp", request, tmp_path_factory)
+
+
+@per_method
+def test_fsdp1_two_processes_equal_one(entry, request, tmp_path_factory):
+    _check_mode(entry, "fsdp1", request, tmp_path_factory)
 
 
 # --------------------------------------------------------------------------------------------------------- checks
@@ -158,7 +165,7 @@ _REFERENCES: dict[tuple[str, str], tuple[dict, dict, list]] = {}
 
 def _reference(entry, request) -> tuple[dict, dict, list]:
     """(the adapter's tensors at init, after the steps in one process on the whole batch, the losses): computed once
-    per test process for a method's two tests."""
+    per test process for a method's tests."""
     key = (request.module.__name__, entry.name)
     if key not in _REFERENCES:
         reference, _, losses = worker.train(entry)
@@ -240,7 +247,7 @@ def _kill_left_behind(pid_dir: Path) -> None:
 
 def _launch_dir(request, entry, tmp_path_factory) -> Path:
     """One folder per (test module, entry) for the whole test session, shared by pytest-xdist's workers (the parent
-    of a worker's basetemp), so that the method's two tests use one launch wherever they run."""
+    of a worker's basetemp), so that the method's tests use one launch wherever they run."""
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent
@@ -266,8 +273,8 @@ def _locked(path: Path):
 
 
 def _launch(entry, mode: str, request, tmp_path_factory) -> Path:
-    """The folder holding `<mode>/` from a worker launch: one launch runs both modes and the method's other test
-    reuses it; a launch that stopped at the other mode's failure is followed by one of `mode` alone."""
+    """The folder holding `<mode>/` from a worker launch: one launch runs every mode and the method's other tests
+    reuse it; a launch that stopped at an earlier mode's failure is followed by one of `mode` alone."""
     main = _launch_dir(request, entry, tmp_path_factory)
     alone = main.with_name(f"{main.name}-{mode}")
 
@@ -281,7 +288,7 @@ def _launch(entry, mode: str, request, tmp_path_factory) -> Path:
         out, seconds = main, 0.0
         launched = meta(main)
         if launched is not None and not ran(main) and not (launched.get("setup_failed") or launched.get("timed_out")):
-            out, launched = alone, meta(alone)  # the launch of both modes stopped before this one
+            out, launched = alone, meta(alone)  # the launch of all modes stopped before this one
         if launched is None:
             out.mkdir(parents=True, exist_ok=True)
             seconds, rc = _run(entry, worker.MODES if out == main else (mode,), request, out)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from peft_ext.tuners.base import PeftExtLayer, output_dim
+from peft_ext.tuners.base import PeftExtLayer, call_with_parameters, output_dim
 from peft_ext.tuners.mixed_batch import route_rows
 from peft_ext.tuners.one_adapter_forward import OneAdapterForward
 
@@ -182,7 +182,7 @@ class HftLayer(OneAdapterForward, PeftExtLayer):
         params = {f"base_layer.{n}": p.to(x.device, non_blocking=True) for n, p in originals}
         self._hft_in_base_call = True
         try:
-            return torch.func.functional_call(self, params, (x, *args), kwargs, strict=False)
+            return call_with_parameters(self, params, (x, *args), kwargs, strict=False)
         finally:
             self._hft_in_base_call = False
 
@@ -204,7 +204,7 @@ class HftLayer(OneAdapterForward, PeftExtLayer):
         params = {n: t.to(getattr(base, n).dtype) for n, t in params.items()}
         if isinstance(base, nn.Linear) and not args and not kwargs:  # the hot path: one matmul
             return F.linear(x, params.get("weight", base.weight), params.get("bias", base.bias))
-        return torch.func.functional_call(base, params, (x, *args), kwargs)
+        return call_with_parameters(base, params, (x, *args), kwargs)
 
     def _single_forward(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._call_with(self.adapted_parameters(adapter_name), x, *args, **kwargs)
