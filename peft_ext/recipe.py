@@ -16,6 +16,8 @@
     imports: [my_methods]            # optional: packages to import first (a method of your own that registers
                                      # itself with peft_ext.register_method; installed ones with a "peft_ext.methods"
                                      # entry point register on their own)
+    resume_from_checkpoint: true     # optional: go on from the latest checkpoint-N in output_dir (true) or a given
+                                     # checkpoint folder (checkpoints: trainer_args save_strategy/save_steps)
 
 Run it with `peft-ext train RECIPE.yaml [--set trainer_args.max_steps=2 ...]`.
 """
@@ -52,6 +54,7 @@ class Recipe:
     adapter: str | None = None
     imports: list = field(default_factory=list)
     pruned_dir: str | None = None
+    resume_from_checkpoint: bool | str | None = None
 
     def __post_init__(self):
         if isinstance(self.imports, str):
@@ -75,6 +78,16 @@ class Recipe:
                     f"recipe pruned_dir={self.pruned_dir!r} needs a FineGates method (method: {{peft_type: FINEGATES, "
                     f"...}}): it saves the model pruned by the gates. Remove pruned_dir for method {peft_type or None}."
                 )
+        if isinstance(self.resume_from_checkpoint, str) and not Path(self.resume_from_checkpoint).is_dir():
+            raise ValueError(
+                f"recipe resume_from_checkpoint={self.resume_from_checkpoint!r} is not a folder: give a checkpoint "
+                f"folder (output_dir/checkpoint-N), or true for the latest one in output_dir"
+            )
+        if self.resume_from_checkpoint is True and not list(Path(self.output_dir).glob("checkpoint-*")):
+            raise ValueError(
+                f"recipe resume_from_checkpoint=true, but output_dir {self.output_dir!r} holds no checkpoint-N folder: "
+                f"save checkpoints with trainer_args save_strategy: steps and save_steps, or remove resume_from_checkpoint"
+            )
         if self.method is not None and "peft_type" not in self.method:
             raise ValueError("recipe `method` needs a peft_type, e.g. {peft_type: HFT, ratio: 0.5} or {peft_type: LORA, r: 8}")
 
@@ -109,8 +122,10 @@ def build_peft_config(method: dict) -> PeftConfig:
         raise ValueError(f"method {peft_type}: {error}") from None
 
 
-def build_trainer(recipe: Recipe):
-    """The TRL trainer of `recipe`, with the model, data, method and callbacks in place (not yet trained)."""
+def build_trainer(recipe: Recipe, train_dataset=None):
+    """The TRL trainer of `recipe`, with the model, data, method and callbacks in place (not yet trained).
+
+    `train_dataset`: a datasets.Dataset to train on instead of loading `recipe.data` (peft-ext compare loads its own)."""
     model, tokenizer = load_model(recipe.model)
     torch.manual_seed(recipe.trainer_args.get("seed", 42))  # a new adapter's random init, before TRL seeds
     peft_config = None
@@ -132,7 +147,7 @@ def build_trainer(recipe: Recipe):
     return trainer_cls(
         model=model,
         args=args,
-        train_dataset=load_training_data(recipe.data),
+        train_dataset=load_training_data(recipe.data) if train_dataset is None else train_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=callbacks or None,
@@ -152,7 +167,7 @@ def run_recipe(recipe: Recipe):
             "recipe pruned_dir is not supported under FSDP (the pruned model is cut from the whole, unsharded model): "
             "train with DDP or one process, or prune the saved adapter afterwards in one process"
         )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=recipe.resume_from_checkpoint or None)
     output_dir = Path(recipe.output_dir)
     main = trainer.is_world_process_zero()
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -161,6 +176,7 @@ def run_recipe(recipe: Recipe):
         state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
         if main:
             model.save_pretrained(output_dir, state_dict=state_dict)
+            _check_adapter_written(output_dir, model)
         what = "adapter"
     else:
         trainer.save_model(str(output_dir))  # every rank: Trainer gathers under FSDP and writes from the main process
@@ -192,3 +208,23 @@ def save_pruned_model(trainer, pruned_dir: Path) -> None:
     trainer.processing_class.save_pretrained(pruned_dir)
     print(report.table() if hasattr(report, "table") else report)
     print(f"Saved the pruned model to {pruned_dir.resolve()} (load it with peft_ext.load_pruned)")
+
+
+def _check_adapter_written(output_dir: Path, model) -> None:
+    """An adapter file without tensors for a model that trained some is an error, not a result: PEFT 0.21's
+    `save_pretrained(state_dict=...)` selects a method's entries by module name and, under FSDP1 with per-layer units
+    (`_fsdp_wrapped_module.` inside the names), selects none for PEFT's own methods such as LoRA (peft-ext's methods
+    handle it, see PeftExtTuner._get_adapter_state_dict)."""
+    from safetensors import safe_open
+
+    path = output_dir / "adapter_model.safetensors"
+    if not path.is_file() or not any(p.requires_grad for p in model.parameters()):
+        return
+    with safe_open(str(path), framework="pt") as f:
+        if list(f.keys()):
+            return
+    raise RuntimeError(
+        f"the adapter saved to {path} holds no tensor, although the model trained some: under FSDP1 (accelerate's "
+        f"fsdp_version 1, the Trainer's `fsdp` argument) PEFT's save_pretrained finds no tensor of the layers inside "
+        f"wrapped units. Use FSDP2 (fsdp_config: fsdp_version: 2, see docs/distributed.md), or DDP."
+    )
