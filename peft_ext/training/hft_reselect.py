@@ -41,7 +41,9 @@ class HftReselectCallback(TrainerCallback):
     does not reduce, which all-reduces and averages it during backward, before the Trainer clips the gradients), and
     broadcasts the new copies' values from rank 0. The draw itself is seeded (seed + stage), the same on every rank.
     Under FSDP a re-selection raises a ValueError that gives the fix (FSDP flattens and shards the parameters it was
-    built with; it cannot take new trainable ones mid-run).
+    built with; it cannot take new trainable ones mid-run). So does, at the start of training, a re-selecting adapter
+    under DDP with `ddp_find_unused_parameters=False`: the previous half, frozen by the re-selection, gets no gradient,
+    which such a DDP fails on at the next step (the Trainer's default for a PeftModel searches, and works).
 
         trainer = SFTTrainer(model, ..., peft_config=HftConfig(), callbacks=[HftReselectCallback()])
     """
@@ -52,6 +54,7 @@ class HftReselectCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         adapters = _hft_adapters(model)
         if adapters and _world_size() > 1:
+            _check_unused_parameter_search(args, state, adapters)
             _DdpGradSync.of(adapters[0][0]).run_begins(model, optimizer)
         for tuner, name, config in adapters:
             if config.reselect == "stage" and config.trained_stages > config.stage:
@@ -67,6 +70,27 @@ class HftReselectCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         for _, _, config in _hft_adapters(model):
             config.trained_stages += 1
+
+
+def _check_unused_parameter_search(args, state, adapters) -> None:
+    """Raise, before the first step, for a run that will re-draw under DDP without the unused-parameter search."""
+    if getattr(args, "ddp_find_unused_parameters", None) is not False:
+        return
+    epochs = getattr(state, "num_train_epochs", None) or getattr(args, "num_train_epochs", 1)
+    due = [
+        (name, config.reselect)
+        for _, name, config in adapters
+        if (config.reselect == "stage" and config.trained_stages > config.stage)
+        or (config.reselect == "epoch" and epochs > 1)
+    ]
+    if due:
+        raise ValueError(
+            f"HftReselectCallback: HFT adapter {due[0][0]!r} re-selects its trained half in this run (reselect="
+            f"{due[0][1]!r}) under DDP built with ddp_find_unused_parameters=False: the previous half, "
+            f"frozen by the re-selection, would get no gradient, and DDP fails the next step (\"Expected to have "
+            f"finished reduction in the prior iteration\"). Leave ddp_find_unused_parameters unset (the Trainer's "
+            f"default for a PEFT model) or True, or use reselect='never'. Nothing was re-drawn."
+        )
 
 
 def _hft_adapters(model):

@@ -34,7 +34,7 @@ def copies(model) -> dict:
 SCENARIOS = ("epoch", "stage_new", "stage_same")
 
 
-def train(out: Path, scenario: str, tag: str, per_device: int) -> dict:
+def train(out: Path, scenario: str, tag: str, per_device: int, **extra_args) -> dict:
     import torch
     from peft import get_peft_model
     from safetensors.torch import save_file
@@ -55,7 +55,7 @@ def train(out: Path, scenario: str, tag: str, per_device: int) -> dict:
         args = TrainingArguments(
             output_dir=str(out / f"trainer-{scenario}-{tag}"), per_device_train_batch_size=per_device,
             learning_rate=1e-2, num_train_epochs=epochs, report_to=[], use_cpu=True, save_strategy="no",
-            logging_strategy="no", weight_decay=0.1, seed=SEED, dataloader_num_workers=0,
+            logging_strategy="no", weight_decay=0.1, seed=SEED, dataloader_num_workers=0, **extra_args,
         )  # fmt: skip
         return Trainer(model=model, args=args, train_dataset=TokenDataset(n=ROWS), callbacks=[callback])
 
@@ -70,6 +70,16 @@ def train(out: Path, scenario: str, tag: str, per_device: int) -> dict:
         same.train()
     save_file(copies(model), str(out / f"{scenario}-{tag}.safetensors"))
     return {"status": "ok", "stage": config.stage, "first": first, "last": sorted(config.selected_modules)}
+
+
+def unused_false_refuses(out: Path, rank: int) -> dict:
+    """ddp_find_unused_parameters=False: DDP would expect a gradient for the previous half, frozen by the re-selection;
+    the callback raises the fix before anything is re-drawn."""
+    try:
+        record = train(out, "epoch", f"unused-rank{rank}", PER_RANK, ddp_find_unused_parameters=False)
+    except ValueError as err:
+        return {"status": "ok", "raised": str(err)}
+    return {**record, "raised": None}
 
 
 def fsdp_refuses() -> dict:
@@ -110,9 +120,14 @@ def main() -> int:
     (out / "pids").mkdir(exist_ok=True)
     (out / "pids" / f"{os.getpid()}.pid").write_text(str(os.getpid()))
     records, failed = {}, False
-    for scenario in SCENARIOS + ("fsdp",):
+    for scenario in SCENARIOS + ("fsdp", "unused_false"):
         try:
-            records[scenario] = fsdp_refuses() if scenario == "fsdp" else train(out, scenario, f"rank{rank}", PER_RANK)
+            if scenario == "fsdp":
+                records[scenario] = fsdp_refuses()
+            elif scenario == "unused_false":
+                records[scenario] = unused_false_refuses(out, rank)
+            else:
+                records[scenario] = train(out, scenario, f"rank{rank}", PER_RANK)
         except Exception as err:
             records[scenario] = {
                 "status": "error", "message": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),

@@ -101,3 +101,12 @@ def test_reselection_under_fsdp_raises_the_fix_and_draws_nothing(launched):
         assert record["raised"] is not None, "a re-selection under FSDP2 did not raise"
         assert "FSDP" in record["raised"] and "reselect='never'" in record["raised"], record["raised"]
         assert record["stage"] == 0
+
+
+def test_reselection_under_ddp_without_unused_parameter_search_raises_the_fix(launched):
+    """DDP built with find_unused_parameters=False expects a gradient for every parameter that required grad when it
+    was built; the previous half, frozen by a re-selection, would get none (DDP then fails the next step). The
+    Trainer's default for a PeftModel searches for unused parameters; set to False, the callback raises first."""
+    for record in _records(launched, "unused_false"):
+        assert record["raised"] is not None, f"a re-selection with ddp_find_unused_parameters=False did not raise: {record}"
+        assert "ddp_find_unused_parameters" in record["raised"] and "Nothing was re-drawn" in record["raised"], record
