@@ -24,7 +24,10 @@ Design (x, dy of M rows; bf16/fp16/fp32 compute, fp32 accumulation everywhere):
 
 Dtypes: x and W share one dtype (fp16/bf16/fp32; under torch.autocast they are cast to the autocast dtype
 first, as F.linear would). The adapter weights may be another dtype (typically fp32 masters with bf16 x): the
-kernels load their small tiles and cast them to x's dtype in registers; x is never upcast or copied. xa and
+kernels cast every tile they load to the dtype they compute in; the autograd function casts a factor wider than
+that once per call (`_compute_operand`, forward and backward: an r x K and an N x r copy) so that the programs,
+which all re-read the whole factor, read half the bytes; the values are the ones the in-register cast gives
+(both round to nearest even). x is never upcast or copied. xa and
 dyb are rounded to x's dtype (as autocast does) for bf16 and fp32 x; for fp16 x they are kept in fp32
 (`dispatch.intermediate_dtype`: under loss scaling dyb = dy B, or xa with outlier activations, can exceed fp16's
 65504) and the dots that read them take fp32 operands (TF32 tensor cores on the GPU: fp16's precision, fp32's
@@ -341,6 +344,14 @@ def _rows(t: torch.Tensor, features: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def _compute_operand(factor: torch.Tensor, compute) -> torch.Tensor:
+    """`factor` in `compute` (the Triton dtype a kernel computes its tiles of it in) when that is narrower, else as
+    is. Every program of the shrink/expand kernel loads the whole factor; an fp32 master read by bf16 programs was
+    re-read (from L2) in fp32 and cast in registers in each of them."""
+    want = {tl.float32: torch.float32, tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}.get(compute, factor.dtype)
+    return factor.to(want) if factor.element_size() > want.itemsize else factor
+
+
 # ------------------------------------------------------------------------------------------------ autograd
 class LowRankLinearFunction(torch.autograd.Function):
     """Autograd for the Triton path. Inputs are already checked, autocast-resolved and on one device."""
@@ -353,8 +364,10 @@ class LowRankLinearFunction(torch.autograd.Function):
         need_dx, need_dw, need_db, need_da, need_dbb = ctx.needs_input_grad[:5]
         keep = None if keep is None else keep.reshape(x2d.shape)  # the kernels index the mask like x2d
         with torch.autocast(x.device.type, enabled=False):
+            shrink = _compute_operand(lora_a, compute_dtype(x2d.dtype))
+            expand = _compute_operand(lora_b, intermediate_compute(x2d.dtype))
             y, xa = shrink_expand(
-                x2d, lora_a, lora_b, scale, bias=bias, keep=keep, dropout_p=dropout_p, store_mid=need_dbb
+                x2d, shrink, expand, scale, bias=bias, keep=keep, dropout_p=dropout_p, store_mid=need_dbb
             )
             y.addmm_(x2d, weight.t())  # cuBLAS base GEMM, beta=1: y = x W^T + (s xa B^T + b)
         ctx.save_for_backward(
@@ -382,8 +395,10 @@ class LowRankLinearFunction(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             if need_dx or need_da:
                 # dyb = dy B (kept for dA); dx_low = s * (dyb A) * keep / (1 - p)
+                shrink = _compute_operand(lora_b, compute_dtype(dy2d.dtype)).t()
+                expand = _compute_operand(lora_a, intermediate_compute(dy2d.dtype)).t() if need_dx else None
                 dx, dyb = shrink_expand(
-                    dy2d, lora_b.t(), lora_a.t() if need_dx else None, s,
+                    dy2d, shrink, expand, s,
                     keep=keep, keep_on_output=True, dropout_p=p, store_mid=need_da,
                 )
                 if need_dx:

@@ -564,3 +564,52 @@ def test_gpu_inputs_on_another_device_than_the_current_one():
     assert rel_err(y, y_ref) <= TOL[BF16]
     for name in names:
         assert rel_err(g[name], g_ref[name]) <= TOL[BF16], name
+
+
+# ------------------------------------------------------------------------------------- factor casts
+def _cast_once_vs_per_tile(layer, monkeypatch):
+    """(outputs with the factors cast once per call, the same with the kernels casting each tile, the dtypes the
+    kernels were handed): the once-per-call cast must change nothing, bit for bit."""
+    names = ("x", "lora_a", "lora_b")
+    handed = []
+    real = lowrank_module.shrink_expand
+
+    def spy(x2d, shrink, expand, *args, **kwargs):
+        handed.append((shrink.dtype, None if expand is None else expand.dtype))
+        return real(x2d, shrink, expand, *args, **kwargs)
+
+    monkeypatch.setattr(lowrank_module, "shrink_expand", spy)
+    once = run(layer, names, scale=0.5)
+    monkeypatch.setattr(lowrank_module, "_compute_operand", lambda factor, compute: factor)
+    per_tile = run(layer, names, scale=0.5)
+    return once, per_tile, handed[:2]
+
+
+def test_fp32_factors_are_cast_once_with_the_kernels_values(gpu_fp16_math, monkeypatch):
+    """fp16 inputs with fp32 masters (the GPU's fp16 tile dtypes, see gpu_fp16_math): the shrink factor (A forward,
+    B backward) is handed to the kernel in fp16, the expand factor stays fp32 (fp16 inputs expand in fp32), and
+    output and gradients equal the kernels' own per-tile casts exactly."""
+    layer = make_layer((3, 37), 45, 70, 8, FP16, FP32)
+    (y, g), (y_tile, g_tile), handed = _cast_once_vs_per_tile(layer, monkeypatch)
+    assert handed == [(FP16, FP32), (FP16, FP32)], handed  # forward (A, B), backward (B^T, A^T)
+    assert torch.equal(y, y_tile)
+    for name in g:
+        assert torch.equal(g[name], g_tile[name]), name
+
+
+def test_factors_in_the_compute_dtype_are_handed_as_they_are(monkeypatch):
+    """fp32 masters with fp32 inputs (and every dtype in the interpreter, which computes in fp32): no copy."""
+    layer = make_layer((2, 9), 24, 40, 4, FP32, FP32)
+    (y, g), (y_tile, g_tile), handed = _cast_once_vs_per_tile(layer, monkeypatch)
+    assert handed == [(FP32, FP32), (FP32, FP32)]
+    assert torch.equal(y, y_tile) and all(torch.equal(g[n], g_tile[n]) for n in g)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_inputs_fp32_factors_cast_once_exactly(monkeypatch):
+    layer = make_layer((3, 341), 520, 392, 16, BF16, FP32, device="cuda")
+    (y, g), (y_tile, g_tile), handed = _cast_once_vs_per_tile(layer, monkeypatch)
+    assert handed == [(BF16, BF16), (BF16, BF16)], handed
+    assert torch.equal(y, y_tile)
+    for name in g:
+        assert torch.equal(g[name], g_tile[name]), name
