@@ -18,6 +18,17 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 pytest_plugins = ["peft_ext.testing.plugin"]
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny tensors, where more OpenMP threads only wait on each other on the
+    shared 2-core machine (already the case under pytest-xdist; this covers `-n 0` runs). Modules ask for it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same global RNG state (models seed themselves as well)."""

@@ -32,11 +32,9 @@ MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    """Every test here on one thread (tests/conftest.py's `one_thread`)."""
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -21,7 +21,10 @@ from .refs import F64, eval_gate, gated_layers
 
 bnb = pytest.importorskip("bitsandbytes")
 
-pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:MatMul8bitLt"),
+    pytest.mark.usefixtures("one_thread"),  # one_thread: tests/conftest.py
+]
 
 TARGETS = ("q_proj", "v_proj", "up_proj")
 QUANTIZED = {"4bit": (bnb.nn.Linear4bit, torch.uint8), "8bit": (bnb.nn.Linear8bitLt, torch.int8)}
@@ -48,13 +51,6 @@ def _bnb_builds_on_cpu():
     except Exception as err:  # noqa: BLE001
         pytest.skip(f"bitsandbytes cannot build / run 4-bit layers on CPU here: {err!r}")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def quantized_llama(kind):

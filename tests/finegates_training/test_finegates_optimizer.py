@@ -18,12 +18,7 @@ from .common import finegates_model, gate_logits, training_args
 FULL = dict(target_sparsity=0.4, bias="gates", lora_r=2, modules_to_save=["lm_head"])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (tests/conftest.py)
 
 
 def _ids(params) -> set[int]:

@@ -9,7 +9,6 @@ import math
 import warnings
 
 import pytest
-import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer
@@ -27,12 +26,7 @@ STEPS = 4
 CONFIG = dict(target_sparsity=0.4, sparsity_lambda=50.0, gates_learning_rate=0.3, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (tests/conftest.py)
 
 
 def _keep(model) -> float:

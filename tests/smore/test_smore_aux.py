@@ -19,12 +19,7 @@ from peft_ext.testing.models import MODELS
 from peft_ext.tuners.smore import SmoreLayer
 from peft_ext.tuners.smore import routing
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: more OpenMP threads only wait on each other (a shared 2-core machine)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (tests/conftest.py)
 
 
 ROUTER_ACTS = {"relu": torch.relu, "tanh": torch.tanh, "identity": lambda t: t}

@@ -8,7 +8,6 @@ library's routing or layer helpers: they read the layer's raw parameters only.""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -33,12 +32,7 @@ ACTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: more OpenMP threads only wait on each other (a shared 2-core machine)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (tests/conftest.py)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -18,12 +18,7 @@ from peft_ext.tuners.smore import SmoreLayer
 SMALL = dict(target_modules=["up_proj", "down_proj"], expert_ranks=[2, 2], router_dim=8, router_down_dim=8, seed=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (tests/conftest.py)
 
 
 def _router_grad(checkpointing, scale: float, mode: str = "add_to_loss") -> torch.Tensor:

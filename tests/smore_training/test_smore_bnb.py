@@ -18,7 +18,10 @@ from peft_ext.tuners.smore import SmoreLayer
 
 bnb = pytest.importorskip("bitsandbytes")
 
-pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:MatMul8bitLt"),
+    pytest.mark.usefixtures("one_thread"),  # one_thread: tests/conftest.py
+]
 
 MLP = ("gate_proj", "up_proj", "down_proj")
 CONFIG = dict(
@@ -27,13 +30,6 @@ CONFIG = dict(
 )
 QUANTIZED = {"4bit": (bnb.nn.Linear4bit, torch.uint8), "8bit": (bnb.nn.Linear8bitLt, torch.int8)}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def quantized_llama(kind: str):

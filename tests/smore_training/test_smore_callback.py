@@ -22,17 +22,13 @@ SMALL = dict(
 MODULES = [f"model.layers.{i}.mlp.{p}:default" for i in (0, 1) for p in ("up_proj", "down_proj")]
 # random keys in (0, 1) route very unevenly at init: the starving warning fires in most runs; tests that check it
 # record warnings themselves
-pytestmark = pytest.mark.filterwarnings("ignore:.*starving experts:UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*starving experts:UserWarning"),
+    pytest.mark.usefixtures("one_thread"),  # one_thread: tests/conftest.py
+]
 
 LOAD_KEYS = {"smore/load_min/l0", "smore/load_max/l0", "smore/load_min/l1", "smore/load_max/l1"}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: more threads only wait on each other on the shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def smore_model(**overrides):

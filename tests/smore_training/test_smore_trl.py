@@ -19,7 +19,10 @@ from peft_ext.testing.models import MODELS
 from peft_ext.testing.tokenizer import make_tokenizer
 from peft_ext.training import SmoreCallback, attach_companions
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*starving experts:UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*starving experts:UserWarning"),
+    pytest.mark.usefixtures("one_thread"),  # one_thread: tests/conftest.py
+]
 
 SMALL = dict(
     target_modules=["up_proj", "down_proj"], num_experts=[4, 4], num_active=[2, 2], expert_ranks=[2, 2],
@@ -43,13 +46,6 @@ DPO_ROWS = [
     {"prompt": "0 plus 6 is", "chosen": " 6.", "rejected": " 1."},
 ]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _trainable(model) -> dict[str, torch.Tensor]:

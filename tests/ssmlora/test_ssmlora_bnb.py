@@ -22,7 +22,10 @@ from peft_ext.tuners.ssmlora import SsmLoraLayer
 
 bnb = pytest.importorskip("bitsandbytes")
 
-pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:MatMul8bitLt"),
+    pytest.mark.usefixtures("one_thread"),  # one_thread: tests/conftest.py
+]
 
 ATTN = ("q_proj", "v_proj")
 ADAPTED = ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj")  # alternate_qv on 2 blocks
@@ -33,13 +36,6 @@ BNB_REFUSED = (
     "adapter unmerged, or merge into the 16-bit model."
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def quantized_llama(kind: str):

@@ -17,12 +17,7 @@ from peft_ext import SsmLoraConfig
 from peft_ext.tuners.ssmlora import SsmLoraLayer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: more OpenMP threads only wait on each other (a shared 2-core machine)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (tests/conftest.py)
 
 
 def llama(n_layers: int = 2, seed: int = 0) -> nn.Module:

@@ -28,12 +28,7 @@ EPS = 1e-8  # the spec's normalisation epsilon
 PARAMS = ("ssmlora_A", "ssmlora_B", "ssmlora_C", "ssmlora_D")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: more OpenMP threads only wait on each other (a shared 2-core machine)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (tests/conftest.py)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
