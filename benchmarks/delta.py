@@ -1,8 +1,13 @@
 """Serving compressed weight deltas (Delta-CoMe): one layer, base GEMM + mixed-precision delta, side by side.
 
 Table 1, one delta, per layer shape (out x in) and token count (decode batches --batches, prefill --prefill):
-    base                   base-only GEMM x W^T (bf16 weights: a GEMV at decode sizes)
-    ours                   peft_ext.kernels.delta_linear: base GEMM + the Triton shrink / expand kernels
+    base                   base-only GEMM x W^T (cuBLAS; bf16 weights: a GEMV at decode sizes)
+    ours                   peft_ext.kernels.delta_linear: at decode (<= 16 rows) the fused GEMV + delta on the
+                           version-2 slot layout (kernels/delta_decode.py, given a SlotDelta), else base GEMM + the
+                           bit-plane shrink / expand kernels
+    ours, bit planes       decode only: delta_linear(decode=False), the bit-plane path (base GEMM + shrink +
+                           expand, kernels/delta.py) that served decode before the fused kernel
+    base, Triton GEMV      decode only: the fused decode kernel with a zero-rank delta (our GEMV alone, no delta)
     dequant + matmul       base GEMM + x dW^T with dW = delta.dense() rebuilt from the packed format every call
                            (plain PyTorch: unpack the bit planes, dequantise U and V, U diag(sigma) V^T)
     dense merged           one GEMM with W + dW merged ahead of time (one full model per tenant)
@@ -12,7 +17,10 @@ Table 1, one delta, per layer shape (out x in) and token count (decode batches -
   bytes (PackedDelta.nbytes: words, scales, mins, sigma) / (t_ours - t_base) with the graph times (eager when
   there are none), also as % of the device copy bandwidth measured in the same run (torch copy of a --copy-mib
   buffer: bytes read + written / time); and the relative error of ours against the float64 reference
-  (kernels/delta_reference.py).
+  (kernels/delta_reference.py); "model MB" is a model of the HBM bytes of the call
+  (kernels/delta_decode.decode_bytes_model: W, x, y, the compressed factors, T traffic; not measured) and "% of
+  BW floor" = (model bytes / copy bandwidth) / time (graph time when there is one): the fraction of the bandwidth
+  floor the measured call reaches.
 Table 2, memory of N tenants (--tenants) on one layer: N compressed deltas + one shared base vs N merged
   copies of the layer, in bytes, computed from the tensors' shapes and dtypes (PackedDelta.empty on the meta
   device: the exact storage, nothing allocated).
@@ -140,6 +148,8 @@ def copies_of(delta, n: int) -> list:
 
 def single_delta_rows(bench: Bench, args, dtype, copy_bps) -> list[dict]:
     from peft_ext.kernels import PackedDelta, delta_linear, reference_delta_linear
+    from peft_ext.kernels.delta_decode import DECODE_MAX_ROWS, decode_bytes_model, fused_decode
+    from peft_ext.kernels.delta_format import SlotDelta
 
     n_copies = args.graph_copies if bench.device.type == "cuda" else 1
     rows = []
@@ -149,14 +159,23 @@ def single_delta_rows(bench: Bench, args, dtype, copy_bps) -> list[dict]:
         delta = PackedDelta.random(out_f, in_f, bands, group_size=args.group_size, generator=g).to(bench.device)
         w = (torch.randn(out_f, in_f, generator=g) / in_f**0.5).to(bench.device, dtype)
         deltas = copies_of(delta, n_copies)
+        slots = [SlotDelta.from_packed(d) for d in deltas]  # version 2: what the fused decode reads
+        no_delta = SlotDelta.from_packed(PackedDelta.empty(out_f, in_f, args.group_size, ((2, 0),), device=bench.device))
         ws = [w] + [w.clone() for _ in range(n_copies - 1)]
         merged = [wi + di.dense(dtype) for wi, di in zip(ws, deltas)]
         for tokens in [int(v) for v in args.batches.split(",")] + ([args.prefill] if args.prefill else []):
             xs = [torch.randn(tokens, in_f, generator=g).to(bench.device, dtype) for _ in range(n_copies)]
             kind = "prefill" if tokens == args.prefill and tokens > 16 else "decode"
+            decode = tokens <= DECODE_MAX_ROWS
             variants = [  # each a call on copy i of the inputs
                 ("base", "base only", lambda i: F.linear(xs[i], ws[i])),
-                ("ours", "base + ours (delta_linear)", lambda i: delta_linear(xs[i], ws[i], None, deltas[i])),
+                ("ours", "base + ours (delta_linear)",
+                 lambda i: delta_linear(xs[i], ws[i], None, slots[i] if decode else deltas[i])),
+            ] + ([
+                ("ours_old", "base + ours, bit planes (before)",
+                 lambda i: delta_linear(xs[i], ws[i], None, deltas[i], decode=False)),
+                ("base_triton", "base only, our Triton GEMV", lambda i: fused_decode(xs[i], ws[i], None, no_delta)),
+            ] if decode else []) + [
                 ("dequant", "base + dequant + matmul",
                  lambda i: F.linear(xs[i], ws[i]) + F.linear(xs[i], deltas[i].dense(dtype))),
                 ("merged", "dense merged W + dW", lambda i: F.linear(xs[i], merged[i])),
@@ -168,15 +187,22 @@ def single_delta_rows(bench: Bench, args, dtype, copy_bps) -> list[dict]:
                     try:
                         row["ms"] = bench.time_ms(lambda fn=fn: fn(0))
                         row["graph_ms"] = bench.graph_ms([lambda fn=fn, i=i: fn(i) for i in range(n_copies)])
-                        if name == "ours":
+                        if name in ("ours", "ours_old"):
                             ref = reference_delta_linear(xs[0].double(), w.double(), None, delta)
                             row["err"] = rel_err(fn(0), ref)
-                            row["mb"] = delta.nbytes / 1e6
+                            row["mb"] = (slots[0].nbytes if name == "ours" and decode else delta.nbytes) / 1e6
                     except torch.cuda.OutOfMemoryError:
                         row["error"] = "OOM"
                 if name == "base":
                     base = row
-                add_ratios(row, base, delta.nbytes if name == "ours" else None, copy_bps)
+                path = {"base": "base", "base_triton": "base", "ours_old": "bitplanes", "ours": "fused" if decode else None}.get(name)
+                if path is not None:
+                    model = decode_bytes_model(tokens, delta, torch.finfo(dtype).bits // 8, path)["total"]
+                    row["model_mb"] = model / 1e6
+                    t = row.get("graph_ms") if row.get("graph_ms") is not None else row.get("ms")
+                    row["floor"] = None if not t else (model / copy_bps) / (t * 1e-3)
+                nbytes = (slots[0].nbytes if decode else delta.nbytes) if name == "ours" else delta.nbytes if name == "ours_old" else None
+                add_ratios(row, base, nbytes, copy_bps)
                 rows.append(row)
                 print(f"[delta {row['shape']} {row['tokens']}] {label}: {row}", file=sys.stderr, flush=True)
     return rows
@@ -194,6 +220,16 @@ def add_ratios(row: dict, base: dict, nbytes, copy_bps) -> None:
         row["goal_x"] = row.get("graph_x" if key == "graph_ms" else "x")
 
 
+def slot_nbytes(delta) -> int:
+    """Bytes of the delta in the version-2 slot layout (SlotDelta: 3-bit codes take 4-bit slots, rows padded to
+    whole words), from the shapes alone: the bit planes' words replaced by the slot words."""
+    from peft_ext.kernels.delta_format import slot_words
+
+    row_words = sum(slot_words(n, bits) for bits, n in delta.bands)
+    planes = (delta.v_words.numel() + delta.u_words.numel()) * 4
+    return delta.nbytes - planes + row_words * (delta.in_features + delta.out_features) * 4
+
+
 def memory_rows(args, dtype) -> list[dict]:
     from peft_ext.kernels import PackedDelta
 
@@ -207,7 +243,7 @@ def memory_rows(args, dtype) -> list[dict]:
             compressed = base + n * delta.nbytes
             rows.append(dict(
                 shape=f"{out_f}x{in_f}", bands=fmt_bands(bands), n=n, base=base, delta=delta.nbytes,
-                compressed=compressed, merged=n * base, ratio=n * base / compressed,
+                compressed=compressed, merged=n * base, ratio=n * base / compressed, v2=slot_nbytes(delta),
             ))  # fmt: skip
     return rows
 
@@ -300,6 +336,8 @@ def goals(single: list[dict], multi: list[dict], judged: bool) -> str:
         if not row["name"].startswith("ours") or row.get("goal_x") is None or "prefill" in row.get("tokens", ""):
             continue
         where = f"{row['shape']}, " + (f"tokens {row['tokens']}" if "tokens" in row else f"{row['tenants']} tenants")
+        if row["name"] == "ours_old":
+            where += ", the bit-plane path (before the fused decode)"
         bw = row.get("bw")
         bw_text = "n/a (no measurable added time)" if bw is None else f"{100 * bw:.0f}%{verdict(bw >= GOAL_BW)}"
         lines.append(f"- {where}: {row['goal_x']:.2f}x base{verdict(row['goal_x'] <= GOAL_RATIO)}, delta part at {bw_text} of copy bandwidth")
@@ -350,6 +388,7 @@ def main(argv=None) -> None:
             ("ms", "ms", fmt_ms), ("vs base", "x", fmt_x), ("ms, CUDA graph", "graph_ms", fmt_ms_opt),
             ("vs base, graph", "graph_x", fmt_x), ("delta MB", "mb", fmt_num), ("delta part GB/s", "gbps", fmt_num),
             ("% of copy BW", "bw", fmt_pct), ("rel err vs fp64", "err", fmt_err),
+            ("model MB (bytes model)", "model_mb", fmt_num), ("% of BW floor (model bytes / time)", "floor", fmt_pct),
         ])
     )  # fmt: skip
     parts.append(
@@ -358,7 +397,7 @@ def main(argv=None) -> None:
             ("shape (out x in)", "shape", text), ("bands", "bands", text), ("tenants N", "n", text),
             ("base bytes", "base", fmt_bytes), ("bytes per delta", "delta", fmt_bytes),
             ("base + N deltas", "compressed", fmt_bytes), ("N merged layers", "merged", fmt_bytes),
-            ("merged / compressed", "ratio", fmt_x),
+            ("merged / compressed", "ratio", fmt_x), ("bytes per delta, v2 slots (decode layout)", "v2", fmt_bytes),
         ])
     )  # fmt: skip
     if multi:

@@ -7,6 +7,11 @@ Entry points: `delta_linear(x, weight, bias, delta)` (one PackedDelta, kernels/d
 deltas[adapter_index[i]], -1 adds nothing). Their plain-PyTorch twins are kernels/delta_reference.py's
 `reference_delta_linear` / `reference_delta_linear_gathered`. Forward only (inference).
 
+Decode (`delta_linear` with <= 16 rows of x, `decode_path`): one fused GEMV + delta kernel on the version-2 slot
+layout (kernels/delta_decode.py; a PackedDelta is relaid once into a SlotDelta and cached, a SlotDelta is read as
+it is), which reads W and the compressed delta once. Everything below is the bit-plane path: prefill, the
+multi-tenant gathered batch, and decode with `decode=False`.
+
 Design (both entry points run the same two kernels; x, y of M rows; fp32 accumulation everywhere):
 
   0. cuBLAS: y = F.linear(x, W, b), the base GEMM (a GEMV at decode sizes), in x's dtype.
@@ -37,7 +42,9 @@ lie in one group (BLOCK_I, BLOCK_O dividing group_size: the fast path), else gat
 hi halves are two dots (the rows of x / outputs permuted the same way). The compiler's sm_90 SASS for the
 decode configs counts about 11 (shrink, BLOCK_I = 128) and 15 / 27 (expand, BLOCK_O = 64 / 32) instructions
 per dequantised element of a 2-bit band, per-tile costs included (3 per pair and plane of it): at decode sizes
-these kernels are likely issue-bound rather than bandwidth-bound (to be measured: benchmarks/delta.py).
+these kernels are likely issue-bound rather than bandwidth-bound (to be measured: benchmarks/delta.py). Static
+sm_90 checks of the JIT-specialised builds (tests/kernels/test_static_sm90.py): no spills, no async copies (not
+software-pipelined: the tile loop holds the runtime plane loop), >= 10 instructions per element of a 2-bit band.
 
 Bands and bit widths in one launch: the host builds a small int32 *tile table* per band schedule (cached): one
 entry per (band, run of <= BLOCK_C = 64 consecutive columns) = (bits, first column, columns, band width n_b,
@@ -84,7 +91,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .delta_format import WORD_BITS, PackedDelta, words_per_column
+from .delta_format import WORD_BITS, PackedDelta, SlotDelta, words_per_column
+from .delta_decode import DECODE_MAX_ROWS, cached_relayout, fused_decode
 from .delta_reference import reference_delta_linear, reference_delta_linear_gathered
 from .dispatch import (
     autocast_base,
@@ -102,7 +110,7 @@ from .dispatch import (
 )
 from .reference import check_adapter_index, check_index_dtype, rows_adapter_index
 
-__all__ = ["delta_linear", "delta_linear_gathered"]
+__all__ = ["delta_linear", "delta_linear_gathered", "decode_path"]
 
 # Table layouts (the kernels index them with these literals):
 META_COLS = 10  # per tenant (int64): v_words, v_scales, v_mins, u_words, u_scales, u_mins, sigma, rank, tile0, tiles
@@ -482,9 +490,10 @@ def _add_deltas(
 
 # ------------------------------------------------------------------------------------------------ checks
 def check_delta(delta, in_features: int, out_features: int, device: torch.device, name: str = "delta") -> None:
-    """A PackedDelta for this layer, consistent with its bands, on x's device (ValueError / TypeError)."""
-    if not isinstance(delta, PackedDelta):
-        raise TypeError(f"{name} must be a PackedDelta, got {type(delta).__name__}.")
+    """A PackedDelta (format version 1) or SlotDelta (version 2) for this layer, consistent with its bands, on x's
+    device (ValueError / TypeError)."""
+    if not isinstance(delta, (PackedDelta, SlotDelta)):
+        raise TypeError(f"{name} must be a PackedDelta or SlotDelta, got {type(delta).__name__}.")
     if (delta.out_features, delta.in_features) != (out_features, in_features):
         raise ValueError(
             f"{name} is for a ({delta.out_features} x {delta.in_features}) layer, but weight is "
@@ -560,8 +569,13 @@ def delta_linear(
     delta: PackedDelta,
     backend: Optional[str] = None,
     deterministic: Optional[bool] = None,
+    decode: Optional[bool] = None,
 ) -> torch.Tensor:
     """y = x W^T + b + ((x V) * sigma) U^T with U, V dequantised from `delta` on the fly (module docstring).
+
+    Decode (<= 16 rows of x, `decode_path`) runs the fused GEMV + delta of kernels/delta_decode.py on the
+    version-2 slot layout (a PackedDelta is converted once and cached; pass a SlotDelta to hold one copy); more
+    rows run the two bit-plane kernels below. decode: None (automatic), False (always the bit-plane kernels).
 
     x (..., in) fp16 / bf16 / fp32 (float64 runs on the reference), weight (out, in), bias (out,) or None,
     delta a PackedDelta of an (out x in) layer on x's device. backend: None (automatic), "triton" or
@@ -579,9 +593,33 @@ def delta_linear(
     if chosen == "reference" or _needs_grad(x, weight, bias):
         return reference_delta_linear(x, weight, bias, delta)
     x2d = _rows(x, in_features)
+    if decode_path(x2d, weight, decode):
+        y2d = fused_decode(x2d, weight, None if bias is None else bias.contiguous(), delta)
+        return y2d.view(*x.shape[:-1], out_features)
+    if isinstance(delta, SlotDelta):
+        delta = _packed(delta)
     y2d = _base(x2d, weight, bias)
     _add_deltas(x2d, y2d, [delta], [(0, 0, x2d.shape[0])], None, _deterministic(deterministic))
     return y2d.view(*x.shape[:-1], out_features)
+
+
+def decode_path(x2d: torch.Tensor, weight: torch.Tensor, decode: Optional[bool] = None) -> bool:
+    """Whether delta_linear runs the fused decode (kernels/delta_decode.py): <= 16 rows and a weight with unit
+    column stride (the fused GEMV reads W rows directly; a transposed view would need a copy per call), unless
+    `decode=False`. `decode=True` with more rows or a strided weight raises."""
+    fits = x2d.shape[0] <= DECODE_MAX_ROWS and weight.stride(1) == 1
+    if decode and not fits:
+        raise ValueError(
+            f"decode=True needs at most {DECODE_MAX_ROWS} rows of x (got {x2d.shape[0]}) and a weight with unit "
+            f"column stride (got strides {tuple(weight.stride())}); pass decode=None to choose automatically."
+        )
+    return fits if decode is None else bool(decode)
+
+
+def _packed(delta: SlotDelta) -> PackedDelta:
+    """The bit-plane (version 1) form of a SlotDelta for the prefill and gathered kernels, converted once per contents
+    and kept with the SlotDelta's tensors (delta_decode.cached_relayout)."""
+    return cached_relayout(delta, delta.u_codes, SlotDelta.to_packed)
 
 
 def delta_linear_gathered(
@@ -613,6 +651,7 @@ def delta_linear_gathered(
     for j, d in enumerate(deltas):
         check_delta(d, in_features, out_features, x.device, name=f"deltas[{j}]")
     deltas = [_contiguous(d) for d in deltas]
+    deltas = [_packed(d) if isinstance(d, SlotDelta) else d for d in deltas]  # the gathered kernels read bit planes
     group_sizes = sorted({int(d.group_size) for d in deltas})
     if len(group_sizes) > 1:
         raise ValueError(

@@ -28,9 +28,11 @@ import torch
 WORD_BITS = 32
 MAX_BITS = 8
 MIN_SCALE = 2.0**-24  # the smallest positive fp16 (subnormal): smaller steps would round to a zero scale
+FORMAT_VERSION_BITPLANES = 1  # PackedDelta: bit planes (the adapter files' format)
+FORMAT_VERSION_SLOTS = 2  # SlotDelta: codes in power-of-two slots of int32 words, row-major (the decode layout)
 TENSOR_FIELDS = ("sigma", "v_words", "v_scales", "v_mins", "u_words", "u_scales", "u_mins")
 
-__all__ = ["MAX_BITS", "PackedDelta", "check_bands", "pack_bitplanes", "unpack_bitplanes", "quantize_rtn", "words_per_column"]
+__all__ = ["FORMAT_VERSION_BITPLANES", "FORMAT_VERSION_SLOTS", "MAX_BITS", "PackedDelta", "SlotDelta", "pack_slots", "unpack_slots", "slot_width", "check_bands", "pack_bitplanes", "unpack_bitplanes", "quantize_rtn", "words_per_column"]
 
 
 def words_per_column(d: int) -> int:
@@ -130,6 +132,8 @@ class PackedDelta:
     u_words: torch.Tensor  # int32 (sum_b bits_b * n_b * ceil(out / 32),)
     u_scales: torch.Tensor  # fp16 (ceil(out / group_size), k)
     u_mins: torch.Tensor
+
+    format_version = FORMAT_VERSION_BITPLANES  # a class constant (not a dataclass field)
 
     # ------------------------------------------------------------------------------------------- shape facts
     @property
@@ -258,6 +262,170 @@ class PackedDelta:
                     f"{name}.{field_name} has shape {tuple(t.shape)}, but bands {list(self.bands)} with group_size "
                     f"{self.group_size} on a ({self.out_features} x {self.in_features}) layer need {shape}: the "
                     f"adapter files do not match this config or this base model."
+                )
+            if t.dtype != want_dtype.get(field_name, torch.float16):
+                raise TypeError(f"{name}.{field_name} has dtype {t.dtype}, expected {want_dtype.get(field_name, torch.float16)}.")
+
+
+# ------------------------------------------------------------------------------------ format version 2: slots
+SLOT_TENSOR_FIELDS = ("sigma", "v_codes", "v_scales", "v_mins", "u_codes", "u_scales", "u_mins")
+
+
+def slot_width(bits: int) -> int:
+    """The slot a `bits`-bit code is stored in: the next power of two (1, 2, 4, 4, 8, 8, 8, 8), so a word holds
+    32 / slot codes and a code is one shift and one mask away (a 3-bit band costs 4 bits per code)."""
+    if not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"bits={bits}; bit widths must be between 1 and {MAX_BITS}.")
+    return 1 << (int(bits) - 1).bit_length()
+
+
+def slot_words(n_cols: int, bits: int) -> int:
+    """int32 words per row for n_cols codes of `bits` bits."""
+    per_word = WORD_BITS // slot_width(bits)
+    return -(-n_cols // per_word)
+
+
+def pack_slots(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (d, n) in [0, 2^bits) -> int32 words (d, ceil(n / cpw)), cpw = 32 / slot_width(bits): code
+    (i, j) is bits [s * (j % cpw), s * (j % cpw) + s) of word (i, j // cpw) (little end first; unused slots 0)."""
+    slot = slot_width(bits)
+    cpw = WORD_BITS // slot
+    d, n = codes.shape
+    words = slot_words(n, bits)
+    padded = torch.zeros(d, words * cpw, dtype=torch.int64, device=codes.device)
+    padded[:, :n] = codes.to(torch.int64)
+    shifts = (torch.arange(cpw, device=codes.device, dtype=torch.int64) * slot).view(1, 1, cpw)
+    word = (padded.view(d, words, cpw) << shifts).sum(dim=2)  # int64 in [0, 2^32)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def unpack_slots(words: torch.Tensor, bits: int, n_cols: int) -> torch.Tensor:
+    """Inverse of `pack_slots`: int32 (d, W) -> int64 codes (d, n_cols)."""
+    slot = slot_width(bits)
+    cpw = WORD_BITS // slot
+    d, w = words.shape
+    shifts = (torch.arange(cpw, device=words.device, dtype=torch.int64) * slot).view(1, 1, cpw)
+    codes = (words.to(torch.int64).unsqueeze(2) & 0xFFFFFFFF) >> shifts & ((1 << slot) - 1)
+    return codes.reshape(d, w * cpw)[:, :n_cols]
+
+
+@dataclass
+class SlotDelta:
+    """Format version 2 of a compressed delta: the same quantised values as a PackedDelta (bands, group-wise fp16
+    scales / mins, fp32 sigma), with each side's codes stored row by row in power-of-two slots:
+    `v_codes` (in, row_words) and `u_codes` (out, row_words) int32, a row holding its bands' words one after the
+    other (band b: slot_words(n_b, bits_b) words). A kernel decodes a code with one shift and one mask (bits
+    as a compile-time slot width), reading whole rows of a tile contiguously. Built from a PackedDelta with
+    `from_packed` (lossless; `to_packed` goes back)."""
+
+    out_features: int
+    in_features: int
+    group_size: int
+    bands: tuple[tuple[int, int], ...]
+    sigma: torch.Tensor  # fp32 (k,)
+    v_codes: torch.Tensor  # int32 (in, row_words)
+    v_scales: torch.Tensor  # fp16 (ceil(in / group_size), k)
+    v_mins: torch.Tensor
+    u_codes: torch.Tensor  # int32 (out, row_words)
+    u_scales: torch.Tensor
+    u_mins: torch.Tensor
+
+    format_version = FORMAT_VERSION_SLOTS
+
+    @property
+    def rank(self) -> int:
+        return sum(n for _, n in self.bands)
+
+    @property
+    def row_words(self) -> int:
+        return sum(slot_words(n, bits) for bits, n in self.bands)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sigma.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def band_layout(self) -> list[tuple[int, int, int, int]]:
+        """(bits, first column, n_cols, first word in a row) per band, empty bands included."""
+        out, col, word = [], 0, 0
+        for bits, n in self.bands:
+            out.append((bits, col, n, word))
+            col += n
+            word += slot_words(n, bits)
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in SLOT_TENSOR_FIELDS}
+
+    def to(self, device=None) -> "SlotDelta":
+        if device is None:
+            return self
+        moved = {name: t.to(device) for name, t in self.tensors().items()}
+        return SlotDelta(self.out_features, self.in_features, self.group_size, self.bands, **moved)
+
+    @classmethod
+    def from_packed(cls, delta: PackedDelta) -> "SlotDelta":
+        """The version-2 layout of a (version-1, bit-plane) PackedDelta: the same codes, scales, mins and sigma."""
+        sides = {}
+        for side, d in (("v", delta.in_features), ("u", delta.out_features)):
+            parts = [pack_slots(unpack_bitplanes(planes, d), bits) for bits, _, n, planes in delta.band_slices(side) if n]
+            sides[f"{side}_codes"] = (
+                torch.cat(parts, dim=1).contiguous() if parts else torch.zeros(d, 0, dtype=torch.int32, device=delta.device)
+            )
+        return cls(delta.out_features, delta.in_features, delta.group_size, tuple(delta.bands), sigma=delta.sigma,
+                   v_scales=delta.v_scales, v_mins=delta.v_mins, u_scales=delta.u_scales, u_mins=delta.u_mins, **sides)  # fmt: skip
+
+    def codes(self, side: str) -> torch.Tensor:
+        """int64 codes (d, k) of one side."""
+        words = getattr(self, f"{side}_codes")
+        parts = []
+        for bits, _, n, w0 in self.band_layout():
+            parts.append(unpack_slots(words[:, w0 : w0 + slot_words(n, bits)], bits, n))
+        d = self.in_features if side == "v" else self.out_features
+        return torch.cat(parts, dim=1) if parts else torch.zeros(d, 0, dtype=torch.int64, device=words.device)
+
+    def to_packed(self) -> PackedDelta:
+        sides = {}
+        for side in ("v", "u"):
+            codes = self.codes(side)
+            planes = [pack_bitplanes(codes[:, c : c + n], bits).reshape(-1) for bits, c, n, _ in self.band_layout()]
+            sides[f"{side}_words"] = torch.cat(planes) if planes else torch.zeros(0, dtype=torch.int32, device=self.device)
+        return PackedDelta(self.out_features, self.in_features, self.group_size, self.bands, sigma=self.sigma,
+                           v_scales=self.v_scales, v_mins=self.v_mins, u_scales=self.u_scales, u_mins=self.u_mins, **sides)  # fmt: skip
+
+    def factor(self, side: str) -> torch.Tensor:
+        """Dequantised U (out, k) or V (in, k) in fp32, as the kernels compute it."""
+        d = self.in_features if side == "v" else self.out_features
+        group = torch.arange(d, device=self.device) // self.group_size
+        scales = getattr(self, f"{side}_scales").float()[group]
+        mins = getattr(self, f"{side}_mins").float()[group]
+        return self.codes(side).float() * scales + mins
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return ((self.factor("u") * self.sigma) @ self.factor("v").T).to(dtype)
+
+    def check(self, name: str = "delta") -> None:
+        """Shapes and dtypes against the bands (ValueError / TypeError naming the field)."""
+        bands = check_bands(self.bands, f"{name}.bands")
+        k = sum(n for _, n in bands)
+        row_words = sum(slot_words(n, bits) for bits, n in bands)
+        expected = {"sigma": (k,)}
+        for side, d in (("v", self.in_features), ("u", self.out_features)):
+            groups = -(-d // self.group_size)
+            expected[f"{side}_codes"] = (d, row_words)
+            expected[f"{side}_scales"] = (groups, k)
+            expected[f"{side}_mins"] = (groups, k)
+        want_dtype = {"sigma": torch.float32, "v_codes": torch.int32, "u_codes": torch.int32}
+        for field_name, shape in expected.items():
+            t = getattr(self, field_name)
+            if tuple(t.shape) != shape:
+                raise ValueError(
+                    f"{name}.{field_name} has shape {tuple(t.shape)}, but format version {FORMAT_VERSION_SLOTS} "
+                    f"(slots) with bands {list(bands)} and group_size {self.group_size} on a ({self.out_features} x "
+                    f"{self.in_features}) layer needs {shape}: rebuild it with SlotDelta.from_packed(packed_delta)."
                 )
             if t.dtype != want_dtype.get(field_name, torch.float16):
                 raise TypeError(f"{name}.{field_name} has dtype {t.dtype}, expected {want_dtype.get(field_name, torch.float16)}.")

@@ -99,12 +99,12 @@ def gpu_fp16_math(monkeypatch):
     there. bf16 and fp32 keep the interpreter's fp32."""
     import torch
 
-    from peft_ext.kernels import delta, dispatch, lowrank, lowrank_gathered
+    from peft_ext.kernels import delta, delta_decode, dispatch, lowrank, lowrank_gathered
 
     def gpu_compute_dtype(dtype):
         return dispatch.tl.float16 if dtype == torch.float16 else dispatch.tl.float32
 
-    for module in (dispatch, lowrank, lowrank_gathered, delta):
+    for module in (dispatch, lowrank, lowrank_gathered, delta, delta_decode):
         monkeypatch.setattr(module, "compute_dtype", gpu_compute_dtype)
     yield
 
@@ -133,10 +133,10 @@ def launch_guards(monkeypatch):
     """Replaces `launch_device` in every kernel module by a recorder (raising=False: the name need not exist, so
     a module that launches without a guard fails the test's assertions, not its set-up) and records each launch's
     active guards."""
-    from peft_ext.kernels import delta, dispatch, lowrank, lowrank_gathered
+    from peft_ext.kernels import delta, delta_decode, dispatch, lowrank, lowrank_gathered
 
     guards = LaunchGuards()
-    for module in (dispatch, lowrank, lowrank_gathered, delta):
+    for module in (dispatch, lowrank, lowrank_gathered, delta, delta_decode):
         monkeypatch.setattr(module, "launch_device", guards.guard, raising=False)
     launch = dispatch.LazyKernel.__getitem__
 

@@ -24,6 +24,7 @@ from peft_ext.kernels import (
 from peft_ext.kernels import dispatch
 
 from peft_ext.kernels import delta as dm
+from peft_ext.kernels import delta_decode as dd
 
 from .accuracy import BF16, FP16, FP32, FP64, TOL, rel_err
 
@@ -127,7 +128,7 @@ def test_tile_configs_are_all_exercised(monkeypatch):
         ((3,), 200, 50, ((2, 4),), 48),  # group 48: per-element scales in both kernels; in split 4 ways
     ]:
         x, weight, b, delta = make(lead, K, N, bands, gs, FP32)
-        y = delta_linear(x, weight, b, delta)
+        y = delta_linear(x, weight, b, delta, decode=False)  # decode sizes too: the bit-plane kernels
         check_close(y, x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), FP32)
     s, e = shrink.launches, expand.launches
     assert [c["ATOMIC"] for c in s] == [True, False, True]
@@ -353,6 +354,8 @@ def test_gradients_go_through_the_reference(monkeypatch):
     x, weight, b, delta = make((3, 4), 40, 30, ((2, 3), (3, 2)), 32, FP32)
     monkeypatch.setattr(dm, "_delta_shrink_kernel", NoLaunch())
     monkeypatch.setattr(dm, "_delta_expand_kernel", NoLaunch())
+    monkeypatch.setattr(dd, "_slot_shrink_kernel", NoLaunch())
+    monkeypatch.setattr(dd, "_fused_decode_kernel", NoLaunch())
     dy = torch.randn(3, 4, 30, generator=torch.Generator().manual_seed(5))
     xg = x.clone().requires_grad_()
     delta_linear(xg, weight, b, delta).backward(dy)
@@ -390,11 +393,11 @@ def test_exports():
 # ------------------------------------------------------------------ devices, fp16 range, determinism (issue 11)
 def test_launches_run_under_a_guard_for_x_device(launch_guards):
     x, weight, b, delta = make((2,), 300, 300, ((2, 5),), 128, FP32)
-    delta_linear(x, weight, b, delta)
-    delta_linear(x, weight, b, delta, deterministic=True)
+    delta_linear(x, weight, b, delta)  # decode: the fused kernels
+    delta_linear(x, weight, b, delta, deterministic=True, decode=False)
     delta_linear_gathered(x, weight, b, [delta, delta], torch.tensor([1, 0]))
     names = [name for name, _ in launch_guards.launches]
-    assert names == ["_delta_shrink_kernel", "_delta_expand_kernel"] * 3
+    assert names == ["_slot_shrink_kernel", "_fused_decode_kernel"] + ["_delta_shrink_kernel", "_delta_expand_kernel"] * 2
     assert all(active == (torch.device("cpu"),) for _, active in launch_guards.launches), launch_guards.launches
 
 
@@ -447,7 +450,7 @@ def test_deterministic_algorithms_use_the_split_store_path(monkeypatch, determin
     monkeypatch.setattr(dm, "_delta_shrink_kernel", shrink)
     monkeypatch.setattr(dm, "_delta_expand_kernel", expand)
     x, weight, b, delta = make((2,), 300, 300, ((2, 5),), 128, FP32)  # decode: `in` split 3 ways
-    ys = [delta_linear(x, weight, b, delta) for _ in range(2)]
+    ys = [delta_linear(x, weight, b, delta, decode=False) for _ in range(2)]
     check_close(ys[0], x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), FP32)
     assert torch.equal(ys[0], ys[1])
     # two tenants, ranks 7 and 33: the smaller one's unused T columns stay NaN and are never read
@@ -466,8 +469,8 @@ def test_deterministic_argument_overrides_the_global_setting(monkeypatch):
     monkeypatch.setattr(dm, "_delta_shrink_kernel", shrink)
     x, weight, b, delta = make((2,), 300, 300, ((2, 5),), 128, FP32)
     assert not torch.are_deterministic_algorithms_enabled()
-    y_atomic = delta_linear(x, weight, b, delta)
-    y_det = delta_linear(x, weight, b, delta, deterministic=True)
+    y_atomic = delta_linear(x, weight, b, delta, decode=False)
+    y_det = delta_linear(x, weight, b, delta, deterministic=True, decode=False)
     y_g = delta_linear_gathered(x, weight, b, [delta], torch.tensor([0, -1]), deterministic=True)
     assert [c["ATOMIC"] for c in shrink.launches] == [True, False, False]
     ref = reference_delta_linear(f64(x), f64(weight), f64(b), delta)

@@ -5,9 +5,12 @@ from typing import Optional, Union
 
 from peft_ext.tuners.config_base import PeftExtConfig
 
+from peft_ext.kernels.delta_format import FORMAT_VERSION_BITPLANES
+
 from .bands import SCALED, check_schedule, parse_budget
 
 METHODS = ("deltacome", "bitdelta", "lowrank")
+FORMAT_VERSION = FORMAT_VERSION_BITPLANES  # of the saved tensors (kernels/delta_format.py)
 QUANTIZERS = ("gptq", "rtn")
 
 
@@ -49,6 +52,10 @@ class DeltaComeConfig(PeftExtConfig):
             match base_probes to ~1e-3, but hold the fine-tune's values there).
         init_weights: True: an empty adapter is a zero delta (the output equals the base). False: random
             contents (for tests).
+        format_version: the layout of the saved Delta-CoMe tensors. 1 (the only one written and read): bit planes
+            (kernels/delta_format.py PackedDelta). Folders saved before the field existed have none and load as 1.
+            At decode the kernels relay each delta once, in memory, to the version-2 slot layout they read
+            (kernels/delta_format.py SlotDelta); the files never change.
         seed: the random contents of init_weights=False. None (default): drawn from torch's RNG, so that
             torch.manual_seed reproduces them and each adapter built gets its own. An int: the same contents from that
             seed and each layer's name, whatever torch's RNG and the adapter's name (two adapters of one seed are equal).
@@ -76,6 +83,9 @@ class DeltaComeConfig(PeftExtConfig):
     seed: Optional[int] = field(
         default=None, metadata={"help": "init_weights=False: None draws from torch's RNG; an int fixes the contents."}
     )
+    format_version: int = field(
+        default=FORMAT_VERSION, metadata={"help": "Layout of the saved tensors: 1 = bit planes (absent in older folders: 1)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,6 +103,12 @@ class DeltaComeConfig(PeftExtConfig):
             raise ValueError(f"DeltaComeConfig.group_size must be a positive integer (e.g. 128), got {self.group_size!r}.")
         bands = check_schedule(self.bands, "DeltaComeConfig.bands")
         self.bands = bands if isinstance(bands, str) else [list(b) for b in bands]
+        if self.format_version != FORMAT_VERSION or isinstance(self.format_version, bool):
+            raise ValueError(
+                f"DeltaComeConfig.format_version={self.format_version!r}: this peft-ext reads Delta-CoMe adapters of "
+                f"format version {FORMAT_VERSION} (bit planes) only. Load the folder with the peft-ext release that "
+                f"wrote it, or compress the fine-tune again with this one (peft-ext compress / compress_delta)."
+            )
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ValueError(f"DeltaComeConfig.seed must be None (torch's RNG) or an integer, got {self.seed!r}.")
         if isinstance(self.target_modules, (set, frozenset)):

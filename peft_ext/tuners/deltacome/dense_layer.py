@@ -6,6 +6,7 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
+from peft_ext.tuners.base import call_with_parameters
 from peft_ext.tuners.mixed_batch import route_rows
 from peft_ext.tuners.one_adapter_forward import OneAdapterForward
 
@@ -33,7 +34,7 @@ class DeltaComeDense(OneAdapterForward, DeltaComeTunerLayer):
     def _single_forward(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
         params = {n: t.to(getattr(base, n).dtype) for n, t in self.deltacome_dense[adapter_name].items()}
-        return torch.func.functional_call(base, params, (x, *args), kwargs)
+        return call_with_parameters(base, params, (x, *args), kwargs)  # also under FSDP1's shadowing views
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
         self._check_can_run()
@@ -53,7 +54,7 @@ class DeltaComeDense(OneAdapterForward, DeltaComeTunerLayer):
     def _stacked_forward(self, adapters: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
         params = {n: t.to(getattr(base, n).dtype) for n, t in self._stacked_values(adapters).items()}
-        return torch.func.functional_call(base, params, (x, *args), kwargs)
+        return call_with_parameters(base, params, (x, *args), kwargs)  # also under FSDP1's shadowing views
 
     def merged_values(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The fine-tune's values replace the module's; a further merged adapter adds its change (W - W0)."""

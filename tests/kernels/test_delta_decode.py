@@ -1,0 +1,251 @@
+"""Delta-CoMe decode on the version-2 slot layout (kernels/delta_decode.py, kernels/delta_format.py SlotDelta):
+the format's round trips, and the fused GEMV + delta kernels (Triton interpreter) against the plain-PyTorch
+reference (kernels/delta_reference.py) on float64 copies. Split partials are poisoned with NaN: every element
+must be written. Shapes are small: the interpreter's cost grows with programs x loop steps."""
+
+import pytest
+import torch
+
+from peft_ext.kernels import PackedDelta, delta_linear, delta_linear_gathered, reference_delta_linear
+from peft_ext.kernels import delta as dm
+from peft_ext.kernels import delta_decode as dd
+from peft_ext.kernels.delta_format import (
+    FORMAT_VERSION_BITPLANES,
+    FORMAT_VERSION_SLOTS,
+    SlotDelta,
+    pack_slots,
+    slot_width,
+    unpack_slots,
+)
+from peft_ext.kernels.delta_reference import reference_delta_linear_gathered
+
+from .accuracy import BF16, FP16, FP32, TOL, rel_err
+from .test_delta_linear import Recorder, check_close, f64, make
+
+
+@pytest.fixture(autouse=True)
+def _poison_partials(monkeypatch):
+    real = dd._new_partials
+    monkeypatch.setattr(dd, "_new_partials", lambda shape, device: real(shape, device).fill_(float("nan")))
+
+
+# ------------------------------------------------------------------------------------------------ format
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_slots_round_trip(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (37, 45), generator=g)
+    words = pack_slots(codes, bits)
+    slot = slot_width(bits)
+    assert slot in (1, 2, 4, 8) and slot >= bits
+    assert words.dtype == torch.int32 and words.shape == (37, -(-45 // (32 // slot)))
+    assert torch.equal(unpack_slots(words, bits, 45), codes)
+    # code j of a row sits in bits [slot * (j % cpw), ...) of word j // cpw
+    j = 5
+    cpw = 32 // slot
+    assert ((int(words[3, j // cpw]) & 0xFFFFFFFF) >> (slot * (j % cpw))) & ((1 << slot) - 1) == int(codes[3, j])
+
+
+def test_slot_delta_is_the_packed_delta_relaid():
+    g = torch.Generator().manual_seed(0)
+    packed = PackedDelta.random(70, 45, ((8, 2), (3, 5), (1, 33), (2, 0), (7, 3)), group_size=32, generator=g)
+    sd = SlotDelta.from_packed(packed)
+    sd.check()
+    assert packed.format_version == FORMAT_VERSION_BITPLANES and sd.format_version == FORMAT_VERSION_SLOTS
+    for side in ("u", "v"):
+        assert torch.equal(sd.factor(side), packed.factor(side))
+    back = sd.to_packed()
+    assert all(torch.equal(getattr(back, k), t) for k, t in packed.tensors().items())
+    # exact storage: one int32 word per 32 / slot codes per row, plus the same scales, mins and sigma
+    row_words = 1 + 1 + 2 + 0 + 1  # 2 x 8-bit, 5 x 4-bit slots (3-bit codes), 33 x 1-bit, none, 3 x 8-bit
+    assert sd.u_codes.shape == (70, row_words) and sd.v_codes.shape == (45, row_words)
+    assert sd.nbytes == packed.nbytes - packed.u_words.numel() * 4 - packed.v_words.numel() * 4 + (70 + 45) * row_words * 4
+
+
+def test_slot_delta_check_names_the_field_and_the_fix():
+    sd = SlotDelta.from_packed(PackedDelta.random(40, 30, ((2, 9),), group_size=16))
+    bad = SlotDelta(**{**sd.__dict__, "u_codes": sd.u_codes[:, :0]})
+    with pytest.raises(ValueError, match=r"u_codes has shape .*format version 2.*SlotDelta.from_packed"):
+        bad.check()
+    with pytest.raises(TypeError, match="v_scales has dtype torch.float32"):
+        SlotDelta(**{**sd.__dict__, "v_scales": sd.v_scales.float()}).check()
+    x, w = torch.randn(2, 30), torch.randn(40, 30)
+    with pytest.raises(ValueError, match="u_codes"):
+        delta_linear(x, w, None, bad)
+    with pytest.raises(ValueError, match=r"is for a \(40 x 30\) layer"):
+        delta_linear(torch.randn(2, 31), torch.randn(40, 31), None, sd)
+
+
+# ----------------------------------------------------------------------------------------- fused decode
+CASES = [
+    # lead, K (in), N (out), bands, group size, dtype, bias
+    ((1,), 33, 100, ((8, 2), (3, 5), (1, 9)), 32, FP32, True),  # batch 1, a 1-bit band (256-column tiles)
+    ((3,), 257, 100, ((8, 2), (3, 32), (2, 70)), 128, BF16, False),  # the paper's bit widths
+    ((16,), 100, 130, ((2, 70),), 40, FP32, True),  # 16 rows; group 40: scales per element in both kernels
+    ((2, 5), 64, 48, tuple((b, 3) for b in range(1, 9)) + ((4, 0),), 16, FP32, True),  # bits 1..8, an empty band
+    ((5,), 64, 64, ((3, 16), (2, 16)), 32, FP16, True),
+]
+
+
+@pytest.mark.parametrize("lead,K,N,bands,group_size,dtype,bias", CASES)
+def test_fused_decode_matches_reference(lead, K, N, bands, group_size, dtype, bias):
+    x, weight, b, delta = make(lead, K, N, bands, group_size, dtype, bias)
+    fused = Recorder(dd._fused_decode_kernel)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dd, "_fused_decode_kernel", fused)
+        y = delta_linear(x, weight, b, delta)
+    assert len(fused.launches) == 1 and y.dtype == dtype and y.shape == (*lead, N)
+    check_close(y, x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), dtype)
+    # a SlotDelta (version 2) gives the same output as the PackedDelta it was built from
+    torch.testing.assert_close(delta_linear(x, weight, b, SlotDelta.from_packed(delta)), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shrink_splits,splits", [(1, 1), (3, 2), (2, 4)])
+def test_split_reductions(monkeypatch, shrink_splits, splits):
+    """The shrink split over `in` (per-split slices summed in a fixed order) and the fused reduction split over
+    W's columns and U's tiles (fp32 partials summed, bias added once): each split count gives the reference."""
+    real = dd.decode_config
+
+    def forced(N, K, group_size, n_tiles, device, dtype):
+        c = real(N, K, group_size, n_tiles, device, dtype)
+        rows = dd.cdiv(dd.cdiv(K, c.block_i), shrink_splits) * c.block_i
+        k_per = dd.cdiv(dd.cdiv(K, c.block_k), splits) * c.block_k
+        return c._replace(shrink_splits=dd.cdiv(K, rows), rows_per_split=rows, splits=dd.cdiv(K, k_per), k_per_split=k_per)
+
+    monkeypatch.setattr(dd, "decode_config", forced)
+    fused = Recorder(dd._fused_decode_kernel)
+    monkeypatch.setattr(dd, "_fused_decode_kernel", fused)
+    x, weight, b, delta = make((4,), 700, 50, ((8, 2), (2, 40)), 64, FP32)
+    y = delta_linear(x, weight, b, delta)
+    check_close(y, x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), FP32)
+    assert fused.launches[0]["SPLITS"] == min(splits, 3)  # 700 columns of W = 3 steps of 256
+
+
+def test_zero_rank_delta_is_the_base():
+    x, weight, b, delta = make((3,), 40, 30, ((2, 0),), 32, FP32)
+    y = delta_linear(x, weight, b, delta)
+    assert rel_err(y, torch.nn.functional.linear(f64(x), f64(weight), f64(b))) <= TOL[FP32]
+
+
+def test_fp16_large_t_stays_in_range(gpu_fp16_math):
+    """The fused kernel reads T in fp32 for fp16 inputs (|T| > 65504 here)."""
+    from .test_delta_linear import large_t_delta
+
+    K, N = 70, 100
+    delta = large_t_delta(K, N)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(5, K, generator=g) * 2).half()
+    weight = (torch.randn(N, K, generator=g) * K**-0.5).half()
+    assert ((x.double() @ delta.factor("v").double()) * delta.sigma.double()).abs().max() > 65504
+    y = delta_linear(x, weight, None, delta)
+    assert y.isfinite().all()
+    check_close(y, x, weight, None, reference_delta_linear(f64(x), f64(weight), None, delta), FP16)
+
+
+def test_paths_and_decode_argument(monkeypatch):
+    """<= 16 rows: the fused decode; more rows, decode=False or a weight without unit column stride: the bit-plane
+    kernels (a SlotDelta is converted back once); decode=True where it cannot run: a clear error."""
+    shrink = Recorder(dm._delta_shrink_kernel)
+    monkeypatch.setattr(dm, "_delta_shrink_kernel", shrink)
+    fused = Recorder(dd._fused_decode_kernel)
+    monkeypatch.setattr(dd, "_fused_decode_kernel", fused)
+    x, weight, b, delta = make((20,), 40, 30, ((2, 3), (3, 2)), 32, FP32)
+    sd = SlotDelta.from_packed(delta)
+    ref = reference_delta_linear(f64(x), f64(weight), f64(b), delta)
+    check_close(delta_linear(x, weight, b, sd), x, weight, b, ref, FP32)  # 20 rows: bit planes
+    check_close(delta_linear(x[:16], weight, b, sd), x[:16], weight, b, ref[:16], FP32)  # fused
+    check_close(delta_linear(x[:2], weight, b, delta, decode=False), x[:2], weight, b, ref[:2], FP32)
+    w_t = weight.T.contiguous().T  # a transposed view: unit row stride
+    check_close(delta_linear(x[:2], w_t, b, delta), x[:2], weight, b, ref[:2], FP32)
+    assert len(fused.launches) == 1 and len(shrink.launches) == 3
+    with pytest.raises(ValueError, match="decode=True needs at most 16 rows"):
+        delta_linear(x, weight, b, delta, decode=True)
+    with pytest.raises(ValueError, match="unit column stride"):
+        delta_linear(x[:2], w_t, b, delta, decode=True)
+    index = torch.tensor([0, -1, 0, 0] * 5)
+    y_g = delta_linear_gathered(x, weight, b, [sd], index)
+    check_close(y_g, x, weight, b, reference_delta_linear_gathered(f64(x), f64(weight), f64(b), [delta], index), FP32)
+
+
+def test_reference_backend_reads_a_slot_delta():
+    x, weight, b, delta = make((2, 3), 40, 30, ((2, 5), (8, 1)), 32, FP32)
+    sd = SlotDelta.from_packed(delta)
+    torch.testing.assert_close(delta_linear(x, weight, b, sd, backend="reference"),
+                               delta_linear(x, weight, b, delta, backend="reference"), rtol=0, atol=0)  # fmt: skip
+    index = torch.tensor([0, -1])
+    torch.testing.assert_close(delta_linear_gathered(x, weight, b, [sd], index, backend="reference"),
+                               delta_linear_gathered(x, weight, b, [delta], index, backend="reference"), rtol=0, atol=0)  # fmt: skip
+
+
+def test_packed_delta_is_converted_once(monkeypatch):
+    x, weight, b, delta = make((2,), 40, 30, ((2, 3),), 32, FP32)
+    calls = []
+    real = SlotDelta.from_packed.__func__
+
+    def counted(cls, d):
+        calls.append(1)
+        return real(cls, d)
+
+    monkeypatch.setattr(SlotDelta, "from_packed", classmethod(counted))
+    for _ in range(3):
+        delta_linear(x, weight, b, delta)
+    assert len(calls) == 1
+    # an in-place change of the delta (e.g. load_state_dict into the same buffers) is seen: converted again
+    y = delta_linear(x, weight, b, delta)
+    delta.sigma.mul_(3.0)
+    delta.u_words.copy_(delta.u_words.flip(0))
+    y2 = delta_linear(x, weight, b, delta)
+    assert len(calls) == 2
+    check_close(y2, x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), FP32)
+    assert not torch.allclose(y, y2)
+    # the same for a SlotDelta's bit-plane form (prefill kernels)
+    sd = SlotDelta.from_packed(delta)
+    x20 = torch.randn(20, 40)
+    delta_linear(x20, weight, b, sd)
+    sd.v_scales.mul_(0.5)
+    check_close(delta_linear(x20, weight, b, sd), x20, weight, b, reference_delta_linear(f64(x20), f64(weight), f64(b), sd), FP32)
+
+
+def test_bytes_model_counts_the_stored_tensors():
+    """decode_bytes_model's delta bytes are the tensors' own sizes (slot codes for the fused path, bit planes for
+    the old one), W / x / y at the input dtype; the old path adds the expand's read-modify-write of y."""
+    packed = PackedDelta.random(100, 70, ((8, 2), (3, 5), (2, 33)), group_size=32)
+    sd = SlotDelta.from_packed(packed)
+    base = dd.decode_bytes_model(4, packed, 2, "base")
+    assert base == dict(W=100 * 70 * 2, x=4 * 70 * 2, y=4 * 100 * 2, total=100 * 70 * 2 + 4 * 170 * 2)
+    fused, old = dd.decode_bytes_model(4, packed, 2, "fused"), dd.decode_bytes_model(4, sd, 2, "bitplanes")
+    small = sum(t.numel() * t.element_size() for k, t in packed.tensors().items() if not k.endswith("words"))
+    assert fused["codes"] == sd.u_codes.numel() * 4 + sd.v_codes.numel() * 4 and fused["scales"] == small
+    assert old["codes"] == (packed.u_words.numel() + packed.v_words.numel()) * 4 and old["scales"] == small
+    assert old["y_rmw"] == 2 * base["y"] and fused["total"] == sum(v for k, v in fused.items() if k != "total")
+    with pytest.raises(ValueError, match="path must be"):
+        dd.decode_bytes_model(4, packed, 2, "other")
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+BENCH_SHAPES = [(4096, 4096, ((8, 2), (3, 32), (2, 968))), (14336, 4096, ((8, 2), (3, 32), (2, 1428)))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_f,in_f,bands", BENCH_SHAPES)
+@pytest.mark.parametrize("M", [1, 4, 16])
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+def test_gpu_fused_decode_benchmark_shapes(out_f, in_f, bands, M, dtype):
+    x, weight, b, delta = make((M,), in_f, out_f, bands, 128, dtype, device="cuda")
+    fused = Recorder(dd._fused_decode_kernel)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dd, "_fused_decode_kernel", fused)
+        y = delta_linear(x, weight, b, SlotDelta.from_packed(delta))
+    assert len(fused.launches) == 1
+    check_close(y, x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_split_fused_reduction():
+    """1024 output rows: fewer output blocks than SMs, so the fused reduction is split (fp32 partials)."""
+    x, weight, b, delta = make((3,), 4096, 1024, ((8, 2), (3, 32), (2, 200)), 128, BF16, device="cuda")
+    fused = Recorder(dd._fused_decode_kernel)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dd, "_fused_decode_kernel", fused)
+        y = delta_linear(x, weight, b, delta)
+    assert fused.launches[0]["SPLITS"] > 1
+    check_close(y, x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), BF16)
