@@ -375,6 +375,14 @@ class KernelBench:
             return do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median")
         return measure(fn, warmup=1, reps=self.cpu_reps, device=self.device).median_ms
 
+    def copy_bandwidth(self, mib: int) -> float:
+        """Bytes per second of a device-to-device torch copy (read + write), the perf.md ceiling's convention."""
+        n = mib * 2**20 // 4
+        src = torch.randn(n, device=self.device)
+        dst = torch.empty_like(src)
+        ms = self.time_ms(lambda: dst.copy_(src))
+        return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
 
 def add_kernel_bench_args(parser, cpu_reps: int, small_flag: str) -> None:
     """The options every kernel benchmark takes: dtype, do_bench timing, device, --out."""

@@ -13,7 +13,10 @@ Training table (forward with autograd on, and forward + backward = dx, dA, dB; W
     ours fp32       peft_ext.kernels.lowrank_linear, fp32 adapter weights (tiles cast in the kernel)
     ours bf16       the same with bf16 adapter weights
   columns: ms, peak extra MiB over the inputs (CUDA), ratios to the base row of the same shape, and for
-  ours the relative error of the output against a float64 reference.
+  ours the relative error of the output against a float64 reference; "extra MB (model)" is what a model of the
+  design's device-memory traffic (kernels/lowrank.py `lowrank_bytes_model`, not measured) adds to the frozen
+  base's forward + backward, and "extra / BW floor" the measured extra time over that many bytes at the copy
+  bandwidth measured in this run (--copy-mib; 1.0 = the adapter costs exactly its bytes' floor).
 Inference table (torch.no_grad, --infer-tokens, default 4096 = 8 x 512 as perf.md's forward anchor):
     base, ours / PEFT-style with one adapter, and mixed batches of --adapters adapters (one per sequence of
     512 tokens, sequences spread evenly over the adapters): ours (lowrank_linear_gathered, with a plan built
@@ -49,8 +52,11 @@ from common import (  # noqa: I001  (first: fixes sys.path)
 import torch
 import torch.nn.functional as F
 
-ANCHOR = dict(tokens=8192, infer_tokens=4096, seq=512, shapes="2048x2048,5632x2048,2048x5632", ranks="16,64", adapters="4,16")
-TINY = dict(tokens=96, infer_tokens=64, seq=16, shapes="48x40", ranks="4", adapters="2,3")
+ANCHOR = dict(
+    tokens=8192, infer_tokens=4096, seq=512, shapes="2048x2048,5632x2048,2048x5632", ranks="16,64", adapters="4,16",
+    copy_mib=1024,
+)
+TINY = dict(tokens=96, infer_tokens=64, seq=16, shapes="48x40", ranks="4", adapters="2,3", copy_mib=4)
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -94,8 +100,9 @@ def peft_mixed(x3, weight, a_stack, b_stack, scales, seq_rows):
     return result
 
 
-def training_rows(bench: Bench, args, dtype) -> list[dict]:
+def training_rows(bench: Bench, args, dtype, copy_bps: float) -> list[dict]:
     from peft_ext.kernels import lowrank_linear, reference_lowrank_linear
+    from peft_ext.kernels.lowrank import lowrank_bytes_model
 
     rows = []
     g = torch.Generator(device=bench.device).manual_seed(0)
@@ -138,6 +145,16 @@ def training_rows(bench: Bench, args, dtype) -> list[dict]:
                     row["step_x"] = row["step_ms"] / base["step_ms"]
                     if row["mem_mib"] is not None and base["mem_mib"]:
                         row["mem_x"] = row["mem_mib"] / base["mem_mib"]
+                    if name.startswith("ours"):
+                        adapter_dtype = a32.dtype if name == "ours32" else dtype
+                        model = [
+                            lowrank_bytes_model(M, in_f, out_f, r, dtype, adapter_dtype, bench.device, True, adapter)
+                            for adapter in (True, False)
+                        ]
+                        extra = model[0]["total"] - model[1]["total"]
+                        row["extra_mb"] = extra / 1e6
+                        added_ms = row["step_ms"] - base["step_ms"]
+                        row["floor_x"] = added_ms / (extra / copy_bps * 1e3) if added_ms > 0 else None
                 rows.append(row)
                 print(f"[train {row['shape']} r={r}] {label}: {row}", file=sys.stderr, flush=True)
             del x, w, a32, b32, a16, b16, dy, ref
@@ -224,6 +241,10 @@ def fmt_mib(v):
     return "n/a" if v is None else f"{v:.0f}"
 
 
+def fmt_mb(v):
+    return "-" if v is None else f"{v:.1f}"
+
+
 def fmt_err(v):
     return "" if v is None else f"{v:.1e}"
 
@@ -257,6 +278,7 @@ def parse_args(argv=None):
     p.add_argument("--adapters", default=None, help=f"adapters per mixed batch, comma-separated (default {ANCHOR['adapters']})")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-infer", action="store_true")
+    p.add_argument("--copy-mib", type=int, default=None, help="buffer of the copy-bandwidth measurement (default 1024; --tiny 4)")
     add_kernel_bench_args(p, cpu_reps=2, small_flag="--tiny")
     args = p.parse_args(argv)
     return fill_from_preset(args, TINY if args.tiny else ANCHOR)
@@ -270,14 +292,18 @@ def main(argv=None) -> None:
     anchor = device.type == "cuda" and not args.tiny and args.tokens == ANCHOR["tokens"] and args.dtype == "bfloat16"
 
     parts = [env_header(device)]
-    train = [] if args.skip_train else training_rows(bench, args, dtype)
+    copy_bps = bench.copy_bandwidth(args.copy_mib)
+    train = [] if args.skip_train else training_rows(bench, args, dtype, copy_bps)
     infer = [] if args.skip_infer else inference_rows(bench, args, dtype)
     if train:
         parts.append(f"Training, one layer, {args.tokens} tokens, {args.dtype} (W frozen; backward = dx, dA, dB):\n\n" + table(train, [
             ("fwd ms", "fwd_ms", fmt_ms), ("fwd+bwd ms", "step_ms", fmt_ms), ("peak extra MiB", "mem_mib", fmt_mib),
             ("fwd vs base", "fwd_x", fmt_x), ("fwd+bwd vs base", "step_x", fmt_x), ("memory vs base", "mem_x", fmt_x),
-            ("rel err vs fp64", "err", fmt_err),
+            ("rel err vs fp64", "err", fmt_err), ("extra MB (model)", "extra_mb", fmt_mb),
+            ("extra / BW floor", "floor_x", fmt_x),
         ]))  # fmt: skip
+        parts.append(f"Copy bandwidth measured in this run: {copy_bps / 1e9:.0f} GB/s (torch copy of {args.copy_mib} MiB, "
+                     f"read + write); the bytes are a model, the times measured.")
     if infer:
         parts.append(f"Inference, one layer, {args.infer_tokens} tokens ({args.infer_tokens // args.seq} sequences of {args.seq}), "
                      f"{args.dtype}, no grad:\n\n" + table(infer, [

@@ -464,3 +464,47 @@ def lowrank_linear(
         training = keep is not None
         return reference_lowrank_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p, training, dropout_mask=keep)
     return LowRankLinearFunction.apply(x, weight, bias, lora_a, lora_b, scale, keep, dropout_p)
+
+
+# ------------------------------------------------------------------------------------------------ bytes model
+def lowrank_bytes_model(
+    M: int, K: int, N: int, R: int, dtype: torch.dtype, adapter_dtype: torch.dtype, device: torch.device,
+    backward: bool = False, adapter: bool = True,
+) -> dict[str, int]:
+    """A model (not a measurement) of the bytes one `lowrank_linear` call moves through device memory, the
+    bandwidth floor its time is compared with (benchmarks/lowrank_kernels.py prints the fraction reached). Per
+    launch of the design in the module docstring, each operand read or written once per launch (tiles re-read
+    from L2 not counted); `adapter=False`: the frozen base alone (x W^T; backward dx = dy W). Keys: one per
+    launch, and "total". Forward, then with `backward` the backward of dx, dA and dB (no dropout, no bias)."""
+    e = torch.finfo(dtype).bits // 8
+    e_mid = torch.finfo(intermediate_dtype(dtype)).bits // 8
+    e_ad = torch.finfo(adapter_dtype).bits // 8
+    w, x, y = N * K * e, M * K * e, M * N * e
+    if not adapter:
+        parts = {"gemm x W^T": x + w + y}
+        if backward:
+            parts["gemm dy W"] = y + w + x
+        return {**parts, "total": sum(parts.values())}
+    a = R * K * e
+    b = N * R * e
+    cast = (R * K + N * R) * (e_ad + e) if e_ad > e else 0  # fp32 masters cast once per call (_compute_operand)
+    parts = {
+        "factor casts": cast,
+        "shrink/expand x": x + a + b + M * R * e_mid + y,  # reads x, A, B; writes xa and y_low
+        "gemm x W^T + y_low": x + w + y + y,  # beta=1: reads y_low, writes y
+    }
+    if backward:
+
+        def wgrad(C: int) -> int:  # reads the intermediate and the (M, C) operand, writes and sums fp32 partials
+            _, _, splits, _ = _wgrad_config(M, C, R, device, None)
+            partials = splits * R * C * 4
+            return M * R * e_mid + M * C * e + (partials * 2 + R * C * 4 if splits > 1 else partials)
+
+        parts.update({
+            "factor casts (backward)": cast,
+            "shrink/expand dy": y + a + b + M * R * e_mid + x,  # reads dy, B, A; writes dyb and dx_low
+            "gemm dy W + dx_low": y + w + x + x,
+            "wgrad dA": wgrad(K),
+            "wgrad dB": wgrad(N),
+        })  # fmt: skip
+    return {**parts, "total": sum(parts.values())}

@@ -613,3 +613,32 @@ def test_gpu_bf16_inputs_fp32_factors_cast_once_exactly(monkeypatch):
     assert torch.equal(y, y_tile)
     for name in g:
         assert torch.equal(g[name], g_tile[name]), name
+
+
+def test_bytes_model_counts_what_each_shrink_expand_launch_reads_and_writes(monkeypatch):
+    """`lowrank_bytes_model` (the floor benchmarks/lowrank_kernels.py compares times with) against the tensors the
+    forward and backward shrink/expand launches are really handed and return, and the cuBLAS GEMMs' operands."""
+    from peft_ext.kernels.lowrank import lowrank_bytes_model
+
+    M, K, N, R = 48, 40, 56, 4
+    layer = make_layer((2, M // 2), K, N, R, FP32, FP32, bias=False)
+    launches = []
+    real = lowrank_module.shrink_expand
+
+    def spy(x2d, shrink, expand, *args, **kwargs):
+        out, mid = real(x2d, shrink, expand, *args, **kwargs)
+        launches.append(sum(t.numel() * t.element_size() for t in (x2d, shrink, expand, out, mid) if t is not None))
+        return out, mid
+
+    monkeypatch.setattr(lowrank_module, "shrink_expand", spy)
+    run(layer, ("x", "lora_a", "lora_b"), scale=0.5)
+    model = lowrank_bytes_model(M, K, N, R, FP32, FP32, torch.device("cpu"), backward=True)
+    assert launches == [model["shrink/expand x"], model["shrink/expand dy"]]
+    e = 4
+    assert model["gemm x W^T + y_low"] == (M * K + N * K + 2 * M * N) * e  # x, W, y_low read (beta=1), y written
+    assert model["gemm dy W + dx_low"] == (M * N + N * K + 2 * M * K) * e
+    assert model["factor casts"] == 0 and model["total"] == sum(v for k, v in model.items() if k != "total")
+    base = lowrank_bytes_model(M, K, N, R, FP32, FP32, torch.device("cpu"), backward=True, adapter=False)
+    assert base["total"] == 2 * (M * K + N * K + M * N) * e
+    bf16 = lowrank_bytes_model(M, K, N, R, BF16, FP32, torch.device("cpu"))
+    assert bf16["factor casts"] == (R * K + N * R) * (4 + 2)  # fp32 masters read, bf16 copies written
