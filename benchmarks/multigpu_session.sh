@@ -2,11 +2,14 @@
 # The distributed smoke check for a machine with 2 or more GPUs (issue 15), in ONE device call of at most 8 minutes:
 #
 #   here, once:   bash benchmarks/device_wheels.sh              (peft -> .whl/, as for gpu_session.sh)
-#   device call:  bash benchmarks/multigpu_session.sh           (carry [".whl"], timeout_s 480)
-#   here:         bash benchmarks/multigpu_session.sh --list    (the cells it would run, nothing launched)
+#   device call:  bash benchmarks/multigpu_session.sh ddp fsdp2           (carry [".whl"], timeout_s 480)
+#   device call:  bash benchmarks/multigpu_session.sh fsdp1 zero2 zero3   (the other cells, a second call)
+#   here:         bash benchmarks/multigpu_session.sh --list [CONFIG...]  (the cells it would run, nothing launched)
+# CONFIG: any of ddp fsdp2 fsdp1 zero2 zero3 (default: all five, which may not fit one call: the last cells are then
+# reported "SKIP (budget spent)").
 #
 # Each cell is `accelerate launch --config_file recipes/accelerate/<config>.yaml <peft-ext> train <recipe>`: the tiny
-# Llama on fictional-facts, 3 steps, batch 2 per GPU, 2 processes, under its own timeout (CELL_TIMEOUT_S, default 45 s)
+# Llama on fictional-facts, 3 steps, batch 2 per GPU, 2 processes, under its own timeout (CELL_TIMEOUT_S, default 60 s)
 # and the whole script under MULTIGPU_BUDGET_S (default 440 s). The cells: every method (LoRA, HFT, COLA, S'MoRE,
 # SSMLoRA, FineGates) under DDP (NCCL) and FSDP2; LoRA and HFT under FSDP1 and, when `import deepspeed` works, under
 # ZeRO-2 and ZeRO-3; COLA (whose link boundaries fall inside the 3 steps) under FSDP2 and ZeRO-2, where it must refuse
@@ -20,7 +23,8 @@ set -uo pipefail
 OUT=${OUT:-outputs/multigpu_session}
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_session.sh"  # ROOT, PYTHON, SITE, step(), setup(): defined, nothing run
 BUDGET_S=${MULTIGPU_BUDGET_S:-440}
-CELL_TIMEOUT_S=${CELL_TIMEOUT_S:-45}
+CELL_TIMEOUT_S=${CELL_TIMEOUT_S:-60}
+CONFIGS="ddp fsdp2 fsdp1 zero2 zero3"
 NPROC=${MULTIGPU_NPROC:-2}
 
 # method name -> the recipe's method block (YAML flow style)
@@ -83,8 +87,23 @@ PeftModel.from_pretrained(tiny_llama()[0], folder)
 PY
 }
 
+select_cells() {  # select_cells [CONFIG...]: CELLS restricted to those configs (all without arguments)
+    local wanted=" ${*:-$CONFIGS} " config cell selected=()
+    for config in "$@"; do
+        [[ " $CONFIGS " == *" $config "* ]] || { echo "unknown config $config: choose from $CONFIGS"; return 2; }
+    done
+    for cell in "${CELLS[@]}"; do [[ $wanted == *" ${cell#*-} "* ]] && selected+=("$cell"); done
+    CELLS=("${selected[@]}")
+}
+
 main() {
+    local list=0
     if [ "${1:-}" = "--list" ]; then
+        list=1
+        shift
+    fi
+    select_cells "$@" || return 2
+    if [ $list -eq 1 ]; then
         local cell
         for cell in "${CELLS[@]}"; do echo "$cell${REFUSAL[$cell]:+ (must refuse: ${REFUSAL[$cell]})}"; done
         return 0

@@ -57,6 +57,9 @@ class Recipe:
     resume_from_checkpoint: bool | str | None = None
 
     def __post_init__(self):
+        for key in ("save_strategy", "eval_strategy", "logging_strategy"):
+            if self.trainer_args.get(key) is False:  # YAML reads `no` as false
+                self.trainer_args[key] = "no"
         if isinstance(self.imports, str):
             self.imports = [self.imports]
         for module in self.imports:
@@ -78,10 +81,11 @@ class Recipe:
                     f"recipe pruned_dir={self.pruned_dir!r} needs a FineGates method (method: {{peft_type: FINEGATES, "
                     f"...}}): it saves the model pruned by the gates. Remove pruned_dir for method {peft_type or None}."
                 )
-        if isinstance(self.resume_from_checkpoint, str) and not Path(self.resume_from_checkpoint).is_dir():
+        if isinstance(self.resume_from_checkpoint, str) and not (Path(self.resume_from_checkpoint) / "trainer_state.json").is_file():
             raise ValueError(
-                f"recipe resume_from_checkpoint={self.resume_from_checkpoint!r} is not a folder: give a checkpoint "
-                f"folder (output_dir/checkpoint-N), or true for the latest one in output_dir"
+                f"recipe resume_from_checkpoint={self.resume_from_checkpoint!r} is not a Trainer checkpoint folder (no "
+                f"trainer_state.json): give a checkpoint folder (output_dir/checkpoint-N), or true for the latest one "
+                f"in output_dir"
             )
         if self.resume_from_checkpoint is True and not list(Path(self.output_dir).glob("checkpoint-*")):
             raise ValueError(
@@ -162,6 +166,7 @@ def run_recipe(recipe: Recipe):
     writes the files and prints, the others wait for it at a barrier. Under FSDP the full state dict is gathered by
     every rank (a collective) before the main process saves it."""
     trainer = build_trainer(recipe)
+    _check_launch(trainer)
     if recipe.pruned_dir is not None and trainer.is_fsdp_enabled:
         raise ValueError(
             "recipe pruned_dir is not supported under FSDP (the pruned model is cut from the whole, unsharded model): "
@@ -174,9 +179,15 @@ def run_recipe(recipe: Recipe):
     if isinstance(model, PeftModel):
         # under FSDP every rank joins the gather; otherwise the main process's own tensors are the adapter
         state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+        empty = False
         if main:
             model.save_pretrained(output_dir, state_dict=state_dict)
-            _check_adapter_written(output_dir, model)
+            empty = _empty_adapter_file(output_dir, model)
+        if trainer.accelerator.num_processes > 1:  # every rank raises, none waits for the others at the barrier
+            flags = trainer.accelerator.gather(torch.tensor([int(empty)], device=trainer.accelerator.device))
+            empty = bool(flags.any())
+        if empty:
+            raise ValueError(EMPTY_ADAPTER.format(path=output_dir / "adapter_model.safetensors"))
         what = "adapter"
     else:
         trainer.save_model(str(output_dir))  # every rank: Trainer gathers under FSDP and writes from the main process
@@ -210,21 +221,50 @@ def save_pruned_model(trainer, pruned_dir: Path) -> None:
     print(f"Saved the pruned model to {pruned_dir.resolve()} (load it with peft_ext.load_pruned)")
 
 
-def _check_adapter_written(output_dir: Path, model) -> None:
-    """An adapter file without tensors for a model that trained some is an error, not a result: PEFT 0.21's
-    `save_pretrained(state_dict=...)` selects a method's entries by module name and, under FSDP1 with per-layer units
-    (`_fsdp_wrapped_module.` inside the names), selects none for PEFT's own methods such as LoRA (peft-ext's methods
-    handle it, see PeftExtTuner._get_adapter_state_dict)."""
+EMPTY_ADAPTER = (
+    "the adapter saved to {path} held no tensor, although the model trained some (the file was removed): under FSDP1 "
+    "(accelerate's fsdp_version 1, the Trainer's `fsdp` argument) PEFT's save_pretrained finds no tensor of the "
+    "layers inside wrapped units, for PEFT's own methods such as LoRA. Use FSDP2 (recipes/accelerate/fsdp2.yaml, "
+    "fsdp_version: 2; docs/distributed.md), or DDP."
+)
+
+
+def _empty_adapter_file(output_dir: Path, model) -> bool:
+    """Whether save_pretrained wrote an adapter file without tensors for a model that trained some (then removed):
+    PEFT 0.21's `save_pretrained(state_dict=...)` selects a method's entries by module name and, under FSDP1 with
+    per-layer units (`_fsdp_wrapped_module.` inside the names), selects none for PEFT's own methods such as LoRA
+    (peft-ext's methods handle it, see PeftExtTuner._get_adapter_state_dict)."""
     from safetensors import safe_open
 
     path = output_dir / "adapter_model.safetensors"
     if not path.is_file() or not any(p.requires_grad for p in model.parameters()):
-        return
+        return False
     with safe_open(str(path), framework="pt") as f:
         if list(f.keys()):
-            return
-    raise RuntimeError(
-        f"the adapter saved to {path} holds no tensor, although the model trained some: under FSDP1 (accelerate's "
-        f"fsdp_version 1, the Trainer's `fsdp` argument) PEFT's save_pretrained finds no tensor of the layers inside "
-        f"wrapped units. Use FSDP2 (fsdp_config: fsdp_version: 2, see docs/distributed.md), or DDP."
-    )
+            return False
+    path.unlink()
+    return True
+
+
+def _check_launch(trainer) -> None:
+    """Before training: a multi-process launch whose trainer does not see the processes (`use_cpu: false` on a
+    machine without GPUs under torchrun: every rank would train alone on its own data and save) is refused; an
+    accelerate FSDP config that accelerate did not apply (on CPU it runs MULTI_CPU, i.e. DDP) is said."""
+    import os
+    import warnings
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and trainer.accelerator.num_processes == 1:
+        raise ValueError(
+            f"this run was launched as {world} processes, but the trainer sees one (trainer_args use_cpu="
+            f"{trainer.args.use_cpu!r} on a {'GPU' if torch.cuda.is_available() else 'CPU-only'} machine): each "
+            f"rank would train alone on its own data and write the same output_dir. On a machine without GPUs leave "
+            f"use_cpu unset (peft-ext sets it) or true; on GPUs, launch one process per GPU."
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        warnings.warn(
+            f"the accelerate config asks for FSDP, but accelerate runs this launch as "
+            f"{trainer.accelerator.distributed_type.value} (it applies FSDP to GPU process groups only): the model is "
+            f"not sharded; each process holds all of it (DDP).",
+            stacklevel=2,
+        )

@@ -82,3 +82,12 @@ def test_verdicts_of_refusals_and_failures(tmp_path, cell, rc, text, want):
     log.write_text(text)
     run = bash(f"source {SCRIPT}; verdict {cell} {rc} {log}", tmp_path)
     assert run.stdout.strip() == want, run.stdout + run.stderr
+
+
+def test_the_cells_can_be_split_over_calls_by_config(tmp_path):
+    listed = bash(f"bash {SCRIPT} --list fsdp1 zero3", tmp_path)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    cells = [line.split()[0] for line in listed.stdout.splitlines()]
+    assert cells == ["lora-fsdp1", "hft-fsdp1", "lora-zero3", "hft-zero3"], cells
+    bogus = bash(f"bash {SCRIPT} --list ddp bogus", tmp_path)
+    assert bogus.returncode == 2 and "unknown config bogus" in bogus.stdout

@@ -97,3 +97,19 @@ def test_second_stage_from_a_saved_adapter_draws_a_new_half(tmp_path):
     assert set(first.selected_modules) <= set(config.trained_modules)  # stage 1's half stays in the model
     reloaded = PeftModel.from_pretrained(tiny_llama()[0], tmp_path / "out2")
     assert torch.equal(logits(reloaded), logits(trained.model))
+
+
+def test_resume_from_checkpoint_is_checked_before_training(tmp_path):
+    common = dict(model="tiny-llama", data="fictional-facts", output_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint=true, but output_dir .* holds no checkpoint-N"):
+        Recipe(**common, resume_from_checkpoint=True)
+    (tmp_path / "out").mkdir()  # a folder, but not a Trainer checkpoint
+    with pytest.raises(ValueError, match=r"is not a Trainer checkpoint folder \(no trainer_state.json\)"):
+        Recipe(**common, resume_from_checkpoint=str(tmp_path / "out"))
+
+
+def test_a_strategy_of_no_read_by_yaml_as_false_means_no(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: tiny-llama\ndata: fictional-facts\ntrainer_args: {save_strategy: no, logging_strategy: no}\n")
+    recipe = Recipe.from_yaml(str(path), ["trainer_args.eval_strategy=no"])
+    assert [recipe.trainer_args[k] for k in ("save_strategy", "logging_strategy", "eval_strategy")] == ["no"] * 3

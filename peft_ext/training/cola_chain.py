@@ -113,7 +113,8 @@ def _check_merges_can_run(tuner, name: str, config: ColaConfig, model, optimizer
     if changes:
         link, old, new = changes[0]
         raise ValueError(
-            f"COLA adapter {name!r}: link {link + 1} has rank {new} where link {link} has rank {old} "
+            f"COLA adapter {name!r}: link {link + 1} of the chain (counted from 1) has rank {new} where link {link} "
+            f"has rank {old} "
             f"(ColaConfig.link_ranks={config.link_ranks}), and this run has {dist.get_world_size()} processes: "
             f"DDP sizes its gradient buckets once, so a link cannot change shape mid-run. Use one rank for every link "
             f"(link_ranks=None, or equal values), or train this chain on one process."

@@ -53,6 +53,10 @@ class HftReselectCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         adapters = _hft_adapters(model)
+        if optimizer is not None:  # a run that will re-draw where it cannot: refused before its first step
+            for _, name, config in adapters:
+                if config.reselect == "epoch" and _epochs(args, state) > 1:
+                    _check_can_redraw(model, name, optimizer, "in this run (reselect='epoch', more than one epoch)")
         if adapters and _world_size() > 1:
             _check_unused_parameter_search(args, state, adapters)
             _DdpGradSync.of(adapters[0][0]).run_begins(model, optimizer)
@@ -76,7 +80,7 @@ def _check_unused_parameter_search(args, state, adapters) -> None:
     """Raise, before the first step, for a run that will re-draw under DDP without the unused-parameter search."""
     if getattr(args, "ddp_find_unused_parameters", None) is not False:
         return
-    epochs = getattr(state, "num_train_epochs", None) or getattr(args, "num_train_epochs", 1)
+    epochs = _epochs(args, state)
     due = [
         (name, config.reselect)
         for _, name, config in adapters
@@ -91,6 +95,11 @@ def _check_unused_parameter_search(args, state, adapters) -> None:
             f"finished reduction in the prior iteration\"). Leave ddp_find_unused_parameters unset (the Trainer's "
             f"default for a PEFT model) or True, or use reselect='never'. Nothing was re-drawn."
         )
+
+
+def _epochs(args, state) -> float:
+    """The run's number of epochs (the Trainer sets state.num_train_epochs before on_train_begin)."""
+    return getattr(state, "num_train_epochs", None) or getattr(args, "num_train_epochs", 1) or 1
 
 
 def _hft_adapters(model):
@@ -110,6 +119,15 @@ def _reselect(model, tuner, name, optimizer, lr_scheduler, when):
             f"`added, removed = model.base_model.reselect({name!r}); peft_ext.training.swap_optimizer_params("
             f"optimizer, added, removed, lr_scheduler, model=model)`. Nothing was re-drawn."
         )
+    _check_can_redraw(model, name, optimizer, when)
+    added, removed = tuner.reselect(name)
+    swap_optimizer_params(optimizer, added, removed, lr_scheduler, model=model)
+    if _world_size() > 1:
+        _DdpGradSync.of(tuner).take(model, added)
+
+
+def _check_can_redraw(model, name, optimizer, when) -> None:
+    """A ValueError with the fix where a re-draw cannot hand the new half to the optimizer or the sharding."""
     if not editable(optimizer):
         raise ValueError(
             f"HftReselectCallback: HFT adapter {name!r} is due for a new selection {when}, but the callback cannot add "
@@ -128,10 +146,6 @@ def _reselect(model, tuner, name, optimizer, lr_scheduler, when):
             f"(`model.base_model.reselect({name!r})`, then a new Trainer for the next task: the callback sees the stage "
             f"already drawn). Nothing was re-drawn."
         )
-    added, removed = tuner.reselect(name)
-    swap_optimizer_params(optimizer, added, removed, lr_scheduler, model=model)
-    if _world_size() > 1:
-        _DdpGradSync.of(tuner).take(model, added)
 
 
 def _world_size() -> int:

@@ -90,12 +90,16 @@ def _add_group(optimizer, params, lr_scheduler, **overrides) -> None:
 
 def editable(optimizer) -> bool:
     """Whether `swap_optimizer_params` can change what `optimizer` trains: a torch optimizer (also inside accelerate's
-    AcceleratedOptimizer), not DeepSpeed's, which keeps flat copies of the parameters it was built with."""
-    inner, seen = optimizer, set()
+    AcceleratedOptimizer), not DeepSpeed's, which keeps flat copies of the parameters it was built with. DeepSpeed
+    anywhere along the `.optimizer` chain counts: under accelerate the Trainer's optimizer is a
+    DeepSpeedOptimizerWrapper around DeepSpeed's ZeRO optimizer, which itself holds the torch optimizer it was
+    built from (`.optimizer`), so the innermost object alone looks editable."""
+    chain, inner, seen = [optimizer], optimizer, set()
     while getattr(inner, "optimizer", None) is not None and id(inner) not in seen:
         seen.add(id(inner))
         inner = inner.optimizer
-    if type(inner).__module__.split(".")[0] == "deepspeed":
+        chain.append(inner)
+    if any(type(o).__module__.split(".")[0] == "deepspeed" for o in chain):
         return False
     return isinstance(inner, torch.optim.Optimizer) and isinstance(optimizer, torch.optim.Optimizer)
 

@@ -170,7 +170,7 @@ class SmoreCallback(TrainerCallback):
         for key, layer, expert, share, threshold in starving:
             if (key, layer) not in self._warned:
                 groups.setdefault((key, layer), [threshold]).append((expert, share))
-        if groups:
+        if groups and getattr(state, "is_world_process_zero", True):  # several processes: rank 0's window speaks
             self._warned.update(groups)
             listed = "; ".join(
                 f"{key} S'MoRE layer {layer} (threshold {threshold:.3f}): "
