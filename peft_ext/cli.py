@@ -10,7 +10,8 @@ import sys
 DESCRIPTION = """\
 Fine-tune language models with peft-ext's methods (HFT, ...) through Hugging Face PEFT and TRL.
 
-  peft-ext demo                          HFT vs full fine-tuning vs LoRA on SmolLM2, offline, a few CPU minutes
+  peft-ext compare                       HFT vs full fine-tuning vs LoRA on SmolLM2, offline, a few CPU minutes
+  peft-ext compare COMPARE.yaml          every method on your model and data, side by side (docs/compare.md)
   peft-ext train recipes/hft_sft.yaml    train what a YAML recipe describes; saves the adapter
   peft-ext eval --model smollm2-135m-instruct --adapter outputs/hft_sft
   peft-ext push outputs/hft_sft --repo-id you/smollm2-hft-facts
@@ -46,17 +47,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="import PACKAGE first: a package that registers your own method (peft_ext.register_method); repeatable",
     )
 
+    compare = commands.add_parser(
+        "compare",
+        help="compare fine-tuning methods on a model and data: score, forgetting, time, memory, size, latency",
+        description="Train every method of COMPARE.yaml (registered peft-ext methods, LORA, FULL) on the same model "
+        "and data under the same budget, for each seed; print one table (score mean \u00b1 std, forgetting, train "
+        "time, peak memory, trainable parameters, size on disk, inference latency unmerged and merged) and write "
+        "results.json, results.csv, report.md and plots. Finished runs are skipped on a rerun. Without a file: the "
+        "built-in comparison (HFT vs full fine-tuning vs LoRA teaching SmolLM2 48 fictional facts). See docs/compare.md.",
+    )
+    compare.add_argument("config", nargs="?", metavar="COMPARE.yaml", help="the comparison (see recipes/compare_*.yaml)")
+    _add_experiment_args(
+        compare, config_help=None, out_help="where results go (default ./outputs/compare)",
+        set_example="max_steps=60 --set seeds=[0,1,2] --set methods=[hft,lora]",
+    )
+    compare.add_argument(
+        "--import", dest="imports", action="append", default=[], metavar="PACKAGE",
+        help="import PACKAGE first: a package that registers your own method (peft_ext.register_method); repeatable",
+    )
+
     demo = commands.add_parser(
         "demo",
-        help="compare HFT, full fine-tuning and LoRA: new-task score vs forgetting",
-        description="Teach SmolLM2 48 facts about a fictional country with HFT, full fine-tuning and LoRA; print "
-        "new-task accuracy, old world-knowledge accuracy and LM loss on English text (forgetting) side by side; "
-        "save results.json, results.csv and plots. The default finishes in a few minutes on a laptop CPU.",
+        help="an alias of `peft-ext compare` with no file (the built-in comparison)",
+        description="The built-in comparison, as `peft-ext compare` with no file: teach SmolLM2 48 facts about a "
+        "fictional country with HFT, full fine-tuning and LoRA; print the score, forgetting and costs side by side. "
+        "With --config, runs a demo config of the earlier demo format (recipes/demo_default.yaml, "
+        "recipes/hft_forgetting.yaml: score curves, comparison at equal new-task score).",
     )
     _add_experiment_args(
-        demo, config_help="a demo config (e.g. recipes/hft_forgetting.yaml); default: built-in",
-        out_help="where results go (default ./outputs/demo)",
-        set_example="max_steps=60 --set seeds=[0,1,2] --set learning_rate.lora=5e-4",
+        demo, config_help="a demo config of the earlier format (e.g. recipes/hft_forgetting.yaml); default: the "
+        "built-in comparison", out_help="where results go (default ./outputs/demo)",
+        set_example="max_steps=60 --set seeds=[0,1,2]",
     )
 
     evaluate = commands.add_parser(
@@ -250,7 +271,7 @@ def _add_compress_parser(commands) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = {
-        "train": _train, "demo": _demo, "eval": _eval, "push": _push, "compress": _compress,
+        "train": _train, "compare": _compare, "demo": _demo, "eval": _eval, "push": _push, "compress": _compress,
         "reproduce-delta": _reproduce_delta, "reproduce-cola": _reproduce_cola, "reproduce-smore": _reproduce_smore,
         "reproduce-ssmlora": _reproduce_ssmlora, "reproduce-finegates": _reproduce_finegates,
     }[args.command]
@@ -271,12 +292,27 @@ def _train(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from peft_ext.compare import CompareConfig, run_compare
+
+    overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    config = CompareConfig.from_yaml(_existing_file(args.config) if args.config else None, overrides)
+    if args.imports:
+        config = dataclasses.replace(config, imports=[*config.imports, *args.imports])
+    run_compare(config)
+    return 0
+
+
 def _demo(args) -> int:
+    if args.config is None:  # the built-in comparison, as `peft-ext compare`, written to outputs/demo by default
+        args.imports = []
+        args.overrides = ([] if args.output_dir else [f"output_dir={os.path.join('outputs', 'demo')}"]) + args.overrides
+        return _compare(args)
     from peft_ext.experiments.demo import run_demo
     from peft_ext.experiments.demo_config import DemoConfig
 
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
-    run_demo(DemoConfig.from_yaml(_existing_file(args.config) if args.config else None, overrides))
+    run_demo(DemoConfig.from_yaml(_existing_file(args.config), overrides))
     return 0
 
 

@@ -66,6 +66,7 @@ def _score_chunk(model, device, pad_id, encoded) -> list[list[float]]:
         attention_mask=mask.to(device),
         position_ids=_positions(mask)[:, context_mask.shape[1] :].to(device),
         past_key_values=cache,
+        use_cache=True,  # else a model whose config says use_cache=False (as some trainers leave it) drops the cache
     ).logits
     rest = logits[:, :-1].float().log_softmax(-1).cpu().gather(-1, option_ids[:, 1:, None]).squeeze(-1)
     scores, row = [], 0
