@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import importlib
 import re
 
 import yaml
@@ -51,3 +53,25 @@ def load_yaml(path: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a YAML mapping (key: value lines), got {type(data).__name__}")
     return data
+
+
+def config_from_dict(cls, data: dict, where: str = "", kind: str = ""):
+    """`cls(**data)` for a config dataclass, with unknown keys named and the known ones listed (not a TypeError):
+    "{where}unknown {kind}key(s) [...]; known keys: [...]", e.g. where="recipe.yaml: ", kind="recipe "."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}unknown {kind}key(s) {unknown}; known keys: {sorted(names)}")
+    return cls(**data)
+
+
+def import_packages(modules, what: str, fix: str = "") -> list[str]:
+    """Import each module named in `modules` (a name or a list; packages that register methods of their own);
+    a ValueError names the one that does not import, prefixed with `what` and followed by `fix`."""
+    modules = [modules] if isinstance(modules, str) else list(modules)
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(f"{what}: {module!r} does not import ({err}){fix}") from err
+    return modules

@@ -25,7 +25,6 @@ Run it with `peft-ext train RECIPE.yaml [--set trainer_args.max_steps=2 ...]`.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,11 +35,12 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 import peft_ext  # noqa: F401  (registers peft-ext's methods with PEFT)
 from peft_ext.data import load_model, load_training_data
-from peft_ext.overrides import apply_overrides, load_yaml
+from peft_ext.overrides import apply_overrides, config_from_dict, import_packages, load_yaml
 from peft_ext.trainer_defaults import device_defaults, quiet_defaults
 from peft_ext.training import attach_companions
 
 TRAINERS = {"sft": (SFTTrainer, SFTConfig), "dpo": (DPOTrainer, DPOConfig)}
+IMPORT_FIX = ": give the import name of the package that registers your method, installed or on PYTHONPATH."
 
 
 @dataclass
@@ -60,16 +60,7 @@ class Recipe:
         for key in ("save_strategy", "eval_strategy", "logging_strategy"):
             if self.trainer_args.get(key) is False:  # YAML reads `no` as false
                 self.trainer_args[key] = "no"
-        if isinstance(self.imports, str):
-            self.imports = [self.imports]
-        for module in self.imports:
-            try:
-                importlib.import_module(module)
-            except ImportError as err:
-                raise ValueError(
-                    f"recipe imports: {module!r} does not import ({err}): give the import name of the package that "
-                    f"registers your method, installed or on PYTHONPATH."
-                ) from err
+        self.imports = import_packages(self.imports, "recipe imports", IMPORT_FIX)
         if self.trainer not in TRAINERS:
             raise ValueError(f"recipe trainer must be one of {sorted(TRAINERS)}, got {self.trainer!r}")
         if self.method is not None and self.adapter is not None:
@@ -98,14 +89,10 @@ class Recipe:
     @classmethod
     def from_yaml(cls, path: str, overrides: list[str] | None = None) -> "Recipe":
         data = apply_overrides(load_yaml(path), overrides)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{path}: unknown recipe key(s) {unknown}; known keys: {sorted(names)}")
         missing = sorted(n for n in ("model", "data") if n not in data)
-        if missing:
+        if missing and not set(data) - {f.name for f in dataclasses.fields(cls)}:
             raise ValueError(f"{path}: the recipe needs {missing}")
-        return cls(**data)
+        return config_from_dict(cls, data, where=f"{path}: ", kind="recipe ")
 
 
 def build_peft_config(method: dict) -> PeftConfig:

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 from dataclasses import dataclass, field
 
 from peft_ext.data import SMOLLM2
-from peft_ext.overrides import apply_overrides, load_yaml
+from peft_ext.overrides import apply_overrides, config_from_dict, import_packages, load_yaml
+from peft_ext.recipe import IMPORT_FIX
 
 FULL = "FULL"  # full fine-tuning: no adapter, every weight trains
 ENGLISH_PROBE = {"name": "english", "data": {"builtin": "english-heldout", "limit": 48}, "scorer": "loss"}
@@ -103,13 +103,7 @@ class CompareConfig:
     imports: list = field(default_factory=list)  # packages that register methods of your own
 
     def __post_init__(self):
-        if isinstance(self.imports, str):
-            self.imports = [self.imports]
-        for module in self.imports:
-            try:
-                importlib.import_module(module)
-            except ImportError as err:
-                raise ValueError(f"compare imports: {module!r} does not import ({err})") from err
+        self.imports = import_packages(self.imports, "compare imports", IMPORT_FIX)
         for name in ("max_steps", "per_device_train_batch_size", "max_length", "eval_max_length", "latency_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -214,11 +208,7 @@ class CompareConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CompareConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown compare key(s) {unknown}; known keys: {sorted(names)}")
-        return cls(**data)
+        return config_from_dict(cls, data, kind="compare ")
 
     @classmethod
     def from_yaml(cls, path: str | None = None, overrides: list[str] | None = None) -> "CompareConfig":

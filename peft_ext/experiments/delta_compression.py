@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from peft_ext.overrides import apply_overrides, load_yaml
+from peft_ext.overrides import apply_overrides, config_from_dict, load_yaml
 
 # method name in a recipe -> (compress_delta method, quantizer, table label)
 METHODS = {
@@ -122,11 +122,7 @@ class DeltaCompressionConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DeltaCompressionConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown reproduce-delta config key(s) {unknown}; known keys: {sorted(names)}")
-        return cls(**data)
+        return config_from_dict(cls, data, kind="reproduce-delta config ")
 
     @classmethod
     def from_yaml(cls, path: str | None = None, overrides: list[str] | None = None) -> "DeltaCompressionConfig":

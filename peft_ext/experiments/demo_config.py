@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from peft_ext.overrides import apply_overrides, load_yaml
+from peft_ext.overrides import apply_overrides, config_from_dict, load_yaml
 
 METHODS = ("hft", "fft", "lora")
 
@@ -76,11 +76,7 @@ class DemoConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DemoConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown demo config key(s) {unknown}; known keys: {sorted(names)}")
-        return cls(**data)
+        return config_from_dict(cls, data, kind="demo config ")
 
     @classmethod
     def from_yaml(cls, path: str | None = None, overrides: list[str] | None = None) -> "DemoConfig":

@@ -56,7 +56,7 @@ from peft_ext.experiments.common import classification_logits, encode, write_run
 from peft_ext.experiments.recipe_main import recipe_main
 from peft_ext.experiments.smore_vs_lora import _mean_std, hardware_text
 from peft_ext.experiments.ssmlora_vs_lora import DATA_DEFAULTS, accuracy, load_classifier, trainable_parameters
-from peft_ext.overrides import apply_overrides, load_yaml
+from peft_ext.overrides import apply_overrides, config_from_dict, load_yaml
 
 WHO = "finegates_vs_lora"
 METHODS = ("lora", "finegates-0.2", "finegates-0.3", "finegates-0.4", "finegates-lora")
@@ -133,11 +133,7 @@ class Repro:
     @classmethod
     def from_yaml(cls, path: str, overrides: Optional[list[str]] = None) -> "Repro":
         data = apply_overrides(load_yaml(path), overrides)
-        names = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown}; known keys: {sorted(names)}")
-        return cls(**data)
+        return config_from_dict(cls, data, where=f"{path}: ")
 
 
 # ------------------------------------------------------------------------------------------------ the methods

@@ -45,7 +45,7 @@ import torch
 
 from peft_ext.experiments.common import write_run_results
 from peft_ext.experiments.recipe_main import recipe_main
-from peft_ext.overrides import apply_overrides, load_yaml
+from peft_ext.overrides import apply_overrides, config_from_dict, load_yaml
 from peft_ext.trainer_defaults import device_defaults
 
 METHODS = ("lora", "flat", "smore", "smore-identity", "smore-noaux")
@@ -118,11 +118,7 @@ class Repro:
     @classmethod
     def from_yaml(cls, path: str, overrides: Optional[list[str]] = None) -> "Repro":
         data = apply_overrides(load_yaml(path), overrides)
-        names = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown}; known keys: {sorted(names)}")
-        return cls(**data)
+        return config_from_dict(cls, data, where=f"{path}: ")
 
 
 # ----------------------------------------------------------------------------------------------- methods

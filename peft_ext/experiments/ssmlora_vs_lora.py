@@ -50,7 +50,7 @@ from peft_ext.experiments.common import classification_logits, write_run_results
 from peft_ext.experiments.common import encode as _encode
 from peft_ext.experiments.recipe_main import recipe_main
 from peft_ext.experiments.smore_vs_lora import _RSS, _mean_std, hardware_text
-from peft_ext.overrides import apply_overrides, load_yaml
+from peft_ext.overrides import apply_overrides, config_from_dict, load_yaml
 from peft_ext.trainer_defaults import device_defaults
 
 METHODS = ("lora", "ssmlora", "ssmlora-a16", "lora-alt", "lora-alt-init", "head")
@@ -122,11 +122,7 @@ class Repro:
     @classmethod
     def from_yaml(cls, path: str, overrides: Optional[list[str]] = None) -> "Repro":
         data = apply_overrides(load_yaml(path), overrides)
-        names = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown}; known keys: {sorted(names)}")
-        return cls(**data)
+        return config_from_dict(cls, data, where=f"{path}: ")
 
 
 # ------------------------------------------------------------------------------------------------ the model
