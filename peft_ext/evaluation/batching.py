@@ -47,3 +47,21 @@ def token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     """log p(token t | tokens < t) for t = 1..T-1: shape (batch, T-1), in fp32."""
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     return torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def mean_token_nll(model, tokenizer, sequences: list[tuple[list[int], int]], batch_size: int) -> float:
+    """Mean negative log-likelihood (nats) of the tokens of each (ids, start) in `sequences` from position `start`
+    on (start >= 1: the first token predicts nothing); every scored token weighs the same."""
+    total, count = 0.0, 0
+    pad_id = pad_id_of(tokenizer)
+    with scoring(model) as device:
+        for first in range(0, len(sequences), batch_size):
+            chunk = sequences[first : first + batch_size]
+            ids, mask = pad_right([seq for seq, _ in chunk], pad_id)
+            logprobs = token_logprobs(model, ids.to(device), mask.to(device)).cpu()
+            scored = mask[:, 1:].bool()
+            for row, (_, start) in enumerate(chunk):
+                scored[row, : start - 1] = False  # logprobs[:, t] predicts token t + 1
+            total -= logprobs[scored].sum().item()
+            count += int(scored.sum())
+    return total / count

@@ -6,7 +6,7 @@ prompt-completion data), split from the prompt the way multiple_choice.encode_op
 
 from __future__ import annotations
 
-from .batching import pad_id_of, pad_right, scoring, token_logprobs
+from .batching import mean_token_nll
 
 
 def _encode(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], int]:
@@ -26,16 +26,4 @@ def completion_loss(model, tokenizer, probes, max_length: int = 128, batch_size:
     encoded = [(ids, start) for ids, start in encoded if len(ids) > start]
     if not encoded:
         raise ValueError("completion_loss needs at least one probe with a non-empty completion")
-    total, count = 0.0, 0
-    pad_id = pad_id_of(tokenizer)
-    with scoring(model) as device:
-        for first in range(0, len(encoded), batch_size):
-            chunk = encoded[first : first + batch_size]
-            ids, mask = pad_right([seq for seq, _ in chunk], pad_id)
-            logprobs = token_logprobs(model, ids.to(device), mask.to(device)).cpu()
-            scored = mask[:, 1:].bool()
-            for row, (_, start) in enumerate(chunk):
-                scored[row, : start - 1] = False  # logprobs[:, t] predicts token t + 1: the completion starts at start
-            total -= logprobs[scored].sum().item()
-            count += int(scored.sum())
-    return total / count
+    return mean_token_nll(model, tokenizer, encoded, batch_size)

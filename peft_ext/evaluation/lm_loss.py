@@ -6,7 +6,7 @@ cannot hide.
 
 from __future__ import annotations
 
-from .batching import pad_id_of, pad_right, scoring, token_logprobs
+from .batching import mean_token_nll
 
 
 def lm_loss(model, tokenizer, texts, max_length: int = 128, batch_size: int = 8) -> float:
@@ -15,13 +15,4 @@ def lm_loss(model, tokenizer, texts, max_length: int = 128, batch_size: int = 8)
     encoded = [seq for seq in encoded if len(seq) >= 2]  # a single token predicts nothing
     if not encoded:
         raise ValueError("lm_loss needs at least one text of two or more tokens")
-    total, count = 0.0, 0
-    pad_id = pad_id_of(tokenizer)
-    with scoring(model) as device:
-        for start in range(0, len(encoded), batch_size):
-            ids, mask = pad_right(encoded[start : start + batch_size], pad_id)
-            logprobs = token_logprobs(model, ids.to(device), mask.to(device)).cpu()
-            predicted = mask[:, 1:].bool()  # every real token after the first
-            total -= logprobs[predicted].sum().item()
-            count += int(predicted.sum())
-    return total / count
+    return mean_token_nll(model, tokenizer, [(seq, 1) for seq in encoded], batch_size)
