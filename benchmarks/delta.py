@@ -2,11 +2,11 @@
 
 Table 1, one delta, per layer shape (out x in) and token count (decode batches --batches, prefill --prefill):
     base                   base-only GEMM x W^T (cuBLAS; bf16 weights: a GEMV at decode sizes)
-    ours                   peft_ext.kernels.delta_linear: at decode (<= 16 rows) the fused GEMV + delta on the
-                           version-2 slot layout (kernels/delta_decode.py, given a SlotDelta), else base GEMM + the
-                           bit-plane shrink / expand kernels
-    ours, bit planes       decode only: delta_linear(decode=False), the bit-plane path (base GEMM + shrink +
-                           expand, kernels/delta.py) that served decode before the fused kernel
+    ours                   peft_ext.kernels.delta_linear on a SlotDelta (version 2, the one copy the Delta-CoMe
+                           tuner's layers hold): at decode (<= 16 rows) the fused GEMV + delta
+                           (kernels/delta_decode.py), else base GEMM + the slot shrink / expand kernels (kernels/delta.py)
+    ours, bit planes       delta_linear on the PackedDelta (version 1) with decode=False: the bit-plane path (base GEMM
+                           + shrink + expand, kernels/delta.py), what served every size before the slot kernels
     base, Triton GEMV      decode only: the fused decode kernel with a zero-rank delta (our GEMV alone, no delta)
     dequant + matmul       base GEMM + x dW^T with dW = delta.dense() rebuilt from the packed format every call
                            (plain PyTorch: unpack the bit planes, dequantise U and V, U diag(sigma) V^T)
@@ -169,11 +169,10 @@ def single_delta_rows(bench: Bench, args, dtype, copy_bps) -> list[dict]:
             decode = tokens <= DECODE_MAX_ROWS
             variants = [  # each a call on copy i of the inputs
                 ("base", "base only", lambda i: F.linear(xs[i], ws[i])),
-                ("ours", "base + ours (delta_linear)",
-                 lambda i: delta_linear(xs[i], ws[i], None, slots[i] if decode else deltas[i])),
-            ] + ([
+                ("ours", "base + ours (delta_linear)", lambda i: delta_linear(xs[i], ws[i], None, slots[i])),
                 ("ours_old", "base + ours, bit planes (before)",
                  lambda i: delta_linear(xs[i], ws[i], None, deltas[i], decode=False)),
+            ] + ([
                 ("base_triton", "base only, our Triton GEMV", lambda i: fused_decode(xs[i], ws[i], None, no_delta)),
             ] if decode else []) + [
                 ("dequant", "base + dequant + matmul",
@@ -190,18 +189,19 @@ def single_delta_rows(bench: Bench, args, dtype, copy_bps) -> list[dict]:
                         if name in ("ours", "ours_old"):
                             ref = reference_delta_linear(xs[0].double(), w.double(), None, delta)
                             row["err"] = rel_err(fn(0), ref)
-                            row["mb"] = (slots[0].nbytes if name == "ours" and decode else delta.nbytes) / 1e6
+                            row["mb"] = (slots[0].nbytes if name == "ours" else delta.nbytes) / 1e6
                     except torch.cuda.OutOfMemoryError:
                         row["error"] = "OOM"
                 if name == "base":
                     base = row
-                path = {"base": "base", "base_triton": "base", "ours_old": "bitplanes", "ours": "fused" if decode else None}.get(name)
+                path = {"base": "base", "base_triton": "base", "ours_old": "bitplanes" if decode else None,
+                        "ours": "fused" if decode else None}.get(name)
                 if path is not None:
                     model = decode_bytes_model(tokens, delta, torch.finfo(dtype).bits // 8, path)["total"]
                     row["model_mb"] = model / 1e6
                     t = row.get("graph_ms") if row.get("graph_ms") is not None else row.get("ms")
                     row["floor"] = None if not t else (model / copy_bps) / (t * 1e-3)
-                nbytes = (slots[0].nbytes if decode else delta.nbytes) if name == "ours" else delta.nbytes if name == "ours_old" else None
+                nbytes = slots[0].nbytes if name == "ours" else delta.nbytes if name == "ours_old" else None
                 add_ratios(row, base, nbytes, copy_bps)
                 rows.append(row)
                 print(f"[delta {row['shape']} {row['tokens']}] {label}: {row}", file=sys.stderr, flush=True)
@@ -250,6 +250,7 @@ def memory_rows(args, dtype) -> list[dict]:
 
 def multi_tenant_rows(bench: Bench, args, dtype, copy_bps) -> list[dict]:
     from peft_ext.kernels import PackedDelta, delta_linear_gathered, reference_delta_linear_gathered
+    from peft_ext.kernels.delta_format import SlotDelta
 
     rows = []
     for out_f, in_f in parse_shapes(args.shapes):
@@ -258,22 +259,24 @@ def multi_tenant_rows(bench: Bench, args, dtype, copy_bps) -> list[dict]:
         first = PackedDelta.random(out_f, in_f, bands, group_size=args.group_size, generator=g).to(bench.device)
         max_l = max(int(v) for v in args.mt_tenants.split(","))
         deltas = copies_of(first, max_l)
+        layouts = {"": [SlotDelta.from_packed(d) for d in deltas]}  # slots: the one copy the tuner's layers hold
         w = (torch.randn(out_f, in_f, generator=g) / in_f**0.5).to(bench.device, dtype)
         x = torch.randn(args.mt_batch, in_f, generator=g).to(bench.device, dtype)
         with torch.no_grad():
             base = dict(name="base", label="base only", shape=f"{out_f}x{in_f}", tenants="-", ms=bench.time_ms(lambda: F.linear(x, w)))
         add_ratios(base, base, None, copy_bps)
         rows.append(base)
-        for n in (int(v) for v in args.mt_tenants.split(",")):
+        for n, suffix in ((int(v), suffix) for v in args.mt_tenants.split(",") for suffix in layouts):
             index = torch.arange(args.mt_batch) % n  # on the CPU: sorting it costs no device sync
-            sub = deltas[:n]
-            row = dict(name=f"ours{n}", label="base + ours (delta_linear_gathered)", shape=f"{out_f}x{in_f}", tenants=str(n))
+            sub = layouts[suffix][:n]
+            row = dict(name=f"ours{n}" + ("_bitplanes" if suffix else ""), label=f"base + ours (delta_linear_gathered){suffix}",
+                       shape=f"{out_f}x{in_f}", tenants=str(n))  # fmt: skip
             with torch.no_grad():
                 try:
                     row["ms"] = bench.time_ms(lambda sub=sub, index=index: delta_linear_gathered(x, w, None, sub, index))
                     ref = reference_delta_linear_gathered(x.double(), w.double(), None, sub, index)
                     row["err"] = rel_err(delta_linear_gathered(x, w, None, sub, index), ref)
-                    row["mb"] = len(set(index.tolist())) * first.nbytes / 1e6
+                    row["mb"] = len(set(index.tolist())) * sub[0].nbytes / 1e6
                 except torch.cuda.OutOfMemoryError:
                     row["error"] = "OOM"
             add_ratios(row, base, None if row.get("error") else round(row["mb"] * 1e6), copy_bps)

@@ -2,15 +2,22 @@
 
     y = x W^T + b + ((x V) * sigma) U^T        V (in x k), U (out x k): dequantised on the fly from bit planes
 
-Entry points: `delta_linear(x, weight, bias, delta)` (one PackedDelta, kernels/delta_format.py) and
+Entry points: `delta_linear(x, weight, bias, delta)` (one PackedDelta or SlotDelta, kernels/delta_format.py) and
 `delta_linear_gathered(x, weight, bias, deltas, adapter_index)` (multi-tenant batch: row or sequence i adds
 deltas[adapter_index[i]], -1 adds nothing). Their plain-PyTorch twins are kernels/delta_reference.py's
 `reference_delta_linear` / `reference_delta_linear_gathered`. Forward only (inference).
 
-Decode (`delta_linear` with <= 16 rows of x, `decode_path`): one fused GEMV + delta kernel on the version-2 slot
-layout (kernels/delta_decode.py; a PackedDelta is relaid once into a SlotDelta and cached, a SlotDelta is read as
-it is), which reads W and the compressed delta once. Everything below is the bit-plane path: prefill, the
-multi-tenant gathered batch, and decode with `decode=False`.
+One copy in memory: every path reads the delta in the layout it is given and keeps nothing beside it.
+  - SlotDelta (version 2; what the Delta-CoMe tuner's layers hold, converted once at load from the files' bit
+    planes): decode (`delta_linear` with <= 16 rows of x, `decode_path`) runs one fused GEMV + delta kernel
+    (kernels/delta_decode.py) that reads W and the compressed delta once; prefill, decode=False and the gathered
+    batch run `_slot_delta_shrink_kernel` / `_slot_delta_expand_kernel` below.
+  - PackedDelta (version 1, bit planes): `_delta_shrink_kernel` / `_delta_expand_kernel` at every size. Only with
+    delta_linear's opt-in cache_relayout=True does its decode run the fused kernel, on a slot copy converted once
+    and kept beside it (twice the memory; delta_decode.cached_relayout).
+  - A gathered batch whose deltas mix the two layouts gets one launch pair per layout, each reading its own.
+The design notes below describe the bit-plane kernels; the slot kernels share their grid, tables, splits,
+atomic / deterministic handling and epilogues, and decode differently ("Dequantising slots" below).
 
 Design (both entry points run the same two kernels; x, y of M rows; fp32 accumulation everywhere):
 
@@ -45,6 +52,19 @@ per dequantised element of a 2-bit band, per-tile costs included (3 per pair and
 these kernels are likely issue-bound rather than bandwidth-bound (to be measured: benchmarks/delta.py). Static
 sm_90 checks of the JIT-specialised builds (tests/kernels/test_static_sm90.py): no spills, no async copies (not
 software-pipelined: the tile loop holds the runtime plane loop), >= 10 instructions per element of a 2-bit band.
+
+Dequantising slots (`_slot_delta_shrink_kernel` / `_slot_delta_expand_kernel`): the tile entry carries the slot
+width (a runtime value: one build serves every band schedule) and the word of the tile's first column in a row;
+element (i, c) is word (i, w0 + c >> log2(cpw)) shifted right by (c & (cpw - 1)) * slot and masked (one gathered
+int32 load per element, shared by the cpw elements of a word, and one shift and mask), then the same 2^23 trick
+and scale / min. The tile is a plain (rows, columns) tile (no lo / hi halves): one dot per step. Static sm_90
+compile results (tests/kernels/test_static_sm90.py, 14336 x 4096, paper bands; not timings): no spills at any
+tested config, and unlike the bit-plane kernels both loops are software-pipelined (LDGSTS); bf16 decode-size
+builds (BLOCK_M 16, BLOCK_I 128, BLOCK_O 64) 128-168 registers, hot loops of 1170 (shrink) / 639 (expand) SASS
+instructions per thread, i.e. about 18 / 20 per dequantised element (the bit-plane kernels: about 11 / 15: the
+per-element loads cost), prefill builds (BLOCK_M 64, BLOCK_I 64) 134 / 168 registers, 17 / 24 per element (spread
+over 64 rows of x). fp32 inputs (exact dots on the FMA units) take 16-row shrink steps (SLOT_FP32_BLOCK_I; 32 and
+64 spill). Their speed against the bit-plane kernels is unmeasured (no GPU run yet: benchmarks/delta.py has both).
 
 Bands and bit widths in one launch: the host builds a small int32 *tile table* per band schedule (cached): one
 entry per (band, run of <= BLOCK_C = 64 consecutive columns) = (bits, first column, columns, band width n_b,
@@ -91,8 +111,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .delta_format import WORD_BITS, PackedDelta, SlotDelta, words_per_column
-from .delta_decode import DECODE_MAX_ROWS, cached_relayout, fused_decode
+from .delta_format import WORD_BITS, PackedDelta, SlotDelta, slot_width, words_per_column
+from .delta_decode import DECODE_MAX_ROWS, fused_decode, slot_delta
 from .delta_reference import reference_delta_linear, reference_delta_linear_gathered
 from .dispatch import (
     autocast_base,
@@ -118,6 +138,7 @@ TILE_COLS = 8  # per tile (int32): bits, col0, ncols, band width, v word offset,
 BLOCK_COLS = 4  # per row block (int32): tenant, first position, end position, (unused)
 MAX_INT32 = 2**31 - 1
 BLOCK_C = 64  # columns per tile-table entry (both kernels)
+SLOT_FP32_BLOCK_I = 16  # the slot shrink's rows per step for fp32 inputs (32 and 64 spill at BLOCK_M = 64: tests/kernels/test_static_sm90.py)
 assert WORD_BITS == 32  # the kernels' row -> word arithmetic
 
 
@@ -310,6 +331,150 @@ def _delta_expand_kernel(
     tl.store(y_ptrs, (y + acc_hi).to(Y.dtype.element_ty), mask=ok)
 
 
+# ------------------------------------------------------------------------- the same two kernels on slots
+@lazy_jit
+def _slot_delta_shrink_kernel(
+    X, ORDER, BLOCKS, META, TILES, T,
+    K, rows_per_split,
+    stride_xm, stride_xk, stride_ts, stride_tm,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_ORDER: tl.constexpr, ATOMIC: tl.constexpr, UNIFORM_GROUP: tl.constexpr,
+    COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """`_delta_shrink_kernel` on the version-2 slot layout (SlotDelta.v_codes (in, row_words)): the same grid,
+    tables (slot entries, `_slot_tile_rows`), split / atomic / deterministic handling and math. Code (i, c) of a
+    tile is word (i, w0 + c >> log2(cpw)) shifted right by (c & (cpw - 1)) * slot and masked: the slot width is
+    a runtime value of the tile entry (one build for every band schedule), each element one gathered load (the
+    cpw elements of a word share it) and one shift-and-mask."""
+    pid_b = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    tenant = tl.load(BLOCKS + pid_b * 4)
+    pos = tl.load(BLOCKS + pid_b * 4 + 1) + tl.arange(0, BLOCK_M)
+    m_ok = pos < tl.load(BLOCKS + pid_b * 4 + 2)
+    if HAS_ORDER:
+        rows = tl.load(ORDER + pos, mask=m_ok, other=0).to(tl.int64)
+    else:
+        rows = pos.to(tl.int64)
+    meta = META + tenant.to(tl.int64) * 10
+    v_codes = tl.load(meta + 0).to(tl.pointer_type(tl.int32))
+    v_scales = tl.load(meta + 1).to(tl.pointer_type(tl.float16))
+    v_mins = tl.load(meta + 2).to(tl.pointer_type(tl.float16))
+    sigma = tl.load(meta + 6).to(tl.pointer_type(tl.float32))
+    rank = tl.load(meta + 7).to(tl.int32)
+    active = pid_t < tl.load(meta + 9).to(tl.int32)  # tenants have different numbers of tiles
+    tile = TILES + (tl.load(meta + 8).to(tl.int32) + tl.where(active, pid_t, 0)) * 8
+    cs = tl.arange(0, BLOCK_C)
+    c_ok = cs < tl.where(active, tl.load(tile + 2), 0)  # no columns for a tile the tenant lacks
+    cols = tl.load(tile + 1) + cs
+    slot = tl.load(tile + 3)
+    log_cpw = tl.load(tile + 5)
+    row_words = tl.load(tile + 6).to(tl.int64)
+    w_col = tl.load(tile + 4) + (cs >> log_cpw)  # the word of each column in a row
+    shift = (cs & ((1 << log_cpw) - 1)) * slot
+    code_mask = (1 << slot) - 1
+
+    acc = tl.full((BLOCK_M, BLOCK_C), 0.0, tl.float32)
+    i_start = pid_s * rows_per_split
+    i_end = tl.where(active, tl.minimum(i_start + rows_per_split, K), i_start)  # none for a tile the tenant lacks
+    for i0 in range(i_start, i_end, BLOCK_I):
+        ri = i0 + tl.arange(0, BLOCK_I)
+        r_ok = ri < K
+        ok = r_ok[:, None] & c_ok[None, :]
+        words = tl.load(v_codes + ri.to(tl.int64)[:, None] * row_words + w_col[None, :], mask=ok, other=0)
+        q = (words >> shift[None, :]) & code_mask
+        f = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # code -> fp32 without I2F (exact)
+        if UNIFORM_GROUP:  # the BLOCK_I rows lie in one group: one scale / min per column
+            g = i0 // GROUP_SIZE
+            s = tl.load(v_scales + g * rank + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+            mn = tl.load(v_mins + g * rank + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        else:
+            off = (ri // GROUP_SIZE)[:, None] * rank + cols[None, :]
+            s = tl.load(v_scales + off, mask=ok, other=0.0).to(tl.float32)
+            mn = tl.load(v_mins + off, mask=ok, other=0.0).to(tl.float32)
+        v = f * s + mn
+        xt = tl.load(X + rows[:, None] * stride_xm + ri[None, :] * stride_xk, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(xt.to(COMPUTE), v.to(COMPUTE), acc, input_precision=DOT_PRECISION)
+
+    acc = acc * tl.load(sigma + cols, mask=c_ok, other=0.0)[None, :]  # T = (x V) * sigma, the expand's operand
+    t_ptrs = T + pid_s.to(tl.int64) * stride_ts + pos.to(tl.int64)[:, None] * stride_tm + cols[None, :]
+    t_ok = m_ok[:, None] & c_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(t_ptrs, acc, mask=t_ok, sem="relaxed")
+    else:
+        tl.store(t_ptrs, acc, mask=t_ok)
+
+
+@lazy_jit
+def _slot_delta_expand_kernel(
+    T, ORDER, BLOCKS, META, TILES, Y,
+    N,
+    stride_tm, stride_ym, stride_yn,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_ORDER: tl.constexpr, UNIFORM_GROUP: tl.constexpr,
+    T_COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """`_delta_expand_kernel` on the slot layout (SlotDelta.u_codes (out, row_words)): Y[row(pos), o] += sum_c
+    T[pos, c] U[o, c] for one row block and BLOCK_O output rows, looping over all column tiles of its tenant; U
+    tiles decoded as in `_slot_delta_shrink_kernel`; the add fused into the only write of y."""
+    pid_b = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    tenant = tl.load(BLOCKS + pid_b * 4)
+    pos = tl.load(BLOCKS + pid_b * 4 + 1) + tl.arange(0, BLOCK_M)
+    m_ok = pos < tl.load(BLOCKS + pid_b * 4 + 2)
+    pos64 = pos.to(tl.int64)
+    meta = META + tenant.to(tl.int64) * 10
+    u_codes = tl.load(meta + 3).to(tl.pointer_type(tl.int32))
+    u_scales = tl.load(meta + 4).to(tl.pointer_type(tl.float16))
+    u_mins = tl.load(meta + 5).to(tl.pointer_type(tl.float16))
+    rank = tl.load(meta + 7).to(tl.int32)
+    tile0 = tl.load(meta + 8).to(tl.int32)
+    n_tiles = tl.load(meta + 9).to(tl.int32)
+
+    o0 = pid_o * BLOCK_O
+    os_ = o0 + tl.arange(0, BLOCK_O)
+    o_ok = os_ < N
+    o64 = os_.to(tl.int64)
+    cs = tl.arange(0, BLOCK_C)
+    acc = tl.full((BLOCK_O, BLOCK_M), 0.0, tl.float32)  # (T U^T)^T = U T^T: U is the dot's A operand
+    for t in range(tile0, tile0 + n_tiles):
+        tile = TILES + t * 8
+        cols = tl.load(tile + 1) + cs
+        c_ok = cs < tl.load(tile + 2)
+        slot = tl.load(tile + 3)
+        log_cpw = tl.load(tile + 5)
+        row_words = tl.load(tile + 6).to(tl.int64)
+        w_col = tl.load(tile + 4) + (cs >> log_cpw)
+        shift = (cs & ((1 << log_cpw) - 1)) * slot
+        ok = o_ok[:, None] & c_ok[None, :]
+        words = tl.load(u_codes + o64[:, None] * row_words + w_col[None, :], mask=ok, other=0)
+        q = (words >> shift[None, :]) & ((1 << slot) - 1)
+        f = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        if UNIFORM_GROUP:  # the BLOCK_O rows lie in one group
+            g = o0 // GROUP_SIZE
+            s = tl.load(u_scales + g * rank + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+            mn = tl.load(u_mins + g * rank + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        else:
+            off = (os_ // GROUP_SIZE)[:, None] * rank + cols[None, :]
+            s = tl.load(u_scales + off, mask=ok, other=0.0).to(tl.float32)
+            mn = tl.load(u_mins + off, mask=ok, other=0.0).to(tl.float32)
+        u = f * s + mn
+        # T^T tile (x V * sigma), BLOCK_C x BLOCK_M
+        tt = tl.load(T + pos64[None, :] * stride_tm + cols[:, None], mask=c_ok[:, None] & m_ok[None, :], other=0.0)
+        acc = tl.dot(u.to(T_COMPUTE), tt.to(T_COMPUTE), acc, input_precision=DOT_PRECISION)
+
+    if HAS_ORDER:
+        rows = tl.load(ORDER + pos, mask=m_ok, other=0).to(tl.int64)
+    else:
+        rows = pos64
+    ok = o_ok[:, None] & m_ok[None, :]
+    y_ptrs = Y + rows[None, :] * stride_ym + os_[:, None] * stride_yn
+    y = tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + acc).to(Y.dtype.element_ty), mask=ok)
+
+
 # --------------------------------------------------------------------------------------------- tables
 class _Tables(NamedTuple):
     meta: torch.Tensor  # int64 (L, META_COLS) on the device
@@ -322,8 +487,10 @@ _TABLE_CACHE: "OrderedDict[tuple, _Tables]" = OrderedDict()
 _TABLE_CACHE_SIZE = 256
 
 
-def _tile_rows(delta: PackedDelta, block_c: int) -> list[list[int]]:
-    """The tile-table entries of one band schedule (see the module docstring)."""
+def _tile_rows(delta, block_c: int) -> list[list[int]]:
+    """The tile-table entries of one band schedule (see the module docstring); `_slot_tile_rows` for a SlotDelta."""
+    if isinstance(delta, SlotDelta):
+        return _slot_tile_rows(delta, block_c)
     words_v, words_u = words_per_column(delta.in_features), words_per_column(delta.out_features)
     rows, col, v_off, u_off = [], 0, 0, 0
     for bits, n in delta.bands:
@@ -335,11 +502,25 @@ def _tile_rows(delta: PackedDelta, block_c: int) -> list[list[int]]:
     return rows
 
 
+def _slot_tile_rows(delta: SlotDelta, block_c: int) -> list[list[int]]:
+    """Slot-layout tile entries: (bits, first column, columns, slot width, first word in a row, log2(codes per
+    word), row_words, 0) per (band, run of <= block_c columns). block_c is a multiple of every codes-per-word (4, 8,
+    16, 32), so a run starts at a word boundary."""
+    rows = []
+    for bits, col, n, word0 in delta.band_layout():
+        slot = slot_width(bits)
+        cpw = WORD_BITS // slot
+        assert block_c % cpw == 0
+        for c0 in range(0, n, block_c):
+            rows.append([bits, col + c0, min(block_c, n - c0), slot, word0 + c0 // cpw, cpw.bit_length() - 1, delta.row_words, 0])
+    return rows
+
+
 def _tables(deltas: Sequence[PackedDelta], block_c: int, device: torch.device) -> _Tables:
     """Meta and tile tables of `deltas` on `device`, cached by the deltas' tensor addresses and band schedules
     (a delta whose tensors are replaced gets new tables; in-place updates of their values need none)."""
     key = (str(device), block_c) + tuple(
-        (d.out_features, d.in_features, d.bands) + tuple(t.data_ptr() for t in d.tensors().values()) for d in deltas
+        (type(d).__name__, d.out_features, d.in_features, d.bands) + tuple(t.data_ptr() for t in d.tensors().values()) for d in deltas
     )
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
@@ -349,6 +530,8 @@ def _tables(deltas: Sequence[PackedDelta], block_c: int, device: torch.device) -
     for d in deltas:
         rows = _tile_rows(d, block_c)
         names = ("v_words", "v_scales", "v_mins", "u_words", "u_scales", "u_mins", "sigma")  # META_COLS 0..6
+        if isinstance(d, SlotDelta):
+            names = ("v_codes", "v_scales", "v_mins", "u_codes", "u_scales", "u_mins", "sigma")
         ptrs = [getattr(d, name).data_ptr() for name in names]
         meta.append(ptrs + [d.rank, len(tiles), len(rows)])
         tiles += rows
@@ -458,6 +641,13 @@ def _add_deltas(
     tables = _tables(deltas, BLOCK_C, device)
     blocks = _block_table(segments, block_m, device)
     cfg = _config(rows_per_tenant, blocks.shape[0], K, N, group_size, tables.max_tiles, device)
+    slots = isinstance(deltas[segments[0][0]], SlotDelta)  # one layout per launch pair (the segments' tenants)
+    if any(isinstance(deltas[s[0]], SlotDelta) != slots for s in segments):
+        raise TypeError("_add_deltas serves one layout per launch pair: segments of PackedDelta or of SlotDelta tenants.")
+    if slots and x2d.dtype == torch.float32 and cfg.block_i > SLOT_FP32_BLOCK_I:
+        # exact fp32 dots run on the FMA units: the slot shrink's 32- and 64-row steps spill at BLOCK_M = 64 (static
+        # sm_90 check); rows_per_split stays a multiple of the smaller step
+        cfg = cfg._replace(block_i=SLOT_FP32_BLOCK_I)
     atomic = cfg.splits > 1 and not deterministic
     if cfg.splits > 1 and deterministic:
         t_shrink = _new_workspace((cfg.splits, M, tables.max_rank), False, device)
@@ -470,6 +660,23 @@ def _add_deltas(
         DOT_PRECISION=dot_precision(x2d.dtype), num_warps=cfg.num_warps,
     )  # fmt: skip
     with launch_device(x2d):
+        if slots:  # the version-2 layout: the same launches, slot-decoding kernels
+            _slot_delta_shrink_kernel[(blocks.shape[0], tables.max_tiles, cfg.splits)](
+                x2d, order_arg, blocks, tables.meta, tables.tiles, t_shrink,
+                K, cfg.rows_per_split,
+                x2d.stride(0), x2d.stride(1), stride_ts, t_shrink.stride(-2),
+                BLOCK_I=cfg.block_i, ATOMIC=atomic, UNIFORM_GROUP=group_size % cfg.block_i == 0,
+                COMPUTE=compute_dtype(x2d.dtype), **common,
+            )  # fmt: skip
+            t_buf = t_shrink.sum(0) if t_shrink.dim() == 3 else t_shrink
+            _slot_delta_expand_kernel[(blocks.shape[0], cdiv(N, cfg.block_o))](
+                t_buf, order_arg, blocks, tables.meta, tables.tiles, y2d,
+                N,
+                t_buf.stride(0), y2d.stride(0), y2d.stride(1),
+                BLOCK_O=cfg.block_o, UNIFORM_GROUP=group_size % cfg.block_o == 0,
+                T_COMPUTE=intermediate_compute(x2d.dtype), **common,
+            )  # fmt: skip
+            return
         _delta_shrink_kernel[(blocks.shape[0], tables.max_tiles, cfg.splits)](
             x2d, order_arg, blocks, tables.meta, tables.tiles, t_shrink,
             K, words_per_column(K), cfg.rows_per_split,
@@ -570,12 +777,19 @@ def delta_linear(
     backend: Optional[str] = None,
     deterministic: Optional[bool] = None,
     decode: Optional[bool] = None,
+    cache_relayout: bool = False,
 ) -> torch.Tensor:
     """y = x W^T + b + ((x V) * sigma) U^T with U, V dequantised from `delta` on the fly (module docstring).
 
-    Decode (<= 16 rows of x, `decode_path`) runs the fused GEMV + delta of kernels/delta_decode.py on the
-    version-2 slot layout (a PackedDelta is converted once and cached; pass a SlotDelta to hold one copy); more
-    rows run the two bit-plane kernels below. decode: None (automatic), False (always the bit-plane kernels).
+    The kernels read `delta` in its own layout and never keep a second copy of it:
+      - a SlotDelta (version 2, what the Delta-CoMe tuner's layers hold): <= 16 rows of x (`decode_path`) run the
+        fused GEMV + delta of kernels/delta_decode.py, more rows (or decode=False) the two slot kernels below;
+      - a PackedDelta (version 1, bit planes): the two bit-plane kernels at every size. cache_relayout=True (opt-in)
+        lets its decode run the fused kernel on a slot copy converted once and kept beside it
+        (delta_decode.cached_relayout): the compressed delta is then held twice in memory. To get the fused decode
+        with one copy, convert once (SlotDelta.from_packed) and keep only the SlotDelta.
+    decode: None (automatic), False (never the fused decode), True (the fused decode, else a ValueError; with a
+    PackedDelta it needs cache_relayout=True).
 
     x (..., in) fp16 / bf16 / fp32 (float64 runs on the reference), weight (out, in), bias (out,) or None,
     delta a PackedDelta of an (out x in) layer on x's device. backend: None (automatic), "triton" or
@@ -593,11 +807,16 @@ def delta_linear(
     if chosen == "reference" or _needs_grad(x, weight, bias):
         return reference_delta_linear(x, weight, bias, delta)
     x2d = _rows(x, in_features)
-    if decode_path(x2d, weight, decode):
-        y2d = fused_decode(x2d, weight, None if bias is None else bias.contiguous(), delta)
+    slots = isinstance(delta, SlotDelta)
+    if decode and not (slots or cache_relayout):
+        raise ValueError(
+            "decode=True runs the fused decode, which reads the version-2 slot layout: pass a SlotDelta "
+            "(SlotDelta.from_packed(delta), converted once) or cache_relayout=True (keeps a second, slot copy)."
+        )
+    if (slots or cache_relayout) and decode_path(x2d, weight, decode):
+        sd = delta if slots else slot_delta(delta, cache=True)
+        y2d = fused_decode(x2d, weight, None if bias is None else bias.contiguous(), sd)
         return y2d.view(*x.shape[:-1], out_features)
-    if isinstance(delta, SlotDelta):
-        delta = _packed(delta)
     y2d = _base(x2d, weight, bias)
     _add_deltas(x2d, y2d, [delta], [(0, 0, x2d.shape[0])], None, _deterministic(deterministic))
     return y2d.view(*x.shape[:-1], out_features)
@@ -616,12 +835,6 @@ def decode_path(x2d: torch.Tensor, weight: torch.Tensor, decode: Optional[bool] 
     return fits if decode is None else bool(decode)
 
 
-def _packed(delta: SlotDelta) -> PackedDelta:
-    """The bit-plane (version 1) form of a SlotDelta for the prefill and gathered kernels, converted once per contents
-    and kept with the SlotDelta's tensors (delta_decode.cached_relayout)."""
-    return cached_relayout(delta, delta.u_codes, SlotDelta.to_packed)
-
-
 def delta_linear_gathered(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -635,6 +848,8 @@ def delta_linear_gathered(
     """Multi-tenant batch: row i (or sequence i) of x adds deltas[adapter_index[i]]; -1 adds nothing; the base
     GEMM runs once for all rows, the deltas in one pair of launches.
 
+    deltas: PackedDelta and / or SlotDelta, each read in its own layout (no conversion, no copy kept): the tenants
+    of each layout get one pair of launches (two pairs when the list mixes layouts).
     adapter_index: integer tensor, one per row of x (shape x.shape[:-1]) or per sequence ((x.shape[0],), x with
     >= 3 dims), on any device (a CPU index costs no device sync to sort). Every delta must be for this layer's
     (out x in) shape, and all share one group_size (their band schedules may differ). check_index: ValueError
@@ -645,13 +860,12 @@ def delta_linear_gathered(
         x, weight, bias = autocast_base(x, weight, bias)
     in_features, out_features = check_base(x, weight, bias)
     check_same_device(x=x, weight=weight, bias=bias)
-    if isinstance(deltas, PackedDelta) or len(deltas) == 0:
-        raise ValueError("deltas must be a non-empty sequence of PackedDelta (use delta_linear for one delta).")
+    if isinstance(deltas, (PackedDelta, SlotDelta)) or len(deltas) == 0:
+        raise ValueError("deltas must be a non-empty sequence of PackedDelta / SlotDelta (use delta_linear for one delta).")
     deltas = list(deltas)
     for j, d in enumerate(deltas):
         check_delta(d, in_features, out_features, x.device, name=f"deltas[{j}]")
     deltas = [_contiguous(d) for d in deltas]
-    deltas = [_packed(d) if isinstance(d, SlotDelta) else d for d in deltas]  # the gathered kernels read bit planes
     group_sizes = sorted({int(d.group_size) for d in deltas})
     if len(group_sizes) > 1:
         raise ValueError(
@@ -680,7 +894,10 @@ def delta_linear_gathered(
         starts.append(starts[-1] + c)
     segments = [(j, starts[j + 1], starts[j + 2]) for j in range(L)]
     order_dev = order.to(device=x.device, dtype=torch.int32, non_blocking=True)
-    _add_deltas(x2d, y2d, deltas, segments, order_dev, _deterministic(deterministic))
+    for layout in (PackedDelta, SlotDelta):  # one launch pair per layout present (tenants keep their indices)
+        mine = [s for s in segments if isinstance(deltas[s[0]], layout)]
+        if mine:
+            _add_deltas(x2d, y2d, deltas, mine, order_dev, _deterministic(deterministic))
     if counts[L + 1]:
         y2d.index_fill_(0, order_dev[starts[L + 1] :].long(), float("nan"))
     return y2d.view(*x.shape[:-1], out_features)

@@ -14,6 +14,11 @@ Launches (per call, whatever the bands):
      summed by one torch reduction - used only when there are fewer output blocks than SMs). W and the compressed
      U are read once; x and T are L2-resident.
 
+Memory: the kernels read the SlotDelta they are given and keep nothing; a PackedDelta is never converted behind the
+caller's back (`slot_delta`: TypeError, or with delta_linear's opt-in cache_relayout=True a cached second copy).
+The Delta-CoMe tuner's layers hold SlotDeltas (one compressed copy), so prefill and mixed batches read slots too
+(kernels/delta.py's slot kernels).
+
 Decoding (both kernels): a tile's words are loaded as (rows, WPT) int32 (WPT consecutive words of a row: coalesced),
 expanded against the slot offsets (rows, WPT, 32 / SLOT) -> (rows, WPT * 32 / SLOT) codes: one shift and one mask per
 code, the slot width a compile-time constant per band (SLOTS, a constexpr tuple: one specialisation per band
@@ -279,11 +284,18 @@ def cached_relayout(delta, anchor: torch.Tensor, convert):
     return out
 
 
-def slot_delta(delta) -> SlotDelta:
-    """The version-2 layout of `delta`: a SlotDelta as it is; a (version-1) PackedDelta converted once per contents
-    (`cached_relayout`; its memory is then held twice: pass a SlotDelta to hold one copy)."""
+def slot_delta(delta, cache: bool = False) -> SlotDelta:
+    """The version-2 layout of `delta`: a SlotDelta as it is. A (version-1) PackedDelta only with cache=True (opt-in):
+    converted once per contents and kept beside it (`cached_relayout`), so that its memory is held twice; without it
+    a TypeError (no silent second copy). Hold a SlotDelta (SlotDelta.from_packed once) to have one copy."""
     if isinstance(delta, SlotDelta):
         return delta
+    if not cache:
+        raise TypeError(
+            f"the fused decode reads the version-2 slot layout, got a {type(delta).__name__}: convert it once with "
+            f"SlotDelta.from_packed(delta) and keep only that, or pass cache_relayout=True to delta_linear (a second, "
+            f"slot copy kept beside the bit planes: twice the memory)."
+        )
     return cached_relayout(delta, delta.u_words, SlotDelta.from_packed)
 
 
@@ -316,9 +328,10 @@ def _new_partials(shape: tuple, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-def fused_decode(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], delta) -> torch.Tensor:
+def fused_decode(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], delta: SlotDelta) -> torch.Tensor:
     """y = x W^T + b + ((x V) * sigma) U^T for x2d (M <= 16, in) contiguous rows, weight (out, in) with unit column
-    stride, bias contiguous or None, delta a SlotDelta or PackedDelta on x's device (checked by the caller)."""
+    stride, bias contiguous or None, delta a SlotDelta on x's device (checked by the caller; a PackedDelta raises a
+    TypeError: `slot_delta`)."""
     M, K = x2d.shape
     N = weight.shape[0]
     if M > DECODE_MAX_ROWS:

@@ -32,7 +32,7 @@ FORMAT_VERSION_BITPLANES = 1  # PackedDelta: bit planes (the adapter files' form
 FORMAT_VERSION_SLOTS = 2  # SlotDelta: codes in power-of-two slots of int32 words, row-major (the decode layout)
 TENSOR_FIELDS = ("sigma", "v_words", "v_scales", "v_mins", "u_words", "u_scales", "u_mins")
 
-__all__ = ["FORMAT_VERSION_BITPLANES", "FORMAT_VERSION_SLOTS", "MAX_BITS", "PackedDelta", "SlotDelta", "pack_slots", "unpack_slots", "slot_width", "check_bands", "pack_bitplanes", "unpack_bitplanes", "quantize_rtn", "words_per_column"]
+__all__ = ["FORMAT_VERSION_BITPLANES", "FORMAT_VERSION_SLOTS", "MAX_BITS", "PackedDelta", "SlotDelta", "pack_slots", "unpack_slots", "slot_width", "slot_words", "slot_codes_from_words", "words_from_slot_codes", "check_bands", "pack_bitplanes", "unpack_bitplanes", "quantize_rtn", "words_per_column"]
 
 
 def words_per_column(d: int) -> int:
@@ -348,6 +348,29 @@ class SlotDelta:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    @staticmethod
+    def expected_shapes(out_features: int, in_features: int, group_size: int, bands) -> dict[str, tuple[int, ...]]:
+        k = sum(n for _, n in bands)
+        row_words = sum(slot_words(n, bits) for bits, n in bands)
+        shapes = {"sigma": (k,)}
+        for side, d in (("v", in_features), ("u", out_features)):
+            groups = -(-d // group_size)
+            shapes[f"{side}_codes"] = (d, row_words)
+            shapes[f"{side}_scales"] = (groups, k)
+            shapes[f"{side}_mins"] = (groups, k)
+        return shapes
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, group_size: int, bands, device=None) -> "SlotDelta":
+        """All-zero tensors of the right shapes (a zero delta), to be filled by a state dict."""
+        bands = check_bands(bands)
+        dtypes = {"sigma": torch.float32, "v_codes": torch.int32, "u_codes": torch.int32}
+        tensors = {
+            name: torch.zeros(shape, dtype=dtypes.get(name, torch.float16), device=device)
+            for name, shape in cls.expected_shapes(out_features, in_features, group_size, bands).items()
+        }
+        return cls(out_features, in_features, group_size, bands, **tensors)
+
     def band_layout(self) -> list[tuple[int, int, int, int]]:
         """(bits, first column, n_cols, first word in a row) per band, empty bands included."""
         out, col, word = [], 0, 0
@@ -368,31 +391,23 @@ class SlotDelta:
 
     @classmethod
     def from_packed(cls, delta: PackedDelta) -> "SlotDelta":
-        """The version-2 layout of a (version-1, bit-plane) PackedDelta: the same codes, scales, mins and sigma."""
-        sides = {}
-        for side, d in (("v", delta.in_features), ("u", delta.out_features)):
-            parts = [pack_slots(unpack_bitplanes(planes, d), bits) for bits, _, n, planes in delta.band_slices(side) if n]
-            sides[f"{side}_codes"] = (
-                torch.cat(parts, dim=1).contiguous() if parts else torch.zeros(d, 0, dtype=torch.int32, device=delta.device)
-            )
+        """The version-2 layout of a (version-1, bit-plane) PackedDelta: the same codes, scales, mins and sigma
+        (the scales, mins and sigma tensors are shared, not copied)."""
+        sides = {
+            f"{side}_codes": slot_codes_from_words(getattr(delta, f"{side}_words"), d, delta.bands)
+            for side, d in (("v", delta.in_features), ("u", delta.out_features))
+        }
         return cls(delta.out_features, delta.in_features, delta.group_size, tuple(delta.bands), sigma=delta.sigma,
                    v_scales=delta.v_scales, v_mins=delta.v_mins, u_scales=delta.u_scales, u_mins=delta.u_mins, **sides)  # fmt: skip
 
     def codes(self, side: str) -> torch.Tensor:
         """int64 codes (d, k) of one side."""
-        words = getattr(self, f"{side}_codes")
-        parts = []
-        for bits, _, n, w0 in self.band_layout():
-            parts.append(unpack_slots(words[:, w0 : w0 + slot_words(n, bits)], bits, n))
         d = self.in_features if side == "v" else self.out_features
-        return torch.cat(parts, dim=1) if parts else torch.zeros(d, 0, dtype=torch.int64, device=words.device)
+        return codes_from_slots(getattr(self, f"{side}_codes"), d, self.bands)
 
     def to_packed(self) -> PackedDelta:
-        sides = {}
-        for side in ("v", "u"):
-            codes = self.codes(side)
-            planes = [pack_bitplanes(codes[:, c : c + n], bits).reshape(-1) for bits, c, n, _ in self.band_layout()]
-            sides[f"{side}_words"] = torch.cat(planes) if planes else torch.zeros(0, dtype=torch.int32, device=self.device)
+        """The version-1 (bit-plane) form: bitwise the PackedDelta this was built from (the adapter files' layout)."""
+        sides = {f"{side}_words": words_from_slot_codes(getattr(self, f"{side}_codes"), self.bands) for side in ("v", "u")}
         return PackedDelta(self.out_features, self.in_features, self.group_size, self.bands, sigma=self.sigma,
                            v_scales=self.v_scales, v_mins=self.v_mins, u_scales=self.u_scales, u_mins=self.u_mins, **sides)  # fmt: skip
 
@@ -429,3 +444,48 @@ class SlotDelta:
                 )
             if t.dtype != want_dtype.get(field_name, torch.float16):
                 raise TypeError(f"{name}.{field_name} has dtype {t.dtype}, expected {want_dtype.get(field_name, torch.float16)}.")
+
+
+# ------------------------------------------------------------------------------- one side's layout conversions
+def slot_codes_from_words(words: torch.Tensor, d: int, bands, name: str = "words") -> torch.Tensor:
+    """One side's version-1 bit planes (the flat int32 `v_words` / `u_words` of a PackedDelta over d rows) ->
+    its version-2 slot codes (d, row_words) int32 (lossless; `words_from_slot_codes` goes back). A vector of the
+    wrong size or dtype raises naming `name`."""
+    bands = check_bands(bands)
+    want = sum(bits * n for bits, n in bands) * words_per_column(d)
+    if words.dim() != 1 or words.numel() != want:
+        raise ValueError(
+            f"{name} has shape {tuple(words.shape)}, but bands {list(bands)} on {d} rows need ({want},): the adapter "
+            f"files do not match this config or this base model."
+        )
+    if words.dtype != torch.int32:
+        raise TypeError(f"{name} has dtype {words.dtype}, expected torch.int32.")
+    n_words = words_per_column(d)
+    parts, offset = [], 0
+    for bits, n in bands:
+        size = bits * n_words * n
+        if n:
+            parts.append(pack_slots(unpack_bitplanes(words[offset : offset + size].view(bits, n_words, n), d), bits))
+        offset += size
+    return torch.cat(parts, dim=1).contiguous() if parts else torch.zeros(d, 0, dtype=torch.int32, device=words.device)
+
+
+def codes_from_slots(codes: torch.Tensor, d: int, bands) -> torch.Tensor:
+    """int64 codes (d, k) of one side's slot codes (d, row_words)."""
+    parts, word = [], 0
+    for bits, n in bands:
+        w = slot_words(n, bits)
+        parts.append(unpack_slots(codes[:, word : word + w], bits, n))
+        word += w
+    return torch.cat(parts, dim=1) if parts else torch.zeros(d, 0, dtype=torch.int64, device=codes.device)
+
+
+def words_from_slot_codes(codes: torch.Tensor, bands) -> torch.Tensor:
+    """Inverse of `slot_codes_from_words`: slot codes (d, row_words) -> the flat int32 bit planes of a PackedDelta."""
+    d = codes.shape[0]
+    all_codes = codes_from_slots(codes, d, bands)
+    planes, col = [], 0
+    for bits, n in bands:
+        planes.append(pack_bitplanes(all_codes[:, col : col + n], bits).reshape(-1))
+        col += n
+    return torch.cat(planes) if planes else torch.zeros(0, dtype=torch.int32, device=codes.device)

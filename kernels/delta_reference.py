@@ -1,6 +1,7 @@
 """Plain-PyTorch references for the compressed-delta linear: the tests' ground truth and the CPU path.
 
-    y = x W^T + b + ((x V) * sigma) U^T         U, V: the dequantised factors of a PackedDelta
+    y = x W^T + b + ((x V) * sigma) U^T         U, V: the dequantised factors of a PackedDelta or SlotDelta
+                                                (both have `factor` and `sigma`: the same values)
 
 The delta part runs in fp32 (factors dequantised to fp32, x upcast once) and is added to the base product in
 x's dtype; the dense delta U diag(sigma) V^T is never formed. Mixed batches (`reference_delta_linear_gathered`)

@@ -221,9 +221,11 @@ def test_top_level_name():
 
 def test_the_loaded_adapter_runs_the_triton_kernels_under_the_interpreter(pair, tokenizer, tmp_path, monkeypatch):
     """The tuner's forward and mixed batches go through peft_ext.kernels' Triton path (TRITON_INTERPRET=1 on the
-    CPU) and give the reference's outputs."""
+    CPU) and give the reference's outputs: the layers hold slot layouts (SlotDelta), so the fused decode (15 rows)
+    and the gathered slot kernels (mixed batch) run, never the bit-plane kernels."""
     pytest.importorskip("triton")
     from peft_ext.kernels import delta as delta_kernels
+    from peft_ext.kernels import delta_decode
 
     base, ft = pair
     _compress(pair, tokenizer, tmp_path / "a", quantizer="rtn")
@@ -235,12 +237,17 @@ def test_the_loaded_adapter_runs_the_triton_kernels_under_the_interpreter(pair, 
     ids, names = input_ids(batch=3, length=5), ["b", "__base__", "a"]
     with torch.no_grad():
         reference = model(ids).logits, model(ids, adapter_names=names).logits
-        launches = []
-        for name in ("_delta_shrink_kernel", "_delta_expand_kernel"):
+        launches, bitplanes = [], []
+        for name in ("_slot_delta_shrink_kernel", "_slot_delta_expand_kernel"):
             monkeypatch.setattr(delta_kernels, name, _Counting(getattr(delta_kernels, name), launches))
+        for name in ("_slot_shrink_kernel", "_fused_decode_kernel"):
+            monkeypatch.setattr(delta_decode, name, _Counting(getattr(delta_decode, name), launches))
+        for name in ("_delta_shrink_kernel", "_delta_expand_kernel"):
+            monkeypatch.setattr(delta_kernels, name, _Counting(getattr(delta_kernels, name), bitplanes))
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         triton = model(ids).logits, model(ids, adapter_names=names).logits
     assert launches, "the Triton kernels did not run"
+    assert not bitplanes, "the tuner's layers hold slot layouts: no bit-plane kernel runs"
     for got, want in zip(triton, reference):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 

@@ -1,6 +1,6 @@
 """The saved format's version (DeltaComeConfig.format_version): folders written before the field load as version 1,
 an unknown version fails with the version and the fix, and a loaded folder runs the fused decode kernel (Triton
-interpreter) on its in-memory version-2 relayout, matching the reference."""
+interpreter) on the version-2 slot layout its layers hold (converted at load), matching the reference."""
 
 from __future__ import annotations
 
@@ -60,8 +60,8 @@ def test_an_unknown_version_names_it_and_the_fix(pair, folder, tmp_path):
 
 
 def test_a_loaded_folder_decodes_with_the_fused_kernel(pair, folder, monkeypatch):
-    """One token per sequence (decode): every Delta-CoMe layer runs the fused kernel on the in-memory slot layout of
-    the version-1 buffers; the logits match the plain-PyTorch path."""
+    """One token per sequence (decode): every Delta-CoMe layer runs the fused kernel on the slot layout it holds
+    (converted from the version-1 files at load); the logits match the plain-PyTorch path."""
     base, _ = pair
     model = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
     ids = input_ids(batch=2, length=1)

@@ -92,11 +92,15 @@ def test_fused_decode_matches_reference(lead, K, N, bands, group_size, dtype, bi
     fused = Recorder(dd._fused_decode_kernel)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(dd, "_fused_decode_kernel", fused)
-        y = delta_linear(x, weight, b, delta)
-    assert len(fused.launches) == 1 and y.dtype == dtype and y.shape == (*lead, N)
+        y = delta_linear(x, weight, b, SlotDelta.from_packed(delta))
+        assert len(fused.launches) == 1 and y.dtype == dtype and y.shape == (*lead, N)
+        # a PackedDelta with the opt-in cached relayout: the same kernel, bitwise the same output
+        torch.testing.assert_close(delta_linear(x, weight, b, delta, cache_relayout=True), y, rtol=0, atol=0)
+        assert len(fused.launches) == 2
+        # a PackedDelta by default: the bit-plane kernels (no second copy), the reference's output too
+        check_close(delta_linear(x, weight, b, delta), x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), dtype)
+        assert len(fused.launches) == 2
     check_close(y, x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), dtype)
-    # a SlotDelta (version 2) gives the same output as the PackedDelta it was built from
-    torch.testing.assert_close(delta_linear(x, weight, b, SlotDelta.from_packed(delta)), y, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("shrink_splits,splits", [(1, 1), (3, 2), (2, 4)])
@@ -115,15 +119,17 @@ def test_split_reductions(monkeypatch, shrink_splits, splits):
     fused = Recorder(dd._fused_decode_kernel)
     monkeypatch.setattr(dd, "_fused_decode_kernel", fused)
     x, weight, b, delta = make((4,), 700, 50, ((8, 2), (2, 40)), 64, FP32)
-    y = delta_linear(x, weight, b, delta)
+    y = delta_linear(x, weight, b, SlotDelta.from_packed(delta))
     check_close(y, x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), FP32)
     assert fused.launches[0]["SPLITS"] == min(splits, 3)  # 700 columns of W = 3 steps of 256
 
 
 def test_zero_rank_delta_is_the_base():
     x, weight, b, delta = make((3,), 40, 30, ((2, 0),), 32, FP32)
-    y = delta_linear(x, weight, b, delta)
-    assert rel_err(y, torch.nn.functional.linear(f64(x), f64(weight), f64(b))) <= TOL[FP32]
+    for d in (delta, SlotDelta.from_packed(delta)):
+        for rows in (x, torch.cat([x] * 7)):  # decode, prefill
+            y = delta_linear(rows, weight, b, d)
+            assert rel_err(y, torch.nn.functional.linear(f64(rows), f64(weight), f64(b))) <= TOL[FP32]
 
 
 def test_fp16_large_t_stays_in_range(gpu_fp16_math):
@@ -136,34 +142,74 @@ def test_fp16_large_t_stays_in_range(gpu_fp16_math):
     x = (torch.randn(5, K, generator=g) * 2).half()
     weight = (torch.randn(N, K, generator=g) * K**-0.5).half()
     assert ((x.double() @ delta.factor("v").double()) * delta.sigma.double()).abs().max() > 65504
-    y = delta_linear(x, weight, None, delta)
+    y = delta_linear(x, weight, None, SlotDelta.from_packed(delta))
     assert y.isfinite().all()
     check_close(y, x, weight, None, reference_delta_linear(f64(x), f64(weight), None, delta), FP16)
 
 
 def test_paths_and_decode_argument(monkeypatch):
-    """<= 16 rows: the fused decode; more rows, decode=False or a weight without unit column stride: the bit-plane
-    kernels (a SlotDelta is converted back once); decode=True where it cannot run: a clear error."""
+    """A SlotDelta: <= 16 rows the fused decode, more rows or decode=False the slot kernels (never a conversion
+    to bit planes). A PackedDelta: the bit-plane kernels at every size unless cache_relayout=True. decode=True
+    where it cannot run: a clear error."""
     shrink = Recorder(dm._delta_shrink_kernel)
     monkeypatch.setattr(dm, "_delta_shrink_kernel", shrink)
+    slot_shrink = Recorder(dm._slot_delta_shrink_kernel)
+    monkeypatch.setattr(dm, "_slot_delta_shrink_kernel", slot_shrink)
     fused = Recorder(dd._fused_decode_kernel)
     monkeypatch.setattr(dd, "_fused_decode_kernel", fused)
+    monkeypatch.setattr(SlotDelta, "to_packed", lambda self: pytest.fail("a SlotDelta was converted to bit planes"))
     x, weight, b, delta = make((20,), 40, 30, ((2, 3), (3, 2)), 32, FP32)
     sd = SlotDelta.from_packed(delta)
     ref = reference_delta_linear(f64(x), f64(weight), f64(b), delta)
-    check_close(delta_linear(x, weight, b, sd), x, weight, b, ref, FP32)  # 20 rows: bit planes
+    check_close(delta_linear(x, weight, b, sd), x, weight, b, ref, FP32)  # 20 rows: slot kernels
     check_close(delta_linear(x[:16], weight, b, sd), x[:16], weight, b, ref[:16], FP32)  # fused
-    check_close(delta_linear(x[:2], weight, b, delta, decode=False), x[:2], weight, b, ref[:2], FP32)
+    check_close(delta_linear(x[:2], weight, b, sd, decode=False), x[:2], weight, b, ref[:2], FP32)  # slot kernels
+    assert (len(fused.launches), len(slot_shrink.launches), len(shrink.launches)) == (1, 2, 0)
+    check_close(delta_linear(x[:2], weight, b, delta), x[:2], weight, b, ref[:2], FP32)  # bit planes
+    check_close(delta_linear(x, weight, b, delta), x, weight, b, ref, FP32)  # bit planes
     w_t = weight.T.contiguous().T  # a transposed view: unit row stride
-    check_close(delta_linear(x[:2], w_t, b, delta), x[:2], weight, b, ref[:2], FP32)
-    assert len(fused.launches) == 1 and len(shrink.launches) == 3
+    check_close(delta_linear(x[:2], w_t, b, sd), x[:2], weight, b, ref[:2], FP32)  # slot kernels
+    check_close(delta_linear(x[:2], weight, b, delta, cache_relayout=True), x[:2], weight, b, ref[:2], FP32)  # fused
+    assert (len(fused.launches), len(slot_shrink.launches), len(shrink.launches)) == (2, 3, 2)
     with pytest.raises(ValueError, match="decode=True needs at most 16 rows"):
-        delta_linear(x, weight, b, delta, decode=True)
+        delta_linear(x, weight, b, sd, decode=True)
     with pytest.raises(ValueError, match="unit column stride"):
-        delta_linear(x[:2], w_t, b, delta, decode=True)
+        delta_linear(x[:2], w_t, b, sd, decode=True)
+    with pytest.raises(ValueError, match=r"decode=True .* pass a SlotDelta .*cache_relayout=True"):
+        delta_linear(x[:2], weight, b, delta, decode=True)
+    with pytest.raises(TypeError, match=r"SlotDelta.from_packed.*cache_relayout=True.*twice the memory"):
+        dd.fused_decode(x[:2], weight, b, delta)
     index = torch.tensor([0, -1, 0, 0] * 5)
     y_g = delta_linear_gathered(x, weight, b, [sd], index)
     check_close(y_g, x, weight, b, reference_delta_linear_gathered(f64(x), f64(weight), f64(b), [delta], index), FP32)
+    assert len(shrink.launches) == 2  # the gathered SlotDelta: slot kernels too
+
+
+def test_gathered_mixed_layouts_one_launch_pair_per_layout(monkeypatch):
+    """Tenants of both layouts in one batch: each read in its own layout (no conversion), one launch pair each."""
+    shrink = Recorder(dm._delta_shrink_kernel)
+    monkeypatch.setattr(dm, "_delta_shrink_kernel", shrink)
+    slot_shrink = Recorder(dm._slot_delta_shrink_kernel)
+    monkeypatch.setattr(dm, "_slot_delta_shrink_kernel", slot_shrink)
+    monkeypatch.setattr(SlotDelta, "to_packed", lambda self: pytest.fail("a SlotDelta was converted to bit planes"))
+    monkeypatch.setattr(SlotDelta, "from_packed", lambda d: pytest.fail("a PackedDelta was converted to slots"))
+    g = torch.Generator().manual_seed(3)
+    x, weight, b, d0 = make((9,), 70, 50, ((8, 2), (2, 20)), 32, FP32)
+    d1 = PackedDelta.random(50, 70, ((3, 7), (1, 40)), group_size=32, generator=g)
+    d2 = PackedDelta.random(50, 70, ((4, 5),), group_size=32, generator=g)
+    from peft_ext.kernels.delta_format import slot_codes_from_words
+
+    def slots(d):
+        codes = {f"{side}_codes": slot_codes_from_words(getattr(d, f"{side}_words"), n, d.bands) for side, n in (("v", 70), ("u", 50))}
+        return SlotDelta(d.out_features, d.in_features, d.group_size, d.bands, sigma=d.sigma, v_scales=d.v_scales,
+                         v_mins=d.v_mins, u_scales=d.u_scales, u_mins=d.u_mins, **codes)  # fmt: skip
+
+    index = torch.tensor([2, 0, -1, 1, 1, 0, 2, 2, 1])
+    for det in (False, True):
+        y = delta_linear_gathered(x, weight, b, [slots(d0), d1, slots(d2)], index, deterministic=det)
+        ref = reference_delta_linear_gathered(f64(x), f64(weight), f64(b), [d0, d1, d2], index)
+        check_close(y, x, weight, b, ref, FP32)
+    assert len(shrink.launches) == 2 and len(slot_shrink.launches) == 2
 
 
 def test_reference_backend_reads_a_slot_delta():
@@ -176,7 +222,9 @@ def test_reference_backend_reads_a_slot_delta():
                                delta_linear_gathered(x, weight, b, [delta], index, backend="reference"), rtol=0, atol=0)  # fmt: skip
 
 
-def test_packed_delta_is_converted_once(monkeypatch):
+def test_cached_relayout_is_opt_in_and_converted_once(monkeypatch):
+    """No silent second copy: a PackedDelta is converted to slots only with cache_relayout=True (then once per
+    contents, kept beside it); a SlotDelta is never converted to bit planes (prefill included)."""
     x, weight, b, delta = make((2,), 40, 30, ((2, 3),), 32, FP32)
     calls = []
     real = SlotDelta.from_packed.__func__
@@ -188,21 +236,26 @@ def test_packed_delta_is_converted_once(monkeypatch):
     monkeypatch.setattr(SlotDelta, "from_packed", classmethod(counted))
     for _ in range(3):
         delta_linear(x, weight, b, delta)
-    assert len(calls) == 1
+    assert calls == [] and not hasattr(delta.u_words, dd._ATTR)  # the default: bit-plane kernels, nothing kept
+    for _ in range(3):
+        delta_linear(x, weight, b, delta, cache_relayout=True)
+    assert len(calls) == 1 and hasattr(delta.u_words, dd._ATTR)
     # an in-place change of the delta (e.g. load_state_dict into the same buffers) is seen: converted again
-    y = delta_linear(x, weight, b, delta)
+    y = delta_linear(x, weight, b, delta, cache_relayout=True)
     delta.sigma.mul_(3.0)
     delta.u_words.copy_(delta.u_words.flip(0))
-    y2 = delta_linear(x, weight, b, delta)
+    y2 = delta_linear(x, weight, b, delta, cache_relayout=True)
     assert len(calls) == 2
     check_close(y2, x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), FP32)
     assert not torch.allclose(y, y2)
-    # the same for a SlotDelta's bit-plane form (prefill kernels)
+    # a SlotDelta at prefill reads its slots: nothing converted, nothing kept, in-place changes seen
     sd = SlotDelta.from_packed(delta)
+    monkeypatch.setattr(SlotDelta, "to_packed", lambda self: pytest.fail("a SlotDelta was converted to bit planes"))
     x20 = torch.randn(20, 40)
     delta_linear(x20, weight, b, sd)
     sd.v_scales.mul_(0.5)
     check_close(delta_linear(x20, weight, b, sd), x20, weight, b, reference_delta_linear(f64(x20), f64(weight), f64(b), sd), FP32)
+    assert not any(hasattr(t, dd._ATTR) for t in sd.tensors().values())
 
 
 def test_bytes_model_counts_the_stored_tensors():
@@ -246,6 +299,6 @@ def test_gpu_split_fused_reduction():
     fused = Recorder(dd._fused_decode_kernel)
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(dd, "_fused_decode_kernel", fused)
-        y = delta_linear(x, weight, b, delta)
+        y = delta_linear(x, weight, b, SlotDelta.from_packed(delta))
     assert fused.launches[0]["SPLITS"] > 1
     check_close(y, x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), BF16)

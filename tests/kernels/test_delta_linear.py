@@ -84,6 +84,25 @@ class NoLaunch:
 
 
 # ------------------------------------------------------------------------------------------- one delta
+LAYOUTS = ["bitplanes", "slots"]  # PackedDelta (version 1) and SlotDelta (version 2: what the tuner's layers hold)
+KERNELS = {"bitplanes": ("_delta_shrink_kernel", "_delta_expand_kernel"),
+           "slots": ("_slot_delta_shrink_kernel", "_slot_delta_expand_kernel")}  # fmt: skip
+
+
+def as_layout(delta, layout):
+    from peft_ext.kernels.delta_format import SlotDelta
+
+    return SlotDelta.from_packed(delta) if layout == "slots" else delta
+
+
+def record_kernels(monkeypatch, layout):
+    """Recorders on the layout's shrink and expand kernels (kernels/delta.py)."""
+    shrink, expand = (Recorder(getattr(dm, name)) for name in KERNELS[layout])
+    monkeypatch.setattr(dm, KERNELS[layout][0], shrink)
+    monkeypatch.setattr(dm, KERNELS[layout][1], expand)
+    return shrink, expand
+
+
 CASES = [
     # lead, K (in), N (out), bands, group size, dtype, bias
     ((1,), 33, 100, ((8, 2), (3, 5), (1, 9)), 32, FP32, True),  # batch 1, a 1-bit band
@@ -96,44 +115,47 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("lead,K,N,bands,group_size,dtype,bias", CASES)
-def test_matches_reference(lead, K, N, bands, group_size, dtype, bias):
+def test_matches_reference(lead, K, N, bands, group_size, dtype, bias, layout):
+    """Both layouts' two-kernel path (decode=False: also at decode sizes) against the reference."""
     x, weight, b, delta = make(lead, K, N, bands, group_size, dtype, bias)
     assert choose_backend(x, 1) == "triton"
-    y = delta_linear(x, weight, b, delta)
+    y = delta_linear(x, weight, b, as_layout(delta, layout), decode=False)
     assert y.shape == (*lead, N) and y.dtype == dtype
     check_close(y, x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), dtype)
 
 
-def test_strided_x():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_strided_x(layout):
     """x whose rows are not contiguous (a slice of a wider tensor) is read through its strides."""
     x, weight, b, delta = make((7,), 40, 50, ((3, 6), (2, 20)), 32, FP32)
     wide = torch.randn(7, 90)
     wide[:, 10:50] = x
     xs = wide[:, 10:50]
     assert not xs.is_contiguous()
-    y = delta_linear(xs, weight, b, delta)
+    y = delta_linear(xs, weight, b, as_layout(delta, layout), decode=False)
     check_close(y, x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), FP32)
 
 
-def test_tile_configs_are_all_exercised(monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tile_configs_are_all_exercised(monkeypatch, layout):
     """The interpreter runs the GPU's tile choices: atomics or not, 32 or 64 output rows per expand program,
-    one scale per tile column or gathered per element, decode and prefill row blocks."""
-    shrink, expand = Recorder(dm._delta_shrink_kernel), Recorder(dm._delta_expand_kernel)
-    monkeypatch.setattr(dm, "_delta_shrink_kernel", shrink)
-    monkeypatch.setattr(dm, "_delta_expand_kernel", expand)
+    one scale per tile column or gathered per element, decode and prefill row blocks (both layouts)."""
+    shrink, expand = record_kernels(monkeypatch, layout)
     for lead, K, N, bands, gs in [
         ((2,), 300, 300, ((2, 5),), 128),  # 1 tile: in split 3 ways (atomics); 5 output blocks of 64
         ((40,), 64, 40, ((2, 70), (3, 64), (1, 3), (4, 2)), 64),  # 5 tiles: no split; 32-row output blocks
         ((3,), 200, 50, ((2, 4),), 48),  # group 48: per-element scales in both kernels; in split 4 ways
     ]:
         x, weight, b, delta = make(lead, K, N, bands, gs, FP32)
-        y = delta_linear(x, weight, b, delta, decode=False)  # decode sizes too: the bit-plane kernels
+        y = delta_linear(x, weight, b, as_layout(delta, layout), decode=False)  # decode sizes too: two kernels
         check_close(y, x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), FP32)
     s, e = shrink.launches, expand.launches
     assert [c["ATOMIC"] for c in s] == [True, False, True]
-    assert [c["BLOCK_I"] for c in s] == [128, 64, 64] and [c["BLOCK_M"] for c in s] == [16, 64, 16]
-    assert [c["UNIFORM_GROUP"] for c in s] == [True, True, False]
+    block_i = [128, 64, 64] if layout == "bitplanes" else [dm.SLOT_FP32_BLOCK_I] * 3  # fp32 x: 16-row slot steps
+    assert [c["BLOCK_I"] for c in s] == block_i and [c["BLOCK_M"] for c in s] == [16, 64, 16]
+    assert [c["UNIFORM_GROUP"] for c in s] == [True, True, layout == "slots"]  # 48 % 16 == 0
     assert [c["BLOCK_O"] for c in e] == [64, 32, 32]
     assert [c["UNIFORM_GROUP"] for c in e] == [True, True, False]
     assert s[0]["grid"] == (1, 1, 3) and s[1]["grid"] == (1, 5, 1) and e[0]["grid"] == (1, 5)
@@ -173,25 +195,27 @@ GATHERED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("lead,index_shape,dtype,bias", GATHERED_CASES)
-def test_gathered_matches_reference(lead, index_shape, dtype, bias):
+def test_gathered_matches_reference(lead, index_shape, dtype, bias, layout):
     K, N = 70, 100
     x, weight, b, _ = make(lead, K, N, ((2, 1),), 32, dtype, bias)
     deltas = make_tenants(K, N, SCHEDULES, 32)
     g = torch.Generator().manual_seed(3)
     index = torch.randint(-1, len(deltas), index_shape or lead, generator=g)
     index.view(-1)[0] = -1
-    y = delta_linear_gathered(x, weight, b, deltas, index)
+    y = delta_linear_gathered(x, weight, b, [as_layout(d, layout) for d in deltas], index)
     assert y.shape == (*lead, N) and y.dtype == dtype
     ref = reference_delta_linear_gathered(f64(x), f64(weight), f64(b), deltas, index)
     check_close(y, x, weight, b, ref, dtype)
 
 
-def test_gathered_rows_equal_single_delta_calls():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gathered_rows_equal_single_delta_calls(layout):
     """Each row of a mixed batch is what delta_linear gives for that row's delta (-1: the base)."""
     K, N = 40, 50
     x, weight, b, _ = make((9,), K, N, ((2, 1),), 32, FP32)
-    deltas = make_tenants(K, N, SCHEDULES[:3] + [((3, 0),)], 32)  # tenant 3: rank 0 (adds nothing)
+    deltas = [as_layout(d, layout) for d in make_tenants(K, N, SCHEDULES[:3] + [((3, 0),)], 32)]  # 3: rank 0
     index = torch.tensor([2, -1, 0, 3, 1, -1, 2, 1, 0])
     y = delta_linear_gathered(x, weight, b, deltas, index)
     for i, j in enumerate(index.tolist()):
@@ -393,11 +417,16 @@ def test_exports():
 # ------------------------------------------------------------------ devices, fp16 range, determinism (issue 11)
 def test_launches_run_under_a_guard_for_x_device(launch_guards):
     x, weight, b, delta = make((2,), 300, 300, ((2, 5),), 128, FP32)
-    delta_linear(x, weight, b, delta)  # decode: the fused kernels
+    from peft_ext.kernels.delta_format import SlotDelta
+
+    sd = SlotDelta.from_packed(delta)
+    delta_linear(x, weight, b, sd)  # decode: the fused kernels
     delta_linear(x, weight, b, delta, deterministic=True, decode=False)
     delta_linear_gathered(x, weight, b, [delta, delta], torch.tensor([1, 0]))
+    delta_linear_gathered(x, weight, b, [sd, sd], torch.tensor([1, 0]))
     names = [name for name, _ in launch_guards.launches]
-    assert names == ["_slot_shrink_kernel", "_fused_decode_kernel"] + ["_delta_shrink_kernel", "_delta_expand_kernel"] * 2
+    assert names == ["_slot_shrink_kernel", "_fused_decode_kernel"] + ["_delta_shrink_kernel", "_delta_expand_kernel"] * 2 + [
+        "_slot_delta_shrink_kernel", "_slot_delta_expand_kernel"]  # fmt: skip
     assert all(active == (torch.device("cpu"),) for _, active in launch_guards.launches), launch_guards.launches
 
 
@@ -443,20 +472,20 @@ def deterministic_algorithms():
     torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
-def test_deterministic_algorithms_use_the_split_store_path(monkeypatch, deterministic_algorithms):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_deterministic_algorithms_use_the_split_store_path(monkeypatch, deterministic_algorithms, layout):
     """Under torch.use_deterministic_algorithms(True) a split shrink stores each split's slice (no fp32 atomics);
     the slices are summed in a fixed order. The per-split buffer is poisoned (NaN) where not written."""
-    shrink, expand = Recorder(dm._delta_shrink_kernel), Recorder(dm._delta_expand_kernel)
-    monkeypatch.setattr(dm, "_delta_shrink_kernel", shrink)
-    monkeypatch.setattr(dm, "_delta_expand_kernel", expand)
+    shrink, expand = record_kernels(monkeypatch, layout)
     x, weight, b, delta = make((2,), 300, 300, ((2, 5),), 128, FP32)  # decode: `in` split 3 ways
+    delta = as_layout(delta, layout)
     ys = [delta_linear(x, weight, b, delta, decode=False) for _ in range(2)]
     check_close(ys[0], x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), FP32)
     assert torch.equal(ys[0], ys[1])
     # two tenants, ranks 7 and 33: the smaller one's unused T columns stay NaN and are never read
     K, N = 300, 100
     x2, w2, b2, _ = make((16,), K, N, ((2, 1),), 32, FP32)
-    deltas = make_tenants(K, N, SCHEDULES[1:3], 32)
+    deltas = [as_layout(d, layout) for d in make_tenants(K, N, SCHEDULES[1:3], 32)]
     index = torch.arange(16) % 3 - 1
     y_g = delta_linear_gathered(x2, w2, b2, deltas, index)
     check_close(y_g, x2, w2, b2, reference_delta_linear_gathered(f64(x2), f64(w2), f64(b2), deltas, index), FP32)
@@ -464,10 +493,11 @@ def test_deterministic_algorithms_use_the_split_store_path(monkeypatch, determin
     assert [c["ATOMIC"] for c in shrink.launches] == [False] * 3
 
 
-def test_deterministic_argument_overrides_the_global_setting(monkeypatch):
-    shrink = Recorder(dm._delta_shrink_kernel)
-    monkeypatch.setattr(dm, "_delta_shrink_kernel", shrink)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_deterministic_argument_overrides_the_global_setting(monkeypatch, layout):
+    shrink, _ = record_kernels(monkeypatch, layout)
     x, weight, b, delta = make((2,), 300, 300, ((2, 5),), 128, FP32)
+    delta = as_layout(delta, layout)
     assert not torch.are_deterministic_algorithms_enabled()
     y_atomic = delta_linear(x, weight, b, delta, decode=False)
     y_det = delta_linear(x, weight, b, delta, deterministic=True, decode=False)

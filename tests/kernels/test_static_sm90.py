@@ -214,3 +214,50 @@ def test_fused_decode_other_batches_and_dtypes_static(gpu_choices, M, dtype, gro
     for r in (fused, shrink):
         assert r.spill_stores == 0 and r.spill_loads == 0 and r.local == 0, r.summary()
         assert r.shared <= SM90_SMEM and r.async_copies > 0, r.summary()
+
+
+# ------------------------------------------------------------- prefill / mixed batches on slots (kernels/delta.py)
+SLOT_CASES = [  # rows per tenant, group size, dtype, has_order (the gathered path), deterministic
+    (16, 128, BF16, False, False), (1, 128, BF16, True, False), (1, 128, BF16, True, True), (2048, 128, BF16, False, False),
+    (2048, 128, torch.float16, True, False), (2048, 128, torch.float32, True, False), (16, 48, BF16, False, False),
+]  # fmt: skip
+
+
+@functools.lru_cache(maxsize=None)  # called under the gpu_choices fixture only
+def slot_delta_builds(rows: int, group_size: int, dtype, has_order: bool, deterministic: bool):
+    """kernels/delta.py's slot shrink and expand (the tuner's prefill and mixed batches) for 14336 x 4096 with the
+    paper's bands, as _add_deltas launches them."""
+    N, K, rank, tiles = SHAPES["14336x4096"]
+    cfg = dm._config(rows, dm.cdiv(rows, 64), K, N, group_size, tiles, CUDA)
+    if dtype == torch.float32:
+        cfg = cfg._replace(block_i=min(cfg.block_i, dm.SLOT_FP32_BLOCK_I))  # as _add_deltas does
+    t = {BF16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    common = dict(GROUP_SIZE=group_size, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, HAS_ORDER=has_order,
+                  DOT_PRECISION=dispatch.dot_precision(dtype))  # fmt: skip
+    tables = dict(ORDER="i32", BLOCKS="i32", META="i64", TILES="i32")
+    shrink = compile_sm90(
+        dm._slot_delta_shrink_kernel, dict(tables, X=t, T="fp32"),
+        dict(common, BLOCK_I=cfg.block_i, ATOMIC=cfg.splits > 1 and not deterministic,
+             UNIFORM_GROUP=group_size % cfg.block_i == 0, COMPUTE=dispatch.compute_dtype(dtype)),
+        ints=dict(K=K, rows_per_split=cfg.rows_per_split, stride_xm=K, stride_xk=1,
+                  stride_ts=rows * rank if deterministic and cfg.splits > 1 else 0, stride_tm=rank),
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
+    expand = compile_sm90(
+        dm._slot_delta_expand_kernel, dict(tables, T="fp32", Y=t),
+        dict(common, BLOCK_O=cfg.block_o, UNIFORM_GROUP=group_size % cfg.block_o == 0,
+             T_COMPUTE=dispatch.intermediate_compute(dtype)),
+        ints=dict(N=N, stride_tm=rank, stride_ym=N, stride_yn=1), num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return cfg, analyse(shrink), analyse(expand)
+
+
+@pytest.mark.parametrize("rows,group_size,dtype,has_order,deterministic", SLOT_CASES)
+def test_slot_prefill_and_gathered_kernels_static(gpu_choices, rows, group_size, dtype, has_order, deterministic):
+    """The slot-layout shrink / expand (what the tuner's layers run at prefill and in mixed batches, one compressed
+    copy) as built for an H100: no spills, within shared memory and the register file (static compile results,
+    not timings; their speed against the bit-plane kernels is unmeasured)."""
+    _, shrink, expand = slot_delta_builds(rows, group_size, dtype, has_order, deterministic)
+    for r in (shrink, expand):
+        assert r.spill_stores == 0 and r.spill_loads == 0 and r.local == 0, r.summary()
+        assert r.shared <= SM90_SMEM and r.regs <= 255, r.summary()

@@ -54,8 +54,9 @@ class DeltaComeConfig(PeftExtConfig):
             contents (for tests).
         format_version: the layout of the saved Delta-CoMe tensors. 1 (the only one written and read): bit planes
             (kernels/delta_format.py PackedDelta). Folders saved before the field existed have none and load as 1.
-            At decode the kernels relay each delta once, in memory, to the version-2 slot layout they read
-            (kernels/delta_format.py SlotDelta); the files never change.
+            A layer converts each delta once, at load, to the version-2 slot layout (kernels/delta_format.py
+            SlotDelta) and holds only that (one compressed copy; every kernel path reads it); its state_dict converts
+            back, so saved files are version 1, bit for bit what was loaded.
         seed: the random contents of init_weights=False. None (default): drawn from torch's RNG, so that
             torch.manual_seed reproduces them and each adapter built gets its own. An int: the same contents from that
             seed and each layer's name, whatever torch's RNG and the adapter's name (two adapters of one seed are equal).

@@ -9,13 +9,13 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from peft_ext.kernels import delta_linear, delta_linear_gathered, lowrank_linear
-from peft_ext.kernels.delta_format import PackedDelta
+from peft_ext.kernels.delta_format import PackedDelta, SlotDelta, slot_codes_from_words
 from peft_ext.kernels.delta_reference import reference_delta_part
 from peft_ext.kernels.sign_format import SignDelta, sign_delta_part
 from peft_ext.tuners.base import PeftExtLayer, is_conv1d, logical_weight
 from peft_ext.tuners.one_adapter_forward import OneAdapterForward
 
-from .representation import build_packed, build_sign, empty_tensors, random_tensors
+from .representation import build_sign, build_slots, empty_tensors, random_tensors
 
 INFERENCE_ONLY = (
     "Delta-CoMe adapters are compressed, frozen deltas for inference: they cannot be trained (a forward in "
@@ -96,10 +96,34 @@ class DeltaComeTunerLayer(PeftExtLayer):
             raise RuntimeError(INFERENCE_ONLY.format(name=type(self.get_base_layer()).__name__))
 
 
+SIDES = (("v", "in_features"), ("u", "out_features"))
+
+
+def _load_bitplanes(module: "DeltaComeLinear", state_dict: dict, prefix: str, *args) -> None:
+    """Load pre-hook: a plain `load_state_dict` given version-1 bit planes (`v_words` / `u_words`, the files' layout)
+    stores the slot codes the layer holds (lossless), checked against the layer's bands first: a mismatched tensor
+    raises a ValueError naming the field. (PEFT's and transformers' loaders convert earlier: DeltaComeModel.)"""
+    for adapter, (method, bands, _) in module.delta_meta.items():
+        if method != "deltacome":
+            continue
+        for side, features in SIDES:
+            key = f"{prefix}deltacome_delta.{adapter}.{side}_words"
+            if key in state_dict:
+                d = getattr(module, features)
+                state_dict[f"{prefix}deltacome_delta.{adapter}.{side}_codes"] = slot_codes_from_words(state_dict.pop(key), d, bands, key)
+
+
 class DeltaComeLinear(OneAdapterForward, DeltaComeTunerLayer):
     """Wraps one linear layer (nn.Linear or Conv1D). Each adapter is a compressed delta held in buffers
-    (`deltacome_delta[adapter]`: the packed bands of U and V, scales, mins, sigma; or a baseline's tensors) and
-    added to the frozen base: y = base(x) + delta(x), the delta never built densely."""
+    (`deltacome_delta[adapter]`; or a baseline's tensors) and added to the frozen base: y = base(x) + delta(x), the
+    delta never built densely.
+
+    One compressed copy per Delta-CoMe adapter: the buffers hold the version-2 slot layout (sigma, v_codes, v_scales,
+    v_mins, u_codes, u_scales, u_mins: kernels/delta_format.py SlotDelta), which every kernel path reads as it is -
+    the fused decode (<= 16 rows), prefill and mixed batches (kernels/delta.py's slot kernels). The adapter files
+    stay version 1 (bit planes `v_words` / `u_words`): DeltaComeModel converts at the file boundary (saving:
+    `_get_adapter_state_dict`; loading: `_remap_adapter_state_dict_for_load`, `state_dict_for_transformers`), so old
+    folders load and a save after a load writes the same bits; `model.state_dict()` shows the buffers as held."""
 
     adapter_layer_names = ("deltacome_delta",)
     other_param_names = ("delta_meta",)  # per adapter: delete_adapter drops its entry with its buffers
@@ -107,6 +131,7 @@ class DeltaComeLinear(OneAdapterForward, DeltaComeTunerLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
         super().__init__(base_layer, adapter_name, **kwargs)
         self.delta_meta: dict[str, tuple[str, tuple, int]] = {}  # adapter -> (method, (bits, n) bands, group_size)
+        self._register_load_state_dict_pre_hook(_load_bitplanes, with_module=True)
 
     # ----------------------------------------------------------------------------------------------- state
     def update_layer(
@@ -140,11 +165,11 @@ class DeltaComeLinear(OneAdapterForward, DeltaComeTunerLayer):
         return result
 
     def delta(self, adapter_name: str):
-        """The adapter as a PackedDelta / SignDelta / (A, B) pair over the current buffers (no copy)."""
+        """The adapter as a SlotDelta / SignDelta / (A, B) pair over the current buffers (no copy)."""
         method, bands, group_size = self.delta_meta[adapter_name]
         tensors = dict(self.deltacome_delta[adapter_name].items())
         if method == "deltacome":
-            return build_packed(self.out_features, self.in_features, bands, group_size, tensors)
+            return build_slots(self.out_features, self.in_features, bands, group_size, tensors)
         if method == "bitdelta":
             return build_sign(self.out_features, self.in_features, tensors)
         return tensors["lowrank_a"], tensors["lowrank_b"]
@@ -152,7 +177,7 @@ class DeltaComeLinear(OneAdapterForward, DeltaComeTunerLayer):
     def delta_part(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """delta(x) alone, in fp32 (reference math; used for mixed batches of baseline adapters)."""
         d = self.delta(adapter_name)
-        if isinstance(d, PackedDelta):
+        if isinstance(d, (PackedDelta, SlotDelta)):
             return reference_delta_part(x, d)
         if isinstance(d, SignDelta):
             return sign_delta_part(x, d)
@@ -162,7 +187,7 @@ class DeltaComeLinear(OneAdapterForward, DeltaComeTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense delta (out, in) in fp32: for merging only."""
         d = self.delta(adapter_name)
-        if isinstance(d, (PackedDelta, SignDelta)):
+        if isinstance(d, (PackedDelta, SlotDelta, SignDelta)):
             return d.dense(torch.float32)
         a, b = d
         return b.float() @ a.float()
@@ -175,7 +200,7 @@ class DeltaComeLinear(OneAdapterForward, DeltaComeTunerLayer):
     def _adapted(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         weight, bias = self._base_weight_bias()
         d = self.delta(adapter_name)
-        if isinstance(d, PackedDelta):
+        if isinstance(d, (PackedDelta, SlotDelta)):
             return delta_linear(x, weight, bias, d)
         if isinstance(d, SignDelta):
             y = F.linear(x, weight, bias)

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
+from peft_ext.kernels.delta_format import slot_codes_from_words, words_from_slot_codes
 from peft_ext.tuners.base import PeftExtTuner, in_out_features, is_linear_like, logical_weight
 
 from .config import DeltaComeConfig
@@ -13,6 +15,58 @@ from .layer import DeltaComeLinear, DeltaComeTunerLayer, base_probes, probes_clo
 from .representation import method_bands
 
 PROBE_RTOL = 1 / 64  # a base reloaded in bf16 / fp16 still matches; another checkpoint does not
+PEFT_PREFIX = "base_model.model."  # adapter files' keys: PEFT's prefix, the module's name, the buffer
+
+
+def _bands_of(model: nn.Module, config: DeltaComeConfig, head: str, adapter_name: Optional[str], key: str) -> tuple:
+    """The (bits, n_cols) bands of the module a state-dict key names (`_layer_facts`)."""
+    return _layer_facts(model, config, head, adapter_name, key)[0]
+
+
+def _layer_facts(model: nn.Module, config: DeltaComeConfig, head: str, adapter_name: Optional[str], key: str):
+    """(bands, in_features, out_features) of the module a key names: an injected layer's own bands for
+    `adapter_name`, else solved from the config as the injection will (transformers' loader, before injection)."""
+    module = _find_module(model, head)
+    if module is None:
+        raise ValueError(
+            f"the adapter file has Delta-CoMe tensors for {head.removeprefix(PEFT_PREFIX)} ({key}), which "
+            f"{type(model).__name__} does not have: load the adapter onto its own base model "
+            f"({config.base_model_name_or_path or 'see adapter_config.json'})."
+        )
+    if isinstance(module, DeltaComeLinear) and adapter_name in module.delta_meta:
+        return module.delta_meta[adapter_name][1], module.in_features, module.out_features
+    base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    in_features, out_features = in_out_features(base)
+    name = head.removeprefix(PEFT_PREFIX) if head.startswith(PEFT_PREFIX) else head
+    stored = (config.layer_bands or {}).get(name)
+    return method_bands(config.method, out_features, in_features, config, name, stored), in_features, out_features
+
+
+def _slots_from_file(model: nn.Module, config: DeltaComeConfig, state_dict: dict, adapter_name: Optional[str]) -> dict:
+    """File keys `<module>.deltacome_delta.v_words` / `u_words` (bit planes) -> `...v_codes` / `u_codes` (slots),
+    checked against the module's bands first (a mismatched file raises a ValueError naming the key)."""
+    if config.method != "deltacome":
+        return state_dict
+    out = {}
+    for key, value in state_dict.items():
+        head, sep, field = key.rpartition(".deltacome_delta.")
+        if not sep or field not in ("v_words", "u_words"):
+            out[key] = value
+            continue
+        bands, in_features, out_features = _layer_facts(model, config, head, adapter_name, key)
+        d = in_features if field == "v_words" else out_features
+        out[f"{head}.deltacome_delta.{field[0]}_codes"] = slot_codes_from_words(value, d, bands, key)
+    return out
+
+
+def _find_module(model: nn.Module, path: str):
+    """The module a file key's path names, with or without PEFT's prefix (None if neither)."""
+    for candidate in (path, path.removeprefix(PEFT_PREFIX)):
+        try:
+            return model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
 
 
 class DeltaComeModel(PeftExtTuner, BaseTuner):
@@ -77,6 +131,36 @@ class DeltaComeModel(PeftExtTuner, BaseTuner):
             init_weights=peft_config.init_weights, seed=peft_config.seed, name=current_key,
         )
         self._add_to_layer(DeltaComeLinear, target, adapter_name, parent, target_name, **args)
+
+    # ------------------------------------------------------------------------------- saving and loading
+    # A layer holds the version-2 slot codes (`v_codes` / `u_codes`, one copy); the files hold version-1 bit planes
+    # (`v_words` / `u_words`). These three convert at the file boundary, bitwise both ways.
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names, **kwargs):
+        """Saving: the adapter's slot codes go out as the files' bit planes."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names, **kwargs)
+        out = {}
+        for key, value in selected.items():
+            head, sep, field = key.rpartition(".deltacome_delta.")
+            side = field.rsplit(".", 1)[-1] if sep else ""
+            if side not in ("v_codes", "u_codes"):
+                out[key] = value
+                continue
+            bands = _bands_of(model, config, head, adapter_name, key)
+            out[key[: -len(side)] + side[0] + "_words"] = words_from_slot_codes(value, bands)
+        return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Loading through PEFT (from_pretrained, load_adapter, set_peft_model_state_dict): bit planes -> slot codes."""
+        state_dict = _slots_from_file(model, config, state_dict, adapter_name)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+    @staticmethod
+    def state_dict_for_transformers(model: nn.Module, config: DeltaComeConfig, state_dict: dict) -> dict:
+        """transformers' own `load_adapter` (peft_ext/registry.py `load_adapter_converting`) maps file keys to buffers
+        itself: hand it the slot codes the layers hold."""
+        return _slots_from_file(model, config, state_dict, None)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for _, p in model.named_parameters():

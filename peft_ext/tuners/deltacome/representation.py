@@ -1,6 +1,9 @@
 """An adapter's tensors per method (the buffer names saved in adapter_model.safetensors) and their views.
 
     deltacome: sigma, v_words, v_scales, v_mins, u_words, u_scales, u_mins   (kernels/delta_format.py)
+               in the files (format version 1, bit planes); a layer holds them in the version-2 slot layout
+               (sigma, v_codes, v_scales, v_mins, u_codes, u_scales, u_mins: SlotDelta), converted on load and
+               back on save by the layer's state-dict hooks (layer.py), one copy in memory
     bitdelta:  sign_words (ceil(in/32), out) int32, sign_alpha (1,) fp32       (kernels/sign_format.py)
     lowrank:   lowrank_a (r, in) fp16 = diag(sigma) V^T, lowrank_b (out, r) fp16 = U
 """
@@ -11,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from peft_ext.kernels.delta_format import TENSOR_FIELDS, PackedDelta
+from peft_ext.kernels.delta_format import SLOT_TENSOR_FIELDS, TENSOR_FIELDS, PackedDelta, SlotDelta
 from peft_ext.kernels.sign_format import SignDelta
 
 
@@ -20,9 +23,9 @@ def lowrank_of(bands) -> int:
 
 
 def empty_tensors(method: str, out_features: int, in_features: int, bands, group_size: int) -> dict[str, torch.Tensor]:
-    """A zero delta of the right shapes (what a state dict fills)."""
+    """A zero delta of the right shapes (what a state dict fills); deltacome in the slot layout a layer holds."""
     if method == "deltacome":
-        return PackedDelta.empty(out_features, in_features, group_size, bands).tensors()
+        return SlotDelta.empty(out_features, in_features, group_size, bands).tensors()
     if method == "bitdelta":
         sign = SignDelta.empty(out_features, in_features)
         return {"sign_words": sign.words, "sign_alpha": sign.alpha}
@@ -40,7 +43,8 @@ def random_tensors(
     scale = 0.1 * float(weight.detach().float().std().nan_to_num(0.0).clamp(min=1e-2)) * (out_features * in_features) ** 0.5
     if method == "deltacome":
         rank = max(1, lowrank_of(bands))
-        return PackedDelta.random(out_features, in_features, bands, group_size, generator, sigma_scale=scale / rank**0.5).tensors()
+        packed = PackedDelta.random(out_features, in_features, bands, group_size, generator, sigma_scale=scale / rank**0.5)
+        return SlotDelta.from_packed(packed).tensors()  # what a layer holds (the same values as the bit planes)
     delta = torch.randn(out_features, in_features, generator=generator) * scale / (out_features * in_features) ** 0.5
     if method == "bitdelta":
         sign = SignDelta.from_delta(delta)
@@ -52,6 +56,10 @@ def random_tensors(
 
 def build_packed(out_features: int, in_features: int, bands, group_size: int, tensors: dict) -> PackedDelta:
     return PackedDelta(out_features, in_features, group_size, tuple(tuple(b) for b in bands), **{k: tensors[k] for k in TENSOR_FIELDS})
+
+
+def build_slots(out_features: int, in_features: int, bands, group_size: int, tensors: dict) -> SlotDelta:
+    return SlotDelta(out_features, in_features, group_size, tuple(tuple(b) for b in bands), **{k: tensors[k] for k in SLOT_TENSOR_FIELDS})
 
 
 def build_sign(out_features: int, in_features: int, tensors: dict) -> SignDelta:
