@@ -1,7 +1,8 @@
 """`peft-ext compare`: every method on one model and one data set, side by side, under the same budget.
 
     from peft_ext.compare import compare
-    results = compare("recipes/compare_tiny.yaml")      # or compare() for the built-in default
+    results = compare("recipes/compare_own_data.yaml")          # or compare() for the built-in default
+    results = compare(CompareConfig(model="tiny-llama"), ["max_steps=5"])   # overrides apply to an object too
 
 See docs/compare.md.
 """

@@ -12,13 +12,16 @@
       - full                           # a bare name: that method with its defaults
     max_steps: 30                      # the budget every method gets
     per_device_train_batch_size: 8
+    gradient_accumulation_steps: 1     # global batch = per-device batch x processes x accumulation
     max_length: 64
     seeds: [0, 1, 2]
     output_dir: outputs/compare
 
-`CompareConfig()` is the built-in default comparison (today's demo: HFT vs full fine-tuning vs LoRA teaching
-SmolLM2 48 fictional facts); a file's missing keys take these defaults, except `forgetting`, which defaults to the
-English-text loss alone (the world-knowledge probes are SmolLM2's: see BUILTIN_FORGETTING).
+`builtin_default()` is the built-in comparison (`peft-ext compare` with no file; today's demo: HFT vs full
+fine-tuning vs LoRA teaching SmolLM2 48 fictional facts; recipes/compare_default.yaml spells it out).
+`CompareConfig()` holds the values a file's missing keys take: the built-in comparison's, except `forgetting`, which
+is the English-text loss alone (builtin_default() adds the world-knowledge probes, which are SmolLM2's: see
+BUILTIN_FORGETTING).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from peft_ext.data import SMOLLM2
 from peft_ext.overrides import apply_overrides, config_from_dict, import_packages, load_yaml
@@ -89,6 +94,7 @@ class CompareConfig:
     methods: list = field(default_factory=_default_methods)
     max_steps: int = 30
     per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1  # the same for every method; global batch = per-device x processes x this
     max_length: int = 64
     lr_scheduler_type: str = "constant_with_warmup"
     warmup_steps: int = 3
@@ -104,7 +110,8 @@ class CompareConfig:
 
     def __post_init__(self):
         self.imports = import_packages(self.imports, "compare imports", IMPORT_FIX)
-        for name in ("max_steps", "per_device_train_batch_size", "max_length", "eval_max_length", "latency_batch"):
+        for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
+                     "eval_max_length", "latency_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"compare {name} must be a positive integer, got {value!r}")
@@ -118,8 +125,10 @@ class CompareConfig:
         if clash:
             raise ValueError(
                 f"compare trainer_args sets {clash}: the budget is shared by every method, set it at the top level "
-                f"(max_steps, per_device_train_batch_size, max_length, ...; seeds; a method's learning_rate in its entry)"
+                f"(max_steps, per_device_train_batch_size, gradient_accumulation_steps, max_length, ...; seeds; a "
+                f"method's learning_rate in its entry)"
             )
+        check_scorer_name(self.scorer, "scorer")
         if not isinstance(self.forgetting, list):
             raise ValueError("compare forgetting must be a list of probes ({name, data, scorer}), or [] for none")
         self.forgetting = [self._probe(p, i) for i, p in enumerate(self.forgetting)]
@@ -135,9 +144,9 @@ class CompareConfig:
         if unknown:
             raise ValueError(f"{field_name}: unknown key(s) {unknown}; known keys: ['data', 'name', 'scorer']")
         data = probe["data"]
-        sources = [str(data[k]) for k in ("builtin", "path", "dataset") if k in data] if isinstance(data, dict) else [str(data)]
-        default_name = sources[0] if sources else f"probe{index}"  # a spec without a source fails when it is loaded
-        return {"name": str(probe.get("name") or default_name), "data": data, "scorer": probe.get("scorer")}
+        if probe.get("scorer") is not None:
+            check_scorer_name(probe["scorer"], f"{field_name}.scorer")
+        return {"name": str(probe.get("name") or probe_name(data, index)), "data": data, "scorer": probe.get("scorer")}
 
     def method_specs(self, trainer: str = "sft") -> list[MethodSpec]:
         """Every method with its peft type checked (unknown names list the registered ones), its config fields
@@ -166,14 +175,15 @@ class CompareConfig:
         peft_type = SHORT_NAMES.get(raw.lower(), raw.upper())
         name = str(fields.pop("name", None) or raw.lower())
         rate = fields.pop("learning_rate", None)
-        known = sorted(registered_methods())
+        known = sorted(set(registered_methods()) - set(NOT_TRAINABLE))
         if peft_type in NOT_TRAINABLE:
             raise ValueError(f"compare {where} ({name}): {peft_type} cannot be compared by training: {NOT_TRAINABLE[peft_type]}")
         if peft_type != FULL and peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
             raise ValueError(
                 f"compare {where}: unknown method {raw!r}. Registered peft-ext methods: {', '.join(known)}; also LORA "
-                f"(PEFT's LoRA, or any other PEFT type) and FULL (full fine-tuning). A method of your own registers when "
-                f"its package is imported: list it under `imports:`."
+                f"(PEFT's LoRA, or any other PEFT type) and FULL (full fine-tuning). "
+                + "".join(f"Not listed: {n} ({why}). " for n, why in NOT_TRAINABLE.items())
+                + "A method of your own registers when its package is imported: list it under `imports:`."
             )
         if peft_type == FULL and fields:
             raise ValueError(f"compare {where} ({name}): full fine-tuning takes no config fields, got {sorted(fields)}")
@@ -220,6 +230,54 @@ class CompareConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def with_overrides(self, overrides: list[str] | None) -> "CompareConfig":
+        """This config with `--set KEY=VALUE` overrides applied (checked as a file's keys are)."""
+        return CompareConfig.from_dict(apply_overrides(self.to_dict(), overrides)) if overrides else self
+
+
+def check_scorer_name(name, field_name: str) -> None:
+    from peft_ext.compare.scoring import SCORERS
+
+    if name not in SCORERS:
+        raise ValueError(f"compare {field_name}: unknown scorer {name!r}; choose one of {sorted(SCORERS)}")
+
+
+def probe_name(data, index: int) -> str:
+    """A short default name for a forgetting probe: a built-in set's name, a file's stem, a dataset id's last part."""
+    if isinstance(data, dict):
+        sources = [(k, str(data[k])) for k in ("builtin", "path", "dataset") if data.get(k) is not None]
+        if not sources:
+            return f"probe{index}"  # a spec without a source fails when it is loaded
+        kind, value = sources[0]
+    else:
+        kind, value = ("path" if ("/" in str(data) or "." in str(data)) else "builtin"), str(data)
+    if kind == "path":
+        return Path(value.rstrip("/")).stem or f"probe{index}"
+    return value.rstrip("/").split("/")[-1] or f"probe{index}"
+
+
+def looks_like_path(name: str) -> bool:
+    """A model name written as a local path (./x, ../x, /x, ~/x, a/b/c, or in a folder that exists), not a Hub id
+    (user/name)."""
+    return (name.startswith(("./", "../", "/", "~", ".\\")) or os.path.isabs(name) or name.count("/") > 1
+            or ("/" in name and os.path.isdir(os.path.dirname(name)) and os.path.dirname(name) not in ("", ".")))
+
+
+def check_model(name: str) -> None:
+    """A model given as a local path must exist (transformers would read it as a malformed Hub id)."""
+    from peft_ext.data import SMOLLM2, TINY_LLAMA
+
+    if name in (SMOLLM2, TINY_LLAMA) or os.path.isdir(os.path.expanduser(name)):
+        return
+    if os.path.isfile(name):
+        raise ValueError(f"compare model: {name!r} is a file; give the folder that holds config.json and the weights")
+    if looks_like_path(name):
+        raise ValueError(
+            f"compare model: {name!r} looks like a local folder but no such folder exists (as seen from "
+            f"{os.getcwd()}). Give the folder that holds config.json and the weights (save_pretrained's output), a Hub "
+            f"id such as HuggingFaceTB/SmolLM2-135M-Instruct, smollm2-135m-instruct (offline) or tiny-llama."
+        )
 
 
 def builtin_default_dict() -> dict:

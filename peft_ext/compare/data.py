@@ -90,11 +90,16 @@ def load_data(spec, field: str):
     elif "path" in spec:
         path = Path(spec["path"])
         if path.is_file():
-            dataset = load_dataset(FILE_TYPES[path.suffix.lower()], data_files=str(path), split="train")
+            if not path.read_bytes().strip():
+                raise ValueError(f"{field}: {path} is empty; it needs at least one row ({describe_formats()})")
+            try:
+                dataset = load_dataset(FILE_TYPES[path.suffix.lower()], data_files=str(path), split="train")
+            except StopIteration:  # what `datasets` raises on a file without a row
+                raise ValueError(f"{field}: {path} holds no rows ({describe_formats()})") from None
         else:
             dataset = load_dataset(str(path), spec.get("name"), split=spec.get("split", "train"))
     else:  # a `datasets` id: the Hub (or a local folder of that name), exactly as load_dataset reads it
-        dataset = load_dataset(spec["dataset"], spec.get("name"), split=spec.get("split", "train"))
+        dataset = _load_dataset_id(spec, field)
     renames = spec.get("columns") or {}
     missing = sorted(src for src in renames.values() if src not in dataset.column_names)
     if missing:
@@ -106,6 +111,33 @@ def load_data(spec, field: str):
     if len(dataset) == 0:
         raise ValueError(f"{field}: the data has no rows")
     return dataset, detect_format(dataset.column_names, field)
+
+
+def hub_offline() -> bool:
+    """Whether `datasets` / huggingface_hub run in offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
+    import datasets.config
+
+    flags = [getattr(datasets.config, "HF_HUB_OFFLINE", False), getattr(datasets.config, "HF_DATASETS_OFFLINE", False)]
+    flags += [os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")]
+    return any(flags)
+
+
+def _load_dataset_id(spec: dict, field: str):
+    from datasets import load_dataset
+
+    name = spec["dataset"]
+    try:
+        return load_dataset(name, spec.get("name"), split=spec.get("split", "train"))
+    except OSError as error:  # ConnectionError, and DatasetNotFoundError (a FileNotFoundError)
+        cause = (
+            "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), and this data set is not in the local cache"
+            if hub_offline() else "the Hugging Face Hub could not be reached, or has no such data set"
+        )
+        raise ValueError(
+            f"{field}: cannot load the `datasets` id {name!r}: {cause} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Download it once where you have the Hub (it is "
+            f"cached), or save it as a local file and give {field}: {{path: your_file.jsonl}}."
+        ) from None
 
 
 def detect_format(columns, field: str) -> str:

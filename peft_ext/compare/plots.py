@@ -26,7 +26,8 @@ def plot_loss_curves(runs: list[dict], path: Path) -> Path:
         label = None if run["method"] in labelled else run["method"]
         labelled.add(run["method"])
         ax.plot(steps, losses, color=colors[run["method"]], label=label, alpha=0.85)
-    ax.set(xlabel="step", ylabel="training loss", title="Training loss")
+    # the task loss (FineGates' logged loss less its lambda x sparsity term: runner.loss_curves), one scale for all
+    ax.set(xlabel="step", ylabel="training loss (task)", title="Training loss (task loss, without regularisers)")
     return _save(fig, [ax], path)
 
 
@@ -49,10 +50,12 @@ def plot_pareto(results: dict, path: Path) -> Path:
     for ax, key, label in ((axes[0], "peak_memory_mb", "peak memory MB"), (axes[1], "train_time_s", "train time s")):
         points = [(m, s[key]["mean"], s["score"]["mean"]) for m, s in summary.items() if s[key] and s["score"]]
         front = pareto_front(points, higher)
-        for name, cost, score in points:
+        for i, (name, cost, score) in enumerate(sorted(points, key=lambda p: (p[2], p[1]))):
             std = summary[name]["score"]["std"]
             ax.errorbar(cost, score, yerr=std or None, fmt="o", color=colors[name], label=name, capsize=3)
-            ax.annotate(name + (" *" if name in front else ""), (cost, score), textcoords="offset points", xytext=(5, 5))
+            # labels of points at about the same score (often several at the base's score) are staggered vertically
+            ax.annotate(name + (" *" if name in front else ""), (cost, score), textcoords="offset points",
+                        xytext=(5, 5 + 10 * (i % 3)), fontsize=8)
         line = sorted((c, s) for n, c, s in points if n in front)
         if len(line) > 1:
             ax.plot(*zip(*line), "--", color="gray", alpha=0.6, label="Pareto front")

@@ -6,7 +6,6 @@ import csv
 import json
 import platform
 import statistics
-from datetime import datetime, timezone
 from pathlib import Path
 
 COST_COLUMNS = [  # (key, header, format)
@@ -79,14 +78,41 @@ def legend(results: dict) -> str:
     kinds = sorted({r.get("memory_kind") for r in results["runs"] if r.get("memory_kind")})
     timing = (f"latency: median forward pass over a batch of {results['config']['latency_batch']} evaluation inputs."
               if results["config"]["latency"] else "latency: not measured (latency: false).")
-    lines.append(f"peak memory: {', '.join(kinds)} during training. size on disk: the adapter's safetensors; for full "
-                 f"fine-tuning the full model's weights. {timing}")
+    lines.append(f"peak memory: {', '.join(kinds)} during training. trainable params: what the method trained over the "
+                 f"run (a COLA chain: every link, the merged ones included). size on disk: the adapter's safetensors; "
+                 f"for full fine-tuning the full model's weights. {timing}")
     notes = [f"{m}: {s['merge_note']}" for m, s in results["summary"].items() if s.get("merge_note") not in (None, "no adapter")]
     if notes:
         lines.append("merged latency missing: " + "; ".join(notes))
     seeds = results["config"]["seeds"]
     lines.append(f"{len(seeds)} seed(s) {seeds}" + (", mean \u00b1 std." if len(seeds) > 1 else "."))
+    lines += [f"WARNING: {note}" for note in unchanged_notes(results)]
     return "\n".join(lines)
+
+
+def unchanged_notes(results: dict) -> list[str]:
+    """One note per method whose trained model scored exactly as the base (runs' `unchanged_from_base`)."""
+    notes = {}
+    for run in results["runs"]:
+        if run.get("unchanged_from_base"):
+            notes.setdefault(run["method"], ([], run["unchanged_from_base"]))[0].append(run["seed"])
+    return [f"{m} (seed {', '.join(map(str, seeds))}) {note}" for m, (seeds, note) in notes.items()]
+
+
+def launch_of(results: dict) -> dict:
+    c = results["config"]
+    return results.get("launch") or {"processes": 1, "gradient_accumulation_steps": c.get("gradient_accumulation_steps", 1),
+                                     "global_batch": c["per_device_train_batch_size"], "precision": "fp32"}
+
+
+def batch_words(results: dict) -> str:
+    """"batch 8" on one process without accumulation, else "global batch 16 (4 per device x 2 processes x 2
+    accumulation steps)"."""
+    c, run = results["config"], launch_of(results)
+    if run["processes"] == 1 and run["gradient_accumulation_steps"] == 1:
+        return f"batch {run['global_batch']}"
+    return (f"global batch {run['global_batch']} ({c['per_device_train_batch_size']} per device x {run['processes']} "
+            f"process(es) x {run['gradient_accumulation_steps']} accumulation step(s))")
 
 
 def describe_data(spec) -> str:
@@ -102,7 +128,8 @@ def describe_data(spec) -> str:
 def setup_line(results: dict) -> str:
     c = results["config"]
     return (f"{c['model']}, {results['trainer'].upper()} on {describe_data(c['train_data'])}, {c['max_steps']} steps x "
-            f"batch {c['per_device_train_batch_size']} x {c['max_length']} tokens; scored on {describe_data(c['eval_data'])}")
+            f"{batch_words(results)} x {c['max_length']} tokens, {launch_of(results)['precision']}; scored on "
+            f"{describe_data(c['eval_data'])}")
 
 
 def format_table(results: dict) -> str:
@@ -119,19 +146,38 @@ def hardware() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
+def measured_when(results: dict) -> str:
+    """Where and when the runs were measured, from their own records (a rerun reuses runs made earlier)."""
+    runs = results["runs"]
+    places = sorted({r.get("hardware") or "unrecorded hardware" for r in runs})
+    dates = sorted(r["finished_at"] for r in runs if r.get("finished_at"))
+    when = (dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}") if dates else "dates unrecorded"
+    train = sum(r["train_time_s"] for r in runs)
+    reused = results.get("skipped_runs", 0)
+    text = (f"- Measured on {'; '.join(places)}, {when}: {len(runs)} run(s), {train:.0f} s of training in all (each run's "
+            f"own record).")
+    if reused:
+        text += (f" {reused} of them were reused from an earlier invocation (finished runs are skipped); this one took "
+                 f"{results['total_time_s']:.0f} s on {results.get('hardware', hardware())}.")
+    else:
+        text += f" Total wall time {results['total_time_s']:.0f} s (training, scoring and timing)."
+    return text
+
+
 def report_markdown(results: dict) -> str:
     """A model-card-ready section: setup, the table, its legend, the plots."""
     c = results["config"]
+    run = launch_of(results)
     methods = ", ".join(f"{r['method']} (lr {r['learning_rate']:g})" for r in {r["method"]: r for r in results["runs"]}.values())
     return "\n".join([
         "## Method comparison (peft-ext compare)",
         "",
         f"- Model: `{c['model']}`; training data: {describe_data(c['train_data'])} ({results['trainer'].upper()}); "
         f"evaluation: {describe_data(c['eval_data'])}, scored by {results['scorer']['kind']}.",
-        f"- Budget for every method: {c['max_steps']} steps, batch {c['per_device_train_batch_size']}, "
-        f"{c['max_length']} tokens, {c['lr_scheduler_type']} schedule ({c['warmup_steps']} warm-up steps). "
-        f"Methods: {methods}.",
-        f"- Hardware: {hardware()}; {datetime.now(timezone.utc):%Y-%m-%d}; total wall time {results['total_time_s']:.0f} s.",
+        f"- Budget for every method: {c['max_steps']} steps, {batch_words(results)}, "
+        f"{c['max_length']} tokens, {c['lr_scheduler_type']} schedule ({c['warmup_steps']} warm-up steps), "
+        f"{run['precision']}. Methods: {methods}.",
+        measured_when(results),
         "",
         markdown_table(results),
         "",
@@ -156,5 +202,5 @@ def write_results(out: Path, results: dict) -> list[Path]:
         writer.writerow(["base", results["base"]["score"], 0.0] + [""] * (2 * len(keys) - 2) + [""])
         for method, stats in results["summary"].items():
             cells = [v for k in keys for v in ((stats[k]["mean"], stats[k]["std"]) if stats[k] else ("", ""))]
-            writer.writerow([method] + cells + [len(stats["seeds"])])
+            writer.writerow([method] + cells + [json.dumps(stats["seeds"])])
     return [json_path, csv_path]

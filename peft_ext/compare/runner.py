@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import shutil
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from peft_ext.compare.config import CompareConfig, MethodSpec
+from peft_ext.compare.config import CompareConfig, MethodSpec, check_model
 from peft_ext.compare.data import load_data, training_columns, training_format
 from peft_ext.compare.measure import PeakMemory, files_bytes, forward_latency_ms, latency_batch, weights_bytes
-from peft_ext.compare.scoring import Scorer, check_chat_template, default_scorer, make_scorer
+from peft_ext.compare.scoring import Scorer, check_chat_template, check_fit, check_rows, default_scorer, make_scorer
 
 
 @dataclass
@@ -38,25 +40,50 @@ class Prepared:
     probes: list[Scorer]
 
 
-def prepare(config: CompareConfig, tokenizer) -> Prepared:
-    """Load and check the data, the scorers and the methods: every bad input fails here, before any training."""
-    train, train_fmt = load_data(config.train_data, "train_data")
-    trainer = training_format(train_fmt)
-    if train_fmt == "messages":
-        check_chat_template(tokenizer, "train_data")
-    methods = config.method_specs(trainer)
-    eval_set, eval_fmt = load_data(config.eval_data, "eval_data")
-    scorer = make_scorer("score", config.scorer, eval_set, eval_fmt, tokenizer, "eval_data",
-                         config.eval_max_length, config.max_new_tokens)
+@dataclass
+class Inputs:
+    """The comparison's data, loaded and checked without the model: (dataset, format) of each set."""
+
+    train: tuple
+    eval: tuple
+    probes: list  # (name, scorer kind, dataset, format, field)
+
+
+def load_inputs(config: CompareConfig) -> Inputs:
+    """Load every data set and check the model path, the methods, the scorers and the rows they read: the bad input
+    that can be found without the model fails here, before the model is loaded."""
+    check_model(config.model)
+    train = load_data(config.train_data, "train_data")
+    config.method_specs(training_format(train[1]))
+    eval_set = load_data(config.eval_data, "eval_data")
+    check_fit(config.scorer, eval_set[1], "eval_data")
+    check_rows(config.scorer, *eval_set, "eval_data")
     probes = []
     for i, probe in enumerate(config.forgetting):
         data, fmt = load_data(probe["data"], f"forgetting[{i}].data")
         kind = probe["scorer"] or default_scorer(fmt)
-        probes.append(make_scorer(probe["name"], kind, data, fmt, tokenizer, f"forgetting[{i}]", config.eval_max_length,
-                                  config.max_new_tokens))
-    names = [p.name for p in probes]
+        check_fit(kind, fmt, f"forgetting[{i}]")
+        check_rows(kind, data, fmt, f"forgetting[{i}]")
+        probes.append((probe["name"], kind, data, fmt, f"forgetting[{i}]"))
+    names = [p[0] for p in probes]
     if len(set(names)) != len(names) or "score" in names:
-        raise ValueError(f"compare forgetting: probe names must be unique and not 'score', got {names}")
+        raise ValueError(f"compare forgetting: probe names must be unique and not 'score', got {names}: give each "
+                         f"probe its own `name:`")
+    return Inputs(train, eval_set, probes)
+
+
+def prepare(config: CompareConfig, tokenizer, inputs: Inputs | None = None) -> Prepared:
+    """Load and check the data, the scorers and the methods: every bad input fails here, before any training."""
+    inputs = inputs or load_inputs(config)
+    train, train_fmt = inputs.train
+    trainer = training_format(train_fmt)
+    if train_fmt == "messages":
+        check_chat_template(tokenizer, "train_data")
+    methods = config.method_specs(trainer)
+    scorer = make_scorer("score", config.scorer, *inputs.eval, tokenizer, "eval_data",
+                         config.eval_max_length, config.max_new_tokens)
+    probes = [make_scorer(name, kind, data, fmt, tokenizer, field, config.eval_max_length, config.max_new_tokens)
+              for name, kind, data, fmt, field in inputs.probes]
     return Prepared(trainer, train_fmt, training_columns(train, train_fmt), methods, scorer, probes)
 
 
@@ -79,11 +106,49 @@ def data_fingerprint(config: CompareConfig) -> list:
             [file_stamp(s) for s in specs], config.eval_max_length, config.max_new_tokens]
 
 
+def planned_precision(config: CompareConfig) -> str:
+    """The mixed precision the runs will train in: bf16/fp16 from trainer_args (or peft-ext's device default: bf16 on
+    a GPU that has it), else accelerate's ACCELERATE_MIXED_PRECISION (`accelerate launch --mixed_precision`), else
+    fp32."""
+    from peft_ext.trainer_defaults import device_defaults
+
+    args = {**device_defaults(), **config.trainer_args}
+    if args.get("bf16"):
+        return "bf16"
+    if args.get("fp16"):
+        return "fp16"
+    env = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    return env if env in ("bf16", "fp16", "fp8") else "fp32"
+
+
+def launch(config: CompareConfig) -> dict:
+    """How the runs are launched: processes (WORLD_SIZE, set by torchrun and accelerate launch), gradient accumulation,
+    the global batch (per-device batch x processes x accumulation) and the mixed precision."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    return {
+        "processes": processes,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "global_batch": config.per_device_train_batch_size * processes * config.gradient_accumulation_steps,
+        "precision": planned_precision(config),
+    }
+
+
 def run_fingerprint(config: CompareConfig, spec: MethodSpec, seed: int) -> str:
     budget = [config.max_steps, config.per_device_train_batch_size, config.max_length, config.lr_scheduler_type,
-              config.warmup_steps, config.trainer_args]
+              config.warmup_steps, config.trainer_args, launch(config)]
     return config.fingerprint(data_fingerprint(config), config.train_data, file_stamp(config.train_data), budget,
                               spec.peft_type, spec.fields, spec.learning_rate, seed, config.latency, config.latency_batch)
+
+
+def _reusable(run_dir: Path, fingerprint: str, config: CompareConfig) -> dict | None:
+    """The run recorded in run_dir, if it was made under the same fingerprint and has what this config keeps (an
+    adapter that save_adapters asks for: a run made with save_adapters=false is trained again to write it)."""
+    saved = _read_finished(run_dir / "run.json", fingerprint)
+    if saved is None:
+        return None
+    if config.save_adapters and saved.get("size_kind") == "adapter safetensors" and not (run_dir / "adapter").is_dir():
+        return None
+    return saved
 
 
 def _read_finished(path: Path, fingerprint: str) -> dict | None:
@@ -131,6 +196,7 @@ def train_one(config: CompareConfig, prepared: Prepared, spec: MethodSpec, seed:
             "lr_scheduler_type": config.lr_scheduler_type,
             "warmup_steps": config.warmup_steps,
             "seed": seed,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps,
             "disable_tqdm": False,
         }
         recipe = Recipe(model=config.model, data=str(config.train_data), method=spec.method_dict(seed),
@@ -161,6 +227,8 @@ def train_one(config: CompareConfig, prepared: Prepared, spec: MethodSpec, seed:
         # and the base are all scored and timed the same way (design/platform.md, TRL section)
         model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
         scores = measure_scores(model, prepared)
+        processes = trainer.accelerator.num_processes
+        precision = str(trainer.accelerator.mixed_precision)
         record = {
             "method": spec.name,
             "peft_type": spec.peft_type,
@@ -169,12 +237,21 @@ def train_one(config: CompareConfig, prepared: Prepared, spec: MethodSpec, seed:
             **scores,
             **{f"{p.name}_change": scores[p.name] - base[p.name] for p in prepared.probes},
             "steps": trainer.state.global_step,
+            "processes": processes,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps,
+            "global_batch": config.per_device_train_batch_size * processes * config.gradient_accumulation_steps,
+            "precision": "fp32" if precision == "no" else precision,
+            "hardware": hardware(),
+            "finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "train_time_s": train_time,
             "peak_memory_mb": memory.peak_bytes / 2**20,
             "memory_kind": memory.kind,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "loss_curve": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
+            **trained_params(model),
+            **loss_curves(trainer.state.log_history),
         }
+        unchanged = unchanged_note(spec, scores, base, trainer.state.global_step)
+        if unchanged:
+            record["unchanged_from_base"] = unchanged
         record.update(_size_and_latency(config, prepared, model, trainer.processing_class, run_dir, PeftModel))
     trainer.accelerator.wait_for_everyone()
     del trainer
@@ -206,10 +283,74 @@ def _size_and_latency(config, prepared, model, tokenizer, run_dir: Path, PeftMod
     try:
         merged = model.merge_and_unload()
     except (ValueError, RuntimeError, NotImplementedError, TypeError, AttributeError) as error:
-        out["merge_note"] = f"cannot merge: {str(error).splitlines()[0][:160]}"
+        out["merge_note"] = f"cannot merge: {first_sentence(str(error))}"
         return out
     out["latency_ms_merged"] = forward_latency_ms(merged, batch)
     return out
+
+
+def first_sentence(text: str, limit: int = 300) -> str:
+    """The error's first line, cut at a sentence or word end (never mid-word) when longer than `limit`."""
+    line = (text.strip().splitlines() or [""])[0].strip()
+    if len(line) <= limit:
+        return line
+    cut = line[:limit]
+    end = cut.rfind(". ")
+    return cut[: end + 1] if end > limit // 2 else cut[: cut.rfind(" ")].rstrip(",;:") + " ..."
+
+
+def trained_params(model) -> dict:
+    """Parameters the method trained over the run: those with requires_grad at the end, plus the frozen factors of
+    links a method merged during the run (COLA's chain keeps each finished link as frozen cola_merged_A/B factors,
+    declared by the layer's frozen_peft_weight_names). `trainable_params_now`: requires_grad at the end only."""
+    now = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    merged = 0
+    for module in model.modules():
+        for adapter, names in (getattr(module, "frozen_peft_weight_names", None) or {}).items():
+            for name in names:
+                holder = getattr(module, name, None)
+                factor = holder[adapter] if holder is not None and adapter in holder else None
+                weight = getattr(factor, "weight", None)
+                if isinstance(weight, torch.nn.Parameter) and not weight.requires_grad:
+                    merged += weight.numel()
+    return {"trainable_params": now + merged, "trainable_params_now": now}
+
+
+def loss_curves(log_history: list[dict]) -> dict:
+    """The training loss per logged step. A method that adds a regulariser to the loss and logs it (FineGates:
+    the logged loss is task + lambda * sparsity, with finegates/lambda and finegates/sparsity_loss logged beside it)
+    gets its task loss plotted, so that every method's curve is on one scale; the term is kept as its own curve."""
+    curve, term = [], []
+    for h in log_history:
+        if "loss" not in h:
+            continue
+        extra = float(h.get("finegates/lambda", 0.0)) * float(h.get("finegates/sparsity_loss", 0.0))
+        curve.append((h["step"], h["loss"] - extra))
+        if "finegates/lambda" in h:
+            term.append((h["step"], extra))
+    return {"loss_curve": curve, **({"regularizer_curve": term} if term else {})}
+
+
+def unchanged_note(spec: MethodSpec, scores: dict, base: dict, steps: int) -> str | None:
+    """A note when the trained model scores exactly as the base on every measure (the score and each probe): the
+    method did not move from its identity at init, so its zero forgetting means nothing was learned."""
+    if not all(math.isclose(scores[k], base[k], rel_tol=1e-7, abs_tol=1e-9) for k in scores):
+        return None
+    if spec.peft_type == "FINEGATES":
+        why = (f"FineGates' gates start open (the model is the base bit for bit) and change the output only once a "
+               f"gate's logit crosses the closing threshold; in {steps} steps none did. Raise gates_learning_rate "
+               f"(default: the method's learning_rate) or max_steps, or give it lora_r > 0")
+    else:
+        why = (f"its update starts as the identity and did not change the output in {steps} steps: raise the method's "
+               f"learning_rate or max_steps")
+    return (f"scores exactly as the base on the score and every probe: it did not move from the base, so its "
+            f"forgetting of 0 means nothing was learned. {why}.")
+
+
+def hardware() -> str:
+    from peft_ext.compare.report import hardware as describe
+
+    return describe()
 
 
 def run_compare(config: CompareConfig | None = None) -> dict:
@@ -229,11 +370,11 @@ def run_compare(config: CompareConfig | None = None) -> dict:
     out = Path(config.output_dir)
     log = print if main else (lambda *a, **k: None)
 
-    # the methods and the training data's format first: a misspelt method fails before a model is downloaded
-    config.method_specs(training_format(load_data(config.train_data, "train_data")[1]))
+    # the data, the methods and the scorers first: bad input fails before a model is downloaded or loaded
+    inputs = load_inputs(config)
     log(f"Loading {config.model} ...", flush=True)
     model, tokenizer = load_model(config.model)
-    prepared = prepare(config, tokenizer)  # every bad input fails here, before any training
+    prepared = prepare(config, tokenizer, inputs)  # what needs the tokenizer: chat templates; before any training
     if torch.cuda.is_available():  # the base is scored where the trained models will be
         model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     base = base_scores(config, prepared, model, out, main)
@@ -246,7 +387,7 @@ def run_compare(config: CompareConfig | None = None) -> dict:
         for spec in prepared.methods:
             run_dir = out / "runs" / spec.name / f"seed{seed}"
             fingerprint = run_fingerprint(config, spec, seed)
-            finished = _read_finished(run_dir / "run.json", fingerprint)
+            finished = _reusable(run_dir, fingerprint, config)
             if finished is not None:
                 log(f"{spec.name} seed {seed}: finished earlier, skipped ({run_dir / 'run.json'})", flush=True)
                 runs.append(finished)
@@ -258,6 +399,8 @@ def run_compare(config: CompareConfig | None = None) -> dict:
                 _write_json(run_dir / "run.json", record)
                 log(f"{spec.name} seed {seed}: {_describe(record, prepared)}, {record['train_time_s']:.1f} s", flush=True)
                 runs.append(record)
+            if main and runs[-1].get("unchanged_from_base"):
+                log(f"WARNING: {spec.name} seed {seed} {runs[-1]['unchanged_from_base']}", flush=True)
     if not main:
         return {}
     names = [s.name for s in prepared.methods]
@@ -271,6 +414,9 @@ def run_compare(config: CompareConfig | None = None) -> dict:
                    for p in prepared.probes},
         "runs": runs,
         "skipped_runs": skipped,
+        "launch": launch(config),
+        "hardware": hardware(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "summary": summarize(names, runs, [p.name for p in prepared.probes]),
         "total_time_s": time.perf_counter() - started,
     }
@@ -280,7 +426,7 @@ def run_compare(config: CompareConfig | None = None) -> dict:
     report = report_markdown(results)
     (out / "report.md").write_text(report)
     files.append(out / "report.md")
-    print("\n" + format_table(results))
+    print("\n" + format_table(results))  # its legend repeats any method's unchanged-from-base warning
     print(f"\nTotal time {results['total_time_s']:.0f} s ({skipped} runs skipped as finished). Wrote "
           + ", ".join(str(f) for f in files))
     return results
@@ -288,7 +434,9 @@ def run_compare(config: CompareConfig | None = None) -> dict:
 
 def compare(config: str | CompareConfig | None = None, overrides: list[str] | None = None) -> dict:
     """The Python form of `peft-ext compare [CONFIG.yaml] [--set KEY=VALUE ...]`."""
-    if not isinstance(config, CompareConfig):
+    if isinstance(config, CompareConfig):
+        config = config.with_overrides(overrides)
+    else:
         config = CompareConfig.from_yaml(config, overrides)
     return run_compare(config)
 

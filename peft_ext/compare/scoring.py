@@ -71,6 +71,25 @@ def _split_messages(tokenizer, messages, field: str) -> dict:
     return {"prompt": prompt, "completion": messages[-1]["content"]}
 
 
+def answer_index(answer, options: list[str]) -> int | None:
+    """The right option of a multiple-choice row. An answer equal to an option's text (compared as text, so 2 and
+    "2" both match the option "2"; exactly, else with surrounding spaces ignored) is that option; otherwise an integer
+    (or an integer-like string) is an index. Where both readings are possible the text wins: options ["1", "2", "3"]
+    with answer "2" (or 2) mean the option "2". None when neither reading fits."""
+    if answer is None or isinstance(answer, bool):
+        return None
+    text = str(answer)
+    for candidates in (options, [o.strip() for o in options]):
+        key = text if candidates is options else text.strip()
+        if candidates.count(key) == 1:
+            return candidates.index(key)
+    try:
+        number = int(answer) if not isinstance(answer, float) or answer.is_integer() else None
+    except (TypeError, ValueError):
+        number = None
+    return number if number is not None and 0 <= number < len(options) else None
+
+
 def _mc_probe(row: dict, index: int, field: str) -> dict:
     options, answer = row["options"], row["answer"]
     if isinstance(options, str):  # a CSV cell: a JSON list
@@ -81,15 +100,31 @@ def _mc_probe(row: dict, index: int, field: str) -> dict:
     if not isinstance(options, (list, tuple)):
         raise ValueError(f"{field} row {index}: options must be a list of strings (in a CSV file a JSON list such as "
                          f'["Paris", "Rome"]), got {row["options"]!r}')
-    options = list(options)
-    if isinstance(answer, str) and not answer.lstrip("-").isdigit():
-        if answer not in options:
-            raise ValueError(f"{field} row {index}: answer {answer!r} is not one of its options {options}")
-        answer = options.index(answer)
-    answer = int(answer)
-    if not 0 <= answer < len(options) or len(options) < 2:
-        raise ValueError(f"{field} row {index}: answer {answer} must index one of its {len(options)} options (>= 2)")
+    options = [str(o) for o in options]
+    if len(options) < 2:
+        raise ValueError(f"{field} row {index}: a multiple-choice row needs at least 2 options, got {options}")
+    answer = answer_index(answer, options)
+    if answer is None:
+        raise ValueError(f"{field} row {index}: answer {row['answer']!r} is neither one of its options {options} (as "
+                         f"text) nor an index 0..{len(options) - 1} of them")
     return {"question": str(row["question"]), "options": [str(o) for o in options], "answer": answer}
+
+
+def check_rows(kind: str, dataset, fmt: str, field: str) -> None:
+    """The rows' checks that need no tokenizer (text columns are strings, multiple-choice answers name an option,
+    messages end in an assistant turn), so that bad evaluation data fails before the model is loaded."""
+    rows = dataset.to_list()
+    for index, row in enumerate(rows):
+        for column in FORMAT_TEXT_COLUMNS.get(fmt, ()):
+            if not isinstance(row[column], str):
+                raise ValueError(f"{field} row {index}: column {column} must be a string, got {type(row[column]).__name__}")
+        if fmt == "messages":
+            messages = row["messages"]
+            if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+                raise ValueError(f"{field}: every messages row must end in an assistant turn (the answer that is "
+                                 f"scored); row {index} does not")
+        if kind == "multiple_choice" and fmt == "multiple_choice":
+            _mc_probe(row, index, field)
 
 
 def make_scorer(name: str, kind: str, dataset, fmt: str, tokenizer, field: str, max_length: int = 128,

@@ -30,8 +30,11 @@ def test_an_unknown_method_lists_the_registered_ones():
         specs(["hft", "qlora9"])
     message = str(error.value)
     assert message.startswith("compare methods[1]: unknown method 'qlora9'. Registered peft-ext methods: ")
-    for name in sorted(set(registered_methods()) | {"LORA", "FULL"}):
-        assert name in message
+    usable = message.split("Not listed:")[0]
+    for name in sorted(set(registered_methods()) - {"DELTACOME"} | {"LORA", "FULL"}):
+        assert name in usable
+    assert "DELTACOME" not in usable  # refused (made by `peft-ext compress`, not trained): named only as not listed
+    assert "Not listed: DELTACOME (Delta-CoMe adapters are made by compressing a full fine-tune" in message
 
 
 def test_a_budget_a_method_cannot_meet_fails_before_training():
@@ -59,6 +62,9 @@ def test_bad_method_entries_name_the_entry_and_the_fix():
 def test_the_budget_is_shared_and_checked():
     with pytest.raises(ValueError, match=r"trainer_args sets \['learning_rate', 'max_steps'\]: the budget is shared"):
         CompareConfig(trainer_args={"max_steps": 3, "learning_rate": 1e-3})
+    with pytest.raises(ValueError, match=r"trainer_args sets \['gradient_accumulation_steps'\]: .* at the top level"):
+        CompareConfig(trainer_args={"gradient_accumulation_steps": 2})
+    assert CompareConfig(gradient_accumulation_steps=2).gradient_accumulation_steps == 2
     with pytest.raises(ValueError, match="compare max_steps must be a positive integer, got 0"):
         CompareConfig(max_steps=0)
     with pytest.raises(ValueError, match=r"compare seeds repeat a seed: \[1, 1\]"):
@@ -89,3 +95,43 @@ def test_the_builtin_default_is_the_demo_and_the_recipe_spells_it_out(tmp_path):
 def test_shipped_compare_recipes_build_their_methods(name):
     config = CompareConfig.from_yaml(str(RECIPES / name))
     assert len(config.method_specs()) >= 2
+
+
+def test_the_docs_example_file_is_accepted():
+    """docs/compare.md's annotated file is a valid comparison (its methods built, its budget keys where they go)."""
+    import yaml
+
+    text = (RECIPES.parent / "docs" / "compare.md").read_text()
+    example = yaml.safe_load(text.split("```yaml\n")[1].split("```")[0])
+    config = CompareConfig.from_dict(example)
+    assert config.gradient_accumulation_steps == example["gradient_accumulation_steps"]
+    assert [s.name for s in config.method_specs()] == ["hft", "lora", "cola-3x8", "full"]
+
+
+def test_a_probe_without_a_name_is_named_by_its_file_stem_or_set():
+    config = CompareConfig(forgetting=[{"data": {"path": "data/mc.jsonl"}}, "world-knowledge-probes",
+                                       {"data": {"dataset": "user/old_task", "split": "test"}}, "data/old.csv"])
+    assert [p["name"] for p in config.forgetting] == ["mc", "world-knowledge-probes", "old_task", "old"]
+
+
+def test_the_files_the_docstrings_cite_exist():
+    import re
+
+    import peft_ext.compare
+    import peft_ext.compare.config
+
+    for doc in (peft_ext.compare.__doc__, peft_ext.compare.config.__doc__):
+        for cited in re.findall(r"recipes/[\w.-]+\.yaml", doc):
+            assert (RECIPES.parent / cited).is_file(), cited
+    assert "compare_own_data.yaml" in peft_ext.compare.__doc__
+
+
+def test_a_model_path_that_does_not_exist_is_told_apart_from_a_hub_id(tmp_path):
+    from peft_ext.compare.config import check_model, looks_like_path
+
+    assert looks_like_path("./m") and looks_like_path("/abs/m") and looks_like_path("models/v1/m")
+    assert looks_like_path(f"{tmp_path}/missing") and not looks_like_path("HuggingFaceTB/SmolLM2-135M-Instruct")
+    check_model("HuggingFaceTB/SmolLM2-135M-Instruct")  # a Hub id: left to transformers
+    check_model(str(tmp_path))
+    with pytest.raises(ValueError, match=r"compare model: '\./gone' looks like a local folder but no such folder exists"):
+        check_model("./gone")

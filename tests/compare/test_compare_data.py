@@ -85,3 +85,24 @@ def test_builtin_sets_and_bad_specs(tmp_path):
         normalize_spec({"path": str(tmp_path / "x.txt")}, "eval_data")
     with pytest.raises(ValueError, match="eval_data.limit must be a positive integer"):
         normalize_spec({"builtin": "english-heldout", "limit": 0}, "eval_data")
+
+
+def test_an_empty_file_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"eval_data: .*empty.jsonl is empty; it needs at least one row"):
+        load_data(str(tmp_path / "empty.jsonl"), "eval_data")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match=r"train_data: .*blank.jsonl is empty"):
+        load_data({"path": str(tmp_path / "blank.jsonl")}, "train_data")
+
+
+def test_a_datasets_id_in_offline_mode_names_offline_mode(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"eval_data: cannot load the `datasets` id 'nobody-xyz/no-such-set': offline "
+                                         r"mode is on \(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE\).*\{path: your_file.jsonl\}"):
+        load_data({"dataset": "nobody-xyz/no-such-set", "split": "test"}, "eval_data")

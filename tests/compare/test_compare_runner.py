@@ -83,12 +83,32 @@ def test_three_methods_two_seeds_table_files_and_resume(tmp_path, own_data, caps
     assert [line.split(",")[0] for line in csv_lines[1:]] == ["base", "hft", "full", "lora"]
     report = (out / "report.md").read_text()
     assert "## Method comparison (peft-ext compare)" in report and "| lora |" in report and "2 seed(s) [0, 1]" in report
+    # the printed table's cells are the summary's numbers
+    cells = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in table[2:6]}
+    headers = [h.strip() for h in table[0].split("|")[2:-1]]
+    assert cells["base"][0] == f"{results['base']['score']:.3f}"
+    for method in ("hft", "full", "lora"):
+        stats = results["summary"][method]
+        row = dict(zip(headers, cells[method]))
+        assert row["score"] == f"{stats['score']['mean']:.3f} \u00b1 {stats['score']['std']:.3f}"
+        assert row["\u0394 english"] == f"{stats['english_change']['mean']:+.3f} \u00b1 " + f"{stats['english_change']['std']:.3f}"
+        assert row["trainable params"].startswith(f"{stats['trainable_params']['mean']:,.0f}")
+        assert row["train time s"].startswith(f"{stats['train_time_s']['mean']:.1f} \u00b1 ")
+    assert results["launch"] == {"processes": 1, "gradient_accumulation_steps": 1, "global_batch": 2, "precision": "fp32"}
+    assert all((r["processes"], r["global_batch"], r["precision"]) == (1, 2, "fp32") for r in results["runs"])
+    assert "3 steps x batch 2 x 64 tokens, fp32" in printed and "3 steps, batch 2, 64 tokens" in report
+    assert "Total wall time" in report and "reused" not in report
+    assert csv_lines[-1].endswith('"[0, 1]"')  # the seeds, not their count
 
     # a rerun skips every finished run and gives the same table
     assert main(["compare", config]) == 0
     assert capsys.readouterr().out.count("finished earlier, skipped") == 6
     again = json.loads((out / "results.json").read_text())
     assert again["skipped_runs"] == 6 and again["runs"] == results["runs"]
+    report = (out / "report.md").read_text()  # the runs' own train times and dates, not the rerun's second
+    train_total = sum(r["train_time_s"] for r in results["runs"])
+    assert f"6 run(s), {train_total:.0f} s of training in all" in report
+    assert "6 of them were reused from an earlier invocation" in report and results["runs"][0]["finished_at"] in report
 
     # a changed method reruns that method only
     own_data["methods"][2]["learning_rate"] = 5e-3
@@ -135,22 +155,60 @@ def test_demo_is_the_builtin_comparison(tmp_path, capsys):
     assert "| lora |" in capsys.readouterr().out
 
 
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if a model is loaded or a trainer built: bad input must be refused before either."""
+    import peft_ext.data
+    import peft_ext.recipe
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded or a trainer built before the bad input was refused")
+
+    monkeypatch.setattr(peft_ext.data, "load_model", refuse)
+    monkeypatch.setattr(peft_ext.recipe, "build_trainer", refuse)
+
+
+def bad_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"question": "Sky?", "options": ["blue", "green"], "answer": "red"}])
+    return str(empty), mc
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
         ({"scorer": "multiple_choice"}, "eval_data: scorer multiple_choice does not fit prompt completion data"),
+        ({"scorer": "exact_mach"}, "compare scorer: unknown scorer 'exact_mach'; choose one of ['exact_match', 'loss'"),
         ({"methods": ["hft", "nope"]}, "compare methods[1]: unknown method 'nope'. Registered peft-ext methods: COLA"),
         ({"methods": [{"peft_type": "COLA", "chain_length": 4}]}, "cannot meet the shared budget of max_steps=3"),
         ({"forgetting": [{"data": "fictional-facts-probes", "scorer": "exact_match"}]},
          "forgetting[0]: scorer exact_match does not fit multiple choice data"),
-        ({"max_length": 8}, "train_data: no example keeps a token to learn from after TRL cut it to max_length=8"),
+        ({"forgetting": [{"data": "english-heldout", "scorer": "los"}]}, "compare forgetting[0].scorer: unknown scorer 'los'"),
+        ({"forgetting": [{"data": "MC"}]}, "forgetting[0] row 0: answer 'red' is neither one of its options"),
+        ({"eval_data": "EMPTY"}, "empty.jsonl is empty; it needs at least one row"),
+        ({"model": "./no_such_model_dir"}, "compare model: './no_such_model_dir' looks like a local folder but no such "
+                                           "folder exists"),
+        ({"gradient_accumulation_steps": 0}, "compare gradient_accumulation_steps must be a positive integer, got 0"),
     ],
 )
-def test_bad_input_fails_before_any_training(tmp_path, own_data, capsys, change, message):
-    config = write_yaml(tmp_path / "bad.yaml", {**own_data, **change})
-    assert main(["compare", config]) == 2
+def test_bad_input_fails_before_a_model_is_loaded(tmp_path, own_data, capsys, no_model, change, message):
+    empty, mc = bad_files(tmp_path)
+    text = yaml.safe_dump({**own_data, **change}).replace("EMPTY", empty).replace("MC", mc)
+    (tmp_path / "bad.yaml").write_text(text)
+    assert main(["compare", str(tmp_path / "bad.yaml")]) == 2
     assert message in capsys.readouterr().err
-    assert not list((tmp_path / "out").glob("runs/*/*/run.json"))  # no run finished (none trained)
+    assert not (tmp_path / "out").exists()  # nothing scored, trained or written
+
+
+def test_a_max_length_that_cuts_every_answer_fails_before_training(tmp_path, own_data, capsys, monkeypatch):
+    from transformers import Trainer
+
+    monkeypatch.setattr(Trainer, "train", lambda *a, **k: pytest.fail("training started"))
+    config = write_yaml(tmp_path / "bad.yaml", {**own_data, "max_length": 8})
+    assert main(["compare", config]) == 2
+    assert "train_data: no example keeps a token to learn from after TRL cut it to max_length=8" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("runs/*/*/run.json"))
 
 
 def test_training_data_in_no_known_format_names_the_columns(tmp_path, own_data, capsys):
@@ -216,3 +274,91 @@ def test_a_comparison_under_accelerates_bf16_mixed_precision_scores_the_trained_
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert float(done.stdout.split("SCORE")[-1]) in (0.0, 0.5, 1.0)
+
+
+def test_the_fingerprint_holds_the_launch_processes_precision_and_accumulation(tmp_path, monkeypatch):
+    """A run made under another launch (2 processes, bf16, gradient accumulation) is not reused."""
+    from peft_ext.compare.runner import launch, run_fingerprint
+
+    for name in ("WORLD_SIZE", "ACCELERATE_MIXED_PRECISION"):
+        monkeypatch.delenv(name, raising=False)
+    config = CompareConfig(model="tiny-llama", methods=["lora"], per_device_train_batch_size=4)
+    lora = config.method_specs()[0]
+    single = run_fingerprint(config, lora, 0)
+    assert launch(config) == {"processes": 1, "gradient_accumulation_steps": 1, "global_batch": 4, "precision": "fp32"}
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun --nproc_per_node 2
+    assert launch(config)["global_batch"] == 8
+    two = run_fingerprint(config, lora, 0)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_precision bf16
+    assert launch(config)["precision"] == "bf16"
+    two_bf16 = run_fingerprint(config, lora, 0)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    fp16 = CompareConfig(model="tiny-llama", methods=["lora"], per_device_train_batch_size=4, trainer_args={"fp16": True})
+    accumulating = CompareConfig(model="tiny-llama", methods=["lora"], per_device_train_batch_size=4,
+                                 gradient_accumulation_steps=2)
+    assert launch(fp16)["precision"] == "fp16" and launch(accumulating)["global_batch"] == 8
+    prints = {single, two, two_bf16, run_fingerprint(fp16, lora, 0), run_fingerprint(accumulating, lora, 0)}
+    assert len(prints) == 5 and run_fingerprint(config, lora, 0) == single
+
+
+def test_compare_applies_overrides_to_a_config_object(tmp_path):
+    from peft_ext.compare import compare
+
+    config = CompareConfig(model="tiny-llama", methods=["lora"])
+    with pytest.raises(ValueError, match="compare max_steps must be a positive integer, got 0"):
+        compare(config, ["max_steps=0"])  # applied (and checked), not ignored
+    assert config.with_overrides(["max_steps=7", "seeds=[3]"]) == CompareConfig(model="tiny-llama", methods=["lora"],
+                                                                              max_steps=7, seeds=[3])
+
+
+def test_loss_curves_plot_finegates_task_loss_and_merge_notes_end_at_a_word():
+    from peft_ext.compare.runner import first_sentence, loss_curves
+
+    history = [{"step": 1, "loss": 30.5, "finegates/lambda": 50.0, "finegates/sparsity_loss": 0.6},
+               {"step": 2, "loss": 2.0}, {"step": 2, "train_runtime": 1.0}]
+    curves = loss_curves(history)
+    assert curves["loss_curve"] == [(1, pytest.approx(0.5)), (2, 2.0)] and curves["regularizer_curve"] == [(1, 30.0)]
+    assert loss_curves([{"step": 1, "loss": 2.0}]) == {"loss_curve": [(1, 2.0)]}
+    long = "SMoRE cannot merge its routed experts into the base weights: " + "the router picks experts per token " * 12
+    note = first_sentence(long + "\nsecond line")
+    assert len(note) <= 304 and note.endswith(" ...") and long.startswith(note[:-4]) and note[-5] != " "
+    assert long[len(note) - 4] == " "  # cut at a word boundary
+    assert first_sentence("short.\nmore") == "short."
+
+
+def test_a_method_that_never_moves_from_the_base_is_flagged_and_cola_counts_every_link(tmp_path, own_data, capsys):
+    """FineGates' gates start open: in 2 steps none closes, so its trained model is the base bit for bit; the output
+    and the report say so instead of showing 'no forgetting'. Its curve is the task loss (the logged loss has
+    lambda x sparsity in it). COLA's count holds the merged link. Gradient accumulation is a budget key."""
+    config = {**own_data, "methods": [{"peft_type": "FINEGATES"}, {"peft_type": "COLA", "r": 2, "chain_length": 2},
+                                      {"peft_type": "LORA", "r": 2, "learning_rate": 1e-2}],
+              "max_steps": 2, "seeds": [0], "latency": False, "gradient_accumulation_steps": 2}
+    assert main(["compare", write_yaml(tmp_path / "c.yaml", config)]) == 0
+    printed = capsys.readouterr().out
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["method"]: r for r in results["runs"]}
+    gates, cola, lora = runs["finegates"], runs["cola"], runs["lora"]
+    assert gates["score"] == results["base"]["score"] and gates["english"] == results["base"]["english"]
+    assert "gates start open" in gates["unchanged_from_base"] and "Raise gates_learning_rate" in gates["unchanged_from_base"]
+    assert lora["english"] != results["base"]["english"] and "unchanged_from_base" not in lora
+    assert "WARNING: finegates seed 0 scores exactly as the base" in printed
+    assert "WARNING: finegates (seed 0) scores exactly as the base" in (out / "report.md").read_text()
+    assert len(gates["regularizer_curve"]) == 2 and all(term > 0 for _, term in gates["regularizer_curve"])
+    assert max(loss for _, loss in gates["loss_curve"]) < 2 * max(loss for _, loss in lora["loss_curve"])
+    assert cola["trainable_params"] == 2 * cola["trainable_params_now"]  # the merged link and the last one
+    assert (gates["gradient_accumulation_steps"], gates["global_batch"]) == (2, 4)
+    assert "2 steps x global batch 4 (2 per device x 1 process(es) x 2 accumulation step(s))" in printed
+
+
+def test_a_rerun_that_wants_adapters_trains_again_the_runs_saved_without(tmp_path, own_data, capsys):
+    config = {**own_data, "methods": [{"peft_type": "LORA", "r": 2}], "forgetting": [], "max_steps": 1, "seeds": [0],
+              "latency": False, "save_adapters": False}
+    adapter = tmp_path / "out" / "runs" / "lora" / "seed0" / "adapter"
+    assert main(["compare", write_yaml(tmp_path / "c.yaml", config)]) == 0 and not adapter.exists()
+    assert main(["compare", write_yaml(tmp_path / "c.yaml", {**config, "save_adapters": True})]) == 0
+    assert "finished earlier, skipped" not in capsys.readouterr().out
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+    assert main(["compare", write_yaml(tmp_path / "c.yaml", {**config, "save_adapters": True})]) == 0
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 1

@@ -7,9 +7,10 @@ import pytest
 import torch
 from datasets import Dataset
 
-from peft_ext.compare.scoring import check_fit, make_scorer
+from peft_ext.compare.scoring import answer_index, check_fit, make_scorer
 from peft_ext.data.tiny_model import tiny_llama
 from peft_ext.evaluation import completion_loss, exact_match, option_scores
+from peft_ext.evaluation.multiple_choice import predictions
 from peft_ext.evaluation.exact_match import greedy_generations, is_match
 
 
@@ -65,16 +66,37 @@ def test_multiple_choice_answers_by_text_or_index_and_bad_answers(tiny):
     rows = [{"question": "Sky?", "options": ["blue", "green"], "answer": "blue"},
             {"question": "Grass?", "options": ["blue", "green"], "answer": 1}]
     data = Dataset.from_list([{**r, "answer": str(r["answer"])} for r in rows])  # one column type, as in a CSV
+    chosen = predictions(model, tokenizer, [{"question": r["question"], "options": r["options"]} for r in rows])
     score = make_scorer("mc", "multiple_choice", data, "multiple_choice", tokenizer, "eval_data")(model)
-    assert score in (0.0, 0.5, 1.0)
+    assert score == ((chosen[0] == 0) + (chosen[1] == 1)) / 2
     from_csv = Dataset.from_list([{"question": "Sky?", "options": '["blue", "green"]', "answer": "0"}])
     assert make_scorer("mc", "multiple_choice", from_csv, "multiple_choice", tokenizer, "eval_data").size == 1
     not_a_list = Dataset.from_list([{"question": "Sky?", "options": "blue or green", "answer": "0"}])
     with pytest.raises(ValueError, match=r"eval_data row 0: options must be a list of strings \(in a CSV file a JSON list"):
         make_scorer("mc", "multiple_choice", not_a_list, "multiple_choice", tokenizer, "eval_data")
     bad = Dataset.from_list([{"question": "Sky?", "options": ["blue", "green"], "answer": "red"}])
-    with pytest.raises(ValueError, match=r"eval_data row 0: answer 'red' is not one of its options \['blue', 'green'\]"):
+    with pytest.raises(ValueError, match=r"eval_data row 0: answer 'red' is neither one of its options \['blue', 'green'\] "
+                                         r"\(as text\) nor an index 0..1 of them"):
         make_scorer("mc", "multiple_choice", bad, "multiple_choice", tokenizer, "eval_data")
+
+
+def test_a_digit_answer_that_is_an_options_text_means_that_option(tiny):
+    """Answer "2" among ["1", "2", "3"] is the option "2" (the text wins over the index 2); "42" among 41/42/43 is
+    the option "42" (not an index out of range); a number that is no option's text is an index."""
+    assert answer_index("2", ["1", "2", "3"]) == 1 and answer_index(2, ["1", "2", "3"]) == 1
+    assert answer_index("42", ["41", "42", "43"]) == 1 and answer_index("42", [" 41", " 42", " 43"]) == 1
+    assert answer_index("1", ["a", "b"]) == 1 and answer_index(0, ["a", "b"]) == 0
+    assert answer_index("2", ["a", "b"]) is None and answer_index("c", ["a", "b"]) is None
+    model, tokenizer = tiny
+    options = ["1", "2", "3"]
+    chosen = predictions(model, tokenizer, [{"question": "One plus one is", "options": options}])[0]
+    for answer in range(3):  # the scorer marks right exactly the option whose text is the answer
+        data = Dataset.from_list([{"question": "One plus one is", "options": options, "answer": options[answer]}])
+        scorer = make_scorer("mc", "multiple_choice", data, "multiple_choice", tokenizer, "eval_data")
+        assert scorer(model) == float(chosen == answer)
+    data = Dataset.from_list([{"question": "The answer is", "options": ["41", "42", "43"], "answer": "42"}])
+    chosen = predictions(model, tokenizer, [{"question": "The answer is", "options": ["41", "42", "43"]}])[0]
+    assert make_scorer("mc", "multiple_choice", data, "multiple_choice", tokenizer, "eval_data")(model) == float(chosen == 1)
 
 
 def test_messages_are_split_into_prompt_and_the_last_assistant_turn(tiny):
