@@ -117,13 +117,6 @@ class Bench(KernelBench):
             return None
         return do_bench(graph.replay, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median") / len(fns)
 
-    def copy_bandwidth(self, mib: int) -> float:
-        """Bytes per second of a device-to-device torch copy (read + write), the perf.md ceiling's convention."""
-        n = mib * 2**20 // 4
-        src = torch.randn(n, device=self.device)
-        dst = torch.empty_like(src)
-        ms = self.time_ms(lambda: dst.copy_(src))
-        return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -168,13 +168,7 @@ class PackedDelta:
     @classmethod
     def empty(cls, out_features: int, in_features: int, group_size: int, bands, device=None) -> "PackedDelta":
         """All-zero tensors of the right shapes: a zero delta (scales and mins 0), to be filled by a state dict."""
-        bands = check_bands(bands)
-        dtypes = {"sigma": torch.float32, "v_words": torch.int32, "u_words": torch.int32}
-        tensors = {
-            name: torch.zeros(shape, dtype=dtypes.get(name, torch.float16), device=device)
-            for name, shape in cls.expected_shapes(out_features, in_features, group_size, bands).items()
-        }
-        return cls(out_features, in_features, group_size, bands, **tensors)
+        return _zero_delta(cls, out_features, in_features, group_size, bands, device)
 
     @classmethod
     def from_factors(cls, u: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, bands, group_size: int) -> "PackedDelta":
@@ -363,13 +357,7 @@ class SlotDelta:
     @classmethod
     def empty(cls, out_features: int, in_features: int, group_size: int, bands, device=None) -> "SlotDelta":
         """All-zero tensors of the right shapes (a zero delta), to be filled by a state dict."""
-        bands = check_bands(bands)
-        dtypes = {"sigma": torch.float32, "v_codes": torch.int32, "u_codes": torch.int32}
-        tensors = {
-            name: torch.zeros(shape, dtype=dtypes.get(name, torch.float16), device=device)
-            for name, shape in cls.expected_shapes(out_features, in_features, group_size, bands).items()
-        }
-        return cls(out_features, in_features, group_size, bands, **tensors)
+        return _zero_delta(cls, out_features, in_features, group_size, bands, device)
 
     def band_layout(self) -> list[tuple[int, int, int, int]]:
         """(bits, first column, n_cols, first word in a row) per band, empty bands included."""
@@ -489,3 +477,20 @@ def words_from_slot_codes(codes: torch.Tensor, bands) -> torch.Tensor:
         planes.append(pack_bitplanes(all_codes[:, col : col + n], bits).reshape(-1))
         col += n
     return torch.cat(planes) if planes else torch.zeros(0, dtype=torch.int32, device=codes.device)
+
+
+def _zero_delta(cls, out_features: int, in_features: int, group_size: int, bands, device):
+    """A `cls` (PackedDelta or SlotDelta) of all-zero tensors of its expected shapes: the codes (`*_words` /
+    `*_codes`) int32, sigma fp32, scales and mins fp16."""
+    bands = check_bands(bands)
+
+    def dtype(name: str) -> torch.dtype:
+        if name == "sigma":
+            return torch.float32
+        return torch.int32 if name.endswith(("_words", "_codes")) else torch.float16
+
+    tensors = {
+        name: torch.zeros(shape, dtype=dtype(name), device=device)
+        for name, shape in cls.expected_shapes(out_features, in_features, group_size, bands).items()
+    }
+    return cls(out_features, in_features, group_size, bands, **tensors)
