@@ -29,6 +29,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_rank_group():
+    """A one-rank gloo process group in this process for the test (FSDP wraps on it exactly as with more ranks),
+    destroyed afterwards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same global RNG state (models seed themselves as well)."""

@@ -21,7 +21,6 @@ The methods' drivers under DDP, each against its one-process equivalent:
 """
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -35,7 +34,7 @@ from safetensors.torch import load_file
 
 from peft_ext.data.tiny_model import tiny_llama
 from peft_ext.recipe import Recipe, run_recipe
-from peft_ext.testing.contract.distributed import _DROPPED_ENV, LaunchTimeout, _free_port, _tail, run_launcher
+from peft_ext.testing.contract.distributed import LaunchTimeout, _free_port, _tail, launch_env, run_launcher
 
 NPROC = 2
 LAUNCH_TIMEOUT_S = 120
@@ -80,8 +79,7 @@ def _launcher(kind: str, port: int) -> list[str]:
 
 
 def _launch(tmp_path: Path, recipe: Path, launcher: str = "torchrun", expect_ok: bool = True) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"), TOKENIZERS_PARALLELISM="false")
+    env = launch_env()
     log = tmp_path / f"{recipe.stem}.log"
     for attempt in range(2):  # a port taken between _free_port() and the store's bind: once more on another
         cmd = [*_launcher(launcher, _free_port()), *_peft_ext_command(), "train", str(recipe)]

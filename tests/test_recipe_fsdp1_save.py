@@ -3,21 +3,12 @@ model whose layers sit in FSDP1 units (`_fsdp_wrapped_module.` inside the module
 own LoRA. Built here on a one-rank gloo group (FSDP1 wraps exactly as with more ranks): the LoRA file comes out empty
 and is refused and removed; a peft-ext method's file (PeftExtTuner._get_adapter_state_dict) holds its tensors."""
 
-import pytest
 import torch
-import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 
 from peft_ext import HftConfig
 from peft_ext.data.tiny_model import tiny_llama
 from peft_ext.recipe import _empty_adapter_file
-
-
-@pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def save_under_fsdp1(config, folder):

@@ -8,7 +8,6 @@ shards nothing away but wraps the parameters exactly as with more)."""
 
 import pytest
 import torch
-import torch.distributed as dist
 from peft import get_peft_model
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
@@ -17,13 +16,6 @@ from peft_ext.data.tiny_model import tiny_llama
 from peft_ext.training import ColaChainCallback
 
 MAX_STEPS = 4
-
-
-@pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def cola_model(chain_length=2):

@@ -15,18 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peft_ext.testing.contract.distributed import LaunchTimeout, _free_port, _tail, run_launcher
+from peft_ext.testing.contract.distributed import LaunchTimeout, _free_port, _tail, launch_env, run_launcher
 
 WORKER = Path(__file__).with_name("ddp_reselect_worker.py")
 TIMEOUT_S = float(os.environ.get("PEFT_EXT_CONTRACT_LAUNCH_TIMEOUT", "180"))
 RTOL, ATOL = 1e-4, 1e-5
-_DROPPED_ENV = ("PYTEST_VERSION", "PYTEST_CURRENT_TEST", "PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT")
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"), TOKENIZERS_PARALLELISM="false")
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +35,7 @@ def launched(tmp_path_factory):
     ]  # fmt: skip
     start = time.perf_counter()
     try:
-        rc = run_launcher(cmd, log, TIMEOUT_S, env=_env(), cwd=str(tmp), pid_dir=out / "pids")
+        rc = run_launcher(cmd, log, TIMEOUT_S, env=launch_env(), cwd=str(tmp), pid_dir=out / "pids")
     except LaunchTimeout:
         pytest.fail(f"the 2-process launch did not finish within {TIMEOUT_S:.0f} s (killed):\n{_tail(log)}")
     seconds = time.perf_counter() - start
@@ -55,7 +48,7 @@ def single(tmp_path_factory):
     """The same scenarios in one process, a batch of 4 (the same global batches)."""
     out = tmp_path_factory.mktemp("reselect_single")
     subprocess.run(
-        [sys.executable, str(WORKER), "--out", str(out)], env=_env(), cwd=str(out), check=True, timeout=TIMEOUT_S,
+        [sys.executable, str(WORKER), "--out", str(out)], env=launch_env(), cwd=str(out), check=True, timeout=TIMEOUT_S,
         capture_output=True,
     )  # fmt: skip
     return out, json.loads((out / "single.json").read_text())

@@ -204,6 +204,14 @@ def _import_root(module) -> Path:
     return root
 
 
+def launch_env() -> dict:
+    """The environment of a launched process group: this one's without pytest's markers (the suite refuses to import
+    under pytest without its plugin), on one thread, offline unless told otherwise."""
+    env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"), TOKENIZERS_PARALLELISM="false")
+    return env
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -311,8 +319,7 @@ def _launch(entry, mode: str, request, tmp_path_factory) -> Path:
 
 def _run(entry, modes: tuple[str, ...], request, out: Path) -> tuple[float, int]:
     root = _import_root(request.module)
-    env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"), TOKENIZERS_PARALLELISM="false")
+    env = launch_env()
     env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     log = out / "launch.log"
     for attempt in range(2):  # a port taken between _free_port() and the store's bind: once more on another
