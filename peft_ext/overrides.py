@@ -55,13 +55,17 @@ def load_yaml(path: str) -> dict:
     return data
 
 
-def config_from_dict(cls, data: dict, where: str = "", kind: str = ""):
+def config_from_dict(cls, data: dict, where: str = "", kind: str = "", required: tuple = ()):
     """`cls(**data)` for a config dataclass, with unknown keys named and the known ones listed (not a TypeError):
-    "{where}unknown {kind}key(s) [...]; known keys: [...]", e.g. where="recipe.yaml: ", kind="recipe "."""
+    "{where}unknown {kind}key(s) [...]; known keys: [...]", e.g. where="recipe.yaml: ", kind="recipe "; then the
+    `required` keys missing from `data`: "{where}the {kind}needs [...]"."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{where}unknown {kind}key(s) {unknown}; known keys: {sorted(names)}")
+    missing = sorted(n for n in required if n not in data)
+    if missing:
+        raise ValueError(f"{where}the {kind or 'config '}needs {missing}")
     return cls(**data)
 
 

@@ -24,7 +24,8 @@ Run it with `peft-ext train RECIPE.yaml [--set trainer_args.max_steps=2 ...]`.
 
 from __future__ import annotations
 
-import dataclasses
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,10 +90,7 @@ class Recipe:
     @classmethod
     def from_yaml(cls, path: str, overrides: list[str] | None = None) -> "Recipe":
         data = apply_overrides(load_yaml(path), overrides)
-        missing = sorted(n for n in ("model", "data") if n not in data)
-        if missing and not set(data) - {f.name for f in dataclasses.fields(cls)}:
-            raise ValueError(f"{path}: the recipe needs {missing}")
-        return config_from_dict(cls, data, where=f"{path}: ", kind="recipe ")
+        return config_from_dict(cls, data, where=f"{path}: ", kind="recipe ", required=("model", "data"))
 
 
 def build_peft_config(method: dict) -> PeftConfig:
@@ -237,9 +235,6 @@ def _check_launch(trainer) -> None:
     """Before training: a multi-process launch whose trainer does not see the processes (`use_cpu: false` on a
     machine without GPUs under torchrun: every rank would train alone on its own data and save) is refused; an
     accelerate FSDP config that accelerate did not apply (on CPU it runs MULTI_CPU, i.e. DDP) is said."""
-    import os
-    import warnings
-
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1 and trainer.accelerator.num_processes == 1:
         raise ValueError(

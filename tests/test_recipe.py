@@ -113,3 +113,13 @@ def test_a_strategy_of_no_read_by_yaml_as_false_means_no(tmp_path):
     path.write_text("model: tiny-llama\ndata: fictional-facts\ntrainer_args: {save_strategy: no, logging_strategy: no}\n")
     recipe = Recipe.from_yaml(str(path), ["trainer_args.eval_strategy=no"])
     assert [recipe.trainer_args[k] for k in ("save_strategy", "logging_strategy", "eval_strategy")] == ["no"] * 3
+
+
+def test_a_recipe_without_model_or_data_names_what_it_needs(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: tiny-llama\n")
+    with pytest.raises(ValueError, match=r"r.yaml: the recipe needs \['data'\]"):
+        Recipe.from_yaml(str(path))
+    path.write_text("model: tiny-llama\nepochs: 3\n")  # unknown keys are named first
+    with pytest.raises(ValueError, match=r"unknown recipe key\(s\) \['epochs'\]"):
+        Recipe.from_yaml(str(path))
