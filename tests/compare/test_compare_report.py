@@ -31,3 +31,30 @@ def test_data_specs_in_words():
     assert describe_data("fictional-facts") == "fictional-facts"
     assert describe_data({"path": "d/t.jsonl", "limit": 5}) == "d/t.jsonl, first 5 rows"
     assert describe_data({"dataset": "user/set", "split": "test"}) == "user/set (split test)"
+
+
+def test_pareto_labels_of_points_at_the_same_place_do_not_overlap():
+    import itertools
+
+    import matplotlib.pyplot as plt
+
+    from peft_ext.compare.plots import place_labels
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    # six methods at the base's score and about the same cost (what `compare`'s default run gave), one apart
+    labels = [(name, 100.0 + i * 0.01, 0.25) for i, name in enumerate(["lora", "hft *", "cola", "smore", "ssmlora", "finegates"])]
+    labels.append(("full *", 400.0, 0.9))
+    ax.plot([x for _, x, _ in labels], [y for _, _, y in labels], "o")
+    annotations = place_labels(ax, labels)
+    renderer = fig.canvas.get_renderer()
+    boxes = [a.get_window_extent(renderer) for a in annotations]
+    assert [a.get_text() for a in annotations] == [t for t, _, _ in labels]
+    for a, b in itertools.combinations(boxes, 2):
+        assert not a.overlaps(b), (a, b)
+    frame = ax.get_window_extent(renderer)  # "full *" sits at the top right corner: its label moves inside
+    for box in boxes:
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, (box, frame)
+    # each label stays next to its own point (within the furthest offset tried, 5 + 11 * 11 points)
+    for ann, (_, x, y) in zip(annotations, labels):
+        assert ann.xy == (x, y) and abs(ann.xyann[1]) <= 126 and abs(ann.xyann[0]) == 5
+    plt.close(fig)
