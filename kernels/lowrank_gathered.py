@@ -40,6 +40,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from . import autotune
 from .dispatch import (
     autocast_base,
     block_r,
@@ -284,7 +285,8 @@ def lowrank_linear_gathered(
         cfg = _gathered_config(M, rank, x.device)
         cfg["BLOCK_M"] = plan.block_m
         with launch_device(x2d):
-            _gathered_shrink_expand_kernel[(plan.num_blocks,)](
+            autotune.launch(_gathered_shrink_expand_kernel, "gathered", (plan.num_blocks,),
+                            key=dict(M=M, K=K, N=N, R=rank, L=L), writes=("Y",))(
                 x2d, plan.order, plan.block_seg, plan.seg_block_start, plan.seg_row_start, plan.seg_row_end,
                 lora_a_stack, lora_b_stack, scales_t, bias if bias is not None else x2d, y,
                 K, N, rank, L, float("nan"),

@@ -141,7 +141,8 @@ def _markdown_tables(text: str) -> list[list[list[str]]]:
 
 @pytest.mark.parametrize(
     "script, first_row",
-    [("lowrank_kernels.py", "frozen base x W^T"), ("lowrank.py", "frozen base (only the input embedding trainable)")],
+    [("lowrank_kernels.py", "frozen base x W^T"), ("lowrank.py", "frozen base (only the input embedding trainable)"),
+     ("autotune.py", "shrink/expand forward")],
 )
 def test_lowrank_benchmarks_tiny_cpu(tmp_path, script, first_row):
     """The low-rank benchmarks run end to end at their --tiny shape and append what they print to --out."""

@@ -1,0 +1,375 @@
+"""kernels/autotune.py driven for real on Triton's interpreter: tiny shapes, the first few candidates, wall-clock
+timings (which candidate wins is not asserted: the timings are real and noisy). Every test uses its own cache folder
+(tmp_path, via the tuner's cache_dir and $PEFT_EXT_CACHE), never the home cache."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from peft_ext.kernels import autotune, dispatch, lowrank_linear, lowrank_linear_gathered, plan_adapter_segments
+from peft_ext.kernels import lowrank as lowrank_module
+from peft_ext.kernels.lowrank import lowrank_weight_grad, shrink_expand
+from peft_ext.kernels.reference import reference_lowrank_linear, reference_lowrank_linear_gathered
+
+from .accuracy import rel_err
+
+CANDIDATES = 3  # the heuristic and two more: enough to tune, cheap on the interpreter
+
+
+@pytest.fixture
+def tuner(tmp_path, monkeypatch):
+    """A fresh process-wide tuner with its cache in tmp_path, tuning on (the interpreter's default is off)."""
+    monkeypatch.setenv("PEFT_EXT_CACHE", str(tmp_path))
+    monkeypatch.setenv("PEFT_EXT_AUTOTUNE", "1")
+    t = autotune.Autotuner(cache_dir=tmp_path, max_candidates=CANDIDATES)
+    previous = autotune.set_tuner(t)
+    yield t
+    autotune.set_tuner(previous)
+
+
+def new_tuner(tmp_path):
+    """A second tuner on the same folder (a fresh process's in-memory cache), installed in place of the first."""
+    t = autotune.Autotuner(cache_dir=tmp_path, max_candidates=CANDIDATES)
+    autotune.set_tuner(t)
+    return t
+
+
+def cache_file(tmp_path):
+    files = sorted(tmp_path.glob("*.json"))
+    assert len(files) == 1, files
+    return files[0]
+
+
+def entries(tmp_path):
+    return json.loads(cache_file(tmp_path).read_text())["entries"]
+
+
+def layer(M, K=40, N=24, R=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        x=torch.randn(M, K, generator=g),
+        weight=torch.randn(N, K, generator=g) / K**0.5,
+        bias=torch.randn(N, generator=g),
+        lora_a=torch.randn(R, K, generator=g) / K**0.5,
+        lora_b=torch.randn(N, R, generator=g) / R**0.5,
+    )
+
+
+def forward_backward(t):
+    leaves = {k: v.clone().requires_grad_(k in ("x", "lora_a", "lora_b")) for k, v in t.items()}
+    y = lowrank_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_a"], leaves["lora_b"], 0.5)
+    y.backward(torch.ones_like(y))
+    return y.detach(), {k: leaves[k].grad for k in ("x", "lora_a", "lora_b")}
+
+
+def reference(t):
+    leaves = {k: v.double().requires_grad_(k in ("x", "lora_a", "lora_b")) for k, v in t.items()}
+    y = reference_lowrank_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_a"], leaves["lora_b"], 0.5)
+    y.backward(torch.ones_like(y))
+    return y.detach(), {k: leaves[k].grad for k in ("x", "lora_a", "lora_b")}
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Records every kernel launch: (kernel name, config, data pointers of its tensor arguments)."""
+    records = []
+    original = dispatch.LazyKernel.__getitem__
+
+    def recording(kernel, grid):
+        launcher = original(kernel, grid)
+
+        def launch(*args, **kwargs):
+            cfg = {k: v for k, v in kwargs.items() if k in autotune.TUNABLE}
+            ptrs = {a.data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            records.append((kernel.fn.__name__, cfg, ptrs))
+            return launcher(*args, **kwargs)
+
+        return launch
+
+    monkeypatch.setattr(dispatch.LazyKernel, "__getitem__", recording)
+    return records
+
+
+# -------------------------------------------------------------------------------------------- tuning
+def test_tuned_forward_backward_match_the_reference(tuner, tmp_path):
+    t = layer(20)
+    y, grads = forward_backward(t)
+    y_ref, grads_ref = reference(t)
+    assert rel_err(y, y_ref) <= 1e-4
+    for k in grads:
+        assert rel_err(grads[k], grads_ref[k]) <= 1e-4, k
+    info = autotune.cache_info()
+    assert info["tuned"] >= 2 and info["timed"] >= 2 and info["mode"] == "on"
+    saved = entries(tmp_path)
+    names = {key.split("|")[0] for key in saved}
+    assert {"shrink_expand", "wgrad"} <= names, names
+    for key, entry in saved.items():
+        name = key.split("|")[0]
+        tried = autotune.candidates(name, entry["heuristic"], compiled=False)
+        assert entry["config"] in entry["candidates"] and entry["config"] in tried, (key, entry)
+        assert entry["candidates"][0] == entry["heuristic"] and 1 <= len(entry["candidates"]) <= CANDIDATES
+        assert entry["M"] == 20 and f"M={autotune.bucket_m(20)}" in key
+
+
+def test_tuning_writes_the_callers_buffers_once(tuner, launches):
+    """Candidates run on scratch outputs: the caller's out / mid are written by one launch (the chosen config), the
+    inputs never, and the result is the reference's."""
+    t = layer(20)
+    x, a, b = t["x"], t["lora_a"], t["lora_b"]
+    originals = [v.clone() for v in (x, a, b)]
+    out = torch.full((20, 24), 7.0)
+    mid = torch.full((20, 4), 7.0)
+    shrink_expand(x, a, b, 0.5, out=out, mid=mid)
+    user = {out.data_ptr(), mid.data_ptr()}
+    on_user = [r for r in launches if r[2] & user]
+    assert len(launches) > 1 and len(on_user) == 1, launches  # the candidates ran, elsewhere
+    assert all(torch.equal(v, o) for v, o in zip((x, a, b), originals))
+    xa = x.double() @ a.double().t()
+    assert rel_err(mid, xa) <= 1e-5 and rel_err(out, 0.5 * xa @ b.double().t()) <= 1e-5
+    assert on_user[0][1] == next(iter(autotune.get_tuner()._memory.values()))  # the chosen config
+
+
+def test_gathered_tuned_keeps_the_plans_block_m(tuner, tmp_path):
+    g = torch.Generator().manual_seed(3)
+    L, R, K, N = 3, 4, 40, 24
+    x = torch.randn(6, 5, K, generator=g)
+    w = torch.randn(N, K, generator=g) / K**0.5
+    a = torch.randn(L, R, K, generator=g) / K**0.5
+    b = torch.randn(L, N, R, generator=g) / R**0.5
+    index = torch.tensor([0, 2, -1, 1, 0, 2])
+    plan = plan_adapter_segments(index, L, x.shape)
+    y = lowrank_linear_gathered(x, w, None, a, b, [1.0, 0.5, 2.0], plan)
+    ref = reference_lowrank_linear_gathered(x.double(), w.double(), None, a.double(), b.double(), [1.0, 0.5, 2.0], index)
+    assert rel_err(y, ref) <= 1e-5
+    (key, entry), = entries(tmp_path).items()
+    assert key.startswith("gathered|") and f"BLOCK_M={plan.block_m}" in key and "L=3" in key
+    assert all(c["BLOCK_M"] == plan.block_m for c in entry["candidates"])
+
+
+def test_a_candidate_with_wrong_output_is_rejected(tuner, tmp_path, monkeypatch):
+    """The correctness guard on a real wrong candidate: a weight-gradient BLOCK_M that does not divide the rows per
+    split double-counts rows (the candidate list normally excludes it)."""
+    real = autotune.candidates
+
+    def with_a_bad_one(name, heuristic, valid=None, elem=2, compiled=True):
+        return [dict(heuristic), dict(heuristic, BLOCK_M=128)] + real(name, heuristic, valid, elem, compiled)[1:]
+
+    monkeypatch.setattr(autotune, "candidates", with_a_bad_one)
+    g = torch.Generator().manual_seed(5)
+    left, right = torch.randn(100, 4, generator=g), torch.randn(100, 24, generator=g)
+    out = lowrank_weight_grad(left, right, 0.5, splits=2)  # rows per split 64 on the interpreter (BLOCK_M 32)
+    assert rel_err(out, 0.5 * left.double().t() @ right.double()) <= 1e-5
+    (entry,) = entries(tmp_path).values()
+    assert [r["config"]["BLOCK_M"] for r in entry["rejected"]] == [128]
+    assert "NaN positions" in entry["rejected"][0]["reason"] or "relative difference" in entry["rejected"][0]["reason"]
+    assert entry["config"]["BLOCK_M"] != 128
+
+
+def test_guard_tolerance_and_comparison():
+    ref = torch.tensor([1.0, 2.0, float("nan"), float("inf")])
+    assert autotune.outputs_match(ref, ref.clone()) is None
+    assert "NaN" in autotune.outputs_match(ref, torch.tensor([1.0, float("nan"), float("nan"), float("inf")]))
+    assert "inf" in autotune.outputs_match(ref, torch.tensor([1.0, 2.0, float("nan"), -float("inf")]))
+    assert "relative difference" in autotune.outputs_match(ref, torch.tensor([1.0, 2.1, float("nan"), float("inf")]))
+    bf = torch.randn(1000, dtype=torch.bfloat16)
+    nudged = (bf.float() * (1 + 2**-8)).to(torch.bfloat16)  # a one-ulp kind of change: rounding
+    assert autotune.outputs_match(bf, nudged) is None
+    assert autotune.guard_tolerance(torch.float32) == 1e-5
+
+
+# --------------------------------------------------------------------------------------------- cache
+def counting_timer(calls):
+    """The real wall-clock timer, counting its calls."""
+
+    def timer(fn):
+        calls.append(fn)
+        return autotune.wall_clock_timer(fn)
+
+    return timer
+
+
+def test_cache_file_round_trip_times_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFT_EXT_CACHE", str(tmp_path))
+    monkeypatch.setenv("PEFT_EXT_AUTOTUNE", "1")
+    first_calls, second_calls = [], []
+    tuner = autotune.Autotuner(cache_dir=tmp_path, timer=counting_timer(first_calls), max_candidates=CANDIDATES)
+    previous = autotune.set_tuner(tuner)
+    try:
+        _round_trip(tuner, tmp_path, first_calls, second_calls)
+    finally:
+        autotune.set_tuner(previous)
+
+
+def _round_trip(tuner, tmp_path, first_calls, second_calls):
+    t = layer(20)
+    y1, g1 = forward_backward(t)
+    first = entries(tmp_path)
+    assert len(first_calls) == tuner.stats["timed"] > 0
+    second = autotune.Autotuner(cache_dir=tmp_path, timer=counting_timer(second_calls), max_candidates=CANDIDATES)
+    autotune.set_tuner(second)
+    try:
+        y2, g2 = forward_backward(t)
+    finally:
+        autotune.set_tuner(tuner)
+    assert second_calls == [] and second.stats["tuned"] == 0 and second.stats["disk_hits"] == len(first)
+    assert torch.equal(y1, y2) and all(torch.equal(g1[k], g2[k]) for k in g1)  # the same configs: the same bits
+    assert {k: v["config"] for k, v in entries(tmp_path).items()} == {k: v["config"] for k, v in first.items()}
+    # clear_cache: memory forgotten, the file still answers; disk=True deletes it
+    autotune.clear_cache()
+    assert autotune.cache_info()["entries_in_memory"] == 0
+    timed = len(first_calls)
+    forward_backward(t)
+    assert len(first_calls) == timed and tuner.stats["disk_hits"] > 0
+    autotune.clear_cache(disk=True)
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_key_buckets_m_and_keeps_the_other_sizes_exact(tuner, tmp_path):
+    assert [autotune.bucket_m(m) for m in (1, 2, 17, 32, 33, 8192, 8193)] == [1, 2, 32, 32, 64, 8192, 16384]
+    t = layer(20)
+    shrink_expand(t["x"], t["lora_a"], t["lora_b"], 0.5)
+    timed = tuner.stats["timed"]
+    t30 = layer(30)
+    shrink_expand(t30["x"], t30["lora_a"], t30["lora_b"], 0.5)  # M 30: the same bucket (32)
+    assert tuner.stats["timed"] == timed and tuner.stats["memory_hits"] == 1
+    t40 = layer(40)
+    shrink_expand(t40["x"], t40["lora_a"], t40["lora_b"], 0.5)  # M 40: bucket 64
+    assert tuner.stats["timed"] > timed
+    timed = tuner.stats["timed"]
+    k48 = layer(20, K=48)
+    shrink_expand(k48["x"], k48["lora_a"], k48["lora_b"], 0.5)  # another K: another key
+    assert tuner.stats["timed"] > timed
+    keys = sorted(entries(tmp_path))
+    assert len(keys) == 3 and sum("M=32|K=40" in k for k in keys) == 1 and sum("M=64|K=40" in k for k in keys) == 1
+    assert all("N=24|R=4" in k and "BLOCK_R=16" in k and "X:float32/1" in k for k in keys), keys
+
+
+def test_corrupt_file_is_ignored_with_one_warning_and_rewritten(tuner, tmp_path):
+    t = layer(20)
+    shrink_expand(t["x"], t["lora_a"], t["lora_b"], 0.5)
+    path = cache_file(tmp_path)
+    path.write_text("{ not json")
+    fresh = new_tuner(tmp_path)
+    try:
+        with pytest.warns(RuntimeWarning, match="corrupt autotune cache file") as record:
+            shrink_expand(t["x"], t["lora_a"], t["lora_b"], 0.5)
+            t40 = layer(40)
+            shrink_expand(t40["x"], t40["lora_a"], t40["lora_b"], 0.5)
+        assert sum("corrupt" in str(w.message) for w in record) == 1
+        assert fresh.stats["tuned"] == 2  # nothing read from the bad file
+    finally:
+        autotune.set_tuner(tuner)
+    data = json.loads(path.read_text())
+    assert data["format"] == autotune.FORMAT and len(data["entries"]) == 2
+    # an entry whose config is not a config is dropped, the rest is kept
+    key = next(iter(data["entries"]))
+    data["entries"][key]["config"] = {"BLOCK_M": "big"}
+    path.write_text(json.dumps(data))
+    third = new_tuner(tmp_path)
+    try:
+        shrink_expand(t["x"], t["lora_a"], t["lora_b"], 0.5)
+        shrink_expand(t40["x"], t40["lora_a"], t40["lora_b"], 0.5)
+    finally:
+        autotune.set_tuner(tuner)
+    assert third.stats["tuned"] == 1 and third.stats["disk_hits"] == 1
+
+
+def test_write_is_atomic_and_merges(tuner, tmp_path, monkeypatch):
+    t = layer(20)
+    shrink_expand(t["x"], t["lora_a"], t["lora_b"], 0.5)
+    path = cache_file(tmp_path)
+    before = path.read_text()
+
+    real_replace = os.replace
+
+    def crash(src, dst):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(autotune.os, "replace", crash)
+    t40 = layer(40)
+    with pytest.warns(RuntimeWarning, match="cannot write the autotune cache file"):
+        shrink_expand(t40["x"], t40["lora_a"], t40["lora_b"], 0.5)
+    assert path.read_text() == before  # the old file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.name + ".lock"])  # no temp file left
+    assert autotune.cache_info()["entries_in_memory"] == 2  # still served from memory
+    monkeypatch.setattr(autotune.os, "replace", real_replace)
+    # two processes' tuners writing to one file: each write merges what is on disk
+    other = autotune.Autotuner(cache_dir=tmp_path, max_candidates=CANDIDATES)
+    autotune.set_tuner(other)
+    try:
+        t64 = layer(64)
+        shrink_expand(t64["x"], t64["lora_a"], t64["lora_b"], 0.5)
+    finally:
+        autotune.set_tuner(tuner)
+    t128 = layer(100)
+    shrink_expand(t128["x"], t128["lora_a"], t128["lora_b"], 0.5)
+    buckets = sorted(int(k.split("|")[1][2:]) for k in entries(tmp_path))
+    assert buckets == [32, 64, 128], buckets  # 64 was lost to the crash in this tuner's file, written by the other
+
+
+# ---------------------------------------------------------------------------------------------- switch
+def test_switch_off_gives_the_heuristic_exactly(tuner, tmp_path, monkeypatch, launches):
+    monkeypatch.setenv("PEFT_EXT_AUTOTUNE", "0")
+    t = layer(20)
+    forward_backward(t)
+    se = [cfg for name, cfg, _ in launches if name == "_shrink_expand_kernel"]
+    wg = [cfg for name, cfg, _ in launches if name == "_wgrad_kernel"]
+    assert se == [lowrank_module._shrink_expand_config(20, 4, torch.device("cpu"))]
+    assert wg and all(cfg == lowrank_module._wgrad_config(20, 40 if i == 0 else 24, 4, torch.device("cpu"), None)[0]
+                      for i, cfg in enumerate(wg))
+    assert tuner.stats == dict.fromkeys(tuner.stats, 0) and not list(tmp_path.glob("*.json"))
+    # default (auto): never tunes on the interpreter
+    monkeypatch.delenv("PEFT_EXT_AUTOTUNE")
+    assert autotune.mode() == "auto"
+    launches.clear()
+    x = layer(20)
+    y = shrink_expand(x["x"], x["lora_a"], x["lora_b"], 0.5)[0]
+    assert [cfg for _, cfg, _ in launches] == [lowrank_module._shrink_expand_config(20, 4, torch.device("cpu"))]
+    assert tuner.stats["timed"] == 0 and y is not None
+    monkeypatch.setenv("PEFT_EXT_AUTOTUNE", "maybe")
+    with pytest.raises(ValueError, match=r"PEFT_EXT_AUTOTUNE='maybe'.*set it to 0"):
+        shrink_expand(x["x"], x["lora_a"], x["lora_b"], 0.5)
+
+
+def test_no_tuning_while_tracing(tuner, tmp_path, monkeypatch, launches):
+    """Under torch.compile tracing or CUDA graph capture: the cache or the heuristic, never a timing."""
+    monkeypatch.setattr(autotune, "_tracing", lambda: True)
+    t = layer(20)
+    shrink_expand(t["x"], t["lora_a"], t["lora_b"], 0.5)
+    assert [cfg for _, cfg, _ in launches] == [lowrank_module._shrink_expand_config(20, 4, torch.device("cpu"))]
+    assert tuner.stats["timed"] == 0 and tuner.stats["heuristic"] == 1
+    monkeypatch.setattr(autotune, "_tracing", lambda: False)
+    shrink_expand(t["x"], t["lora_a"], t["lora_b"], 0.5)
+    assert tuner.stats["tuned"] == 1
+    monkeypatch.setattr(autotune, "_tracing", lambda: True)
+    launches.clear()
+    shrink_expand(t["x"], t["lora_a"], t["lora_b"], 0.5)  # now cached: the tuned config is used
+    assert [cfg for _, cfg, _ in launches] == [next(iter(entries(tmp_path).values()))["config"]]
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("PEFT_EXT_CACHE", str(tmp_path / "x"))
+    assert autotune.default_cache_dir() == tmp_path / "x" / "autotune"
+    monkeypatch.delenv("PEFT_EXT_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert autotune.default_cache_dir() == tmp_path / ".cache" / "peft-ext" / "autotune"
+    with pytest.raises(TypeError, match="set_tuner takes an Autotuner"):
+        autotune.set_tuner(object())
+    with pytest.raises(ValueError, match="unknown kernel name 'nope'"):
+        autotune.candidates("nope", {})
+
+
+def test_candidates_hold_the_rank_and_vary_one_setting():
+    heur = dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, BLOCK_R=64, num_warps=4, num_stages=3)
+    cands = autotune.candidates("shrink_expand", heur)
+    assert cands[0] == heur and len(cands) == len({tuple(sorted(c.items())) for c in cands})
+    for c in cands[1:]:
+        assert c["BLOCK_R"] == 64
+        assert sum(c[k] != heur[k] for k in heur) == 1, c
+    gathered = autotune.candidates("gathered", dict(heur, BLOCK_M=16))
+    assert all(c["BLOCK_M"] == 16 for c in gathered)
+    wgrad = autotune.candidates("wgrad", dict(BLOCK_M=64, BLOCK_C=64, BLOCK_R=16, num_warps=4, num_stages=3),
+                                lambda c: 192 % c["BLOCK_M"] == 0)
+    assert {c["BLOCK_M"] for c in wgrad} == {32, 64}
