@@ -6,7 +6,12 @@ Table 1, training step (forward with labels + backward + AdamW step + zero_grad)
     lora-fused    the same model after peft_ext.accelerate_lora(model)
     cola          peft_ext.ColaConfig(r, chain_length=3), timed on its last link (2 links merged: rank 2r frozen
                   + r trained, the most expensive point of the chain)
+    lora-fused-recompute   lora-fused + peft_ext.recompute_adapter_inputs(model): the adapter layers rebuild their
+                  saved inputs (norm outputs, down_proj input, ...) in the backward from what the base saves anyway
+    cola-recompute         cola + peft_ext.recompute_adapter_inputs(model)
     lora-bf16     (with --variants all) PEFT LoRA with autocast_adapter_dtype=False: bf16 adapter weights, PEFT's path
+Under the step table, the activation bytes each row's forward saves for its backward (unique storages, parameters
+excluded; peft_ext.SavedTensorsCounter, one extra step): a memory figure measured on any device, CPU included.
 Table 2, inference forward (no grad), one batch:
     no adapter; one unmerged LoRA r (PEFT / fused); a mixed batch over L adapters (`adapter_names=`, each row its
     own adapter, L = --adapters) (PEFT / fused).
@@ -65,9 +70,11 @@ STEP_LABELS = {
     "lora": "PEFT LoRA r={r} (fp32 adapter weights)",
     "lora-fused": "PEFT LoRA r={r} + peft_ext.accelerate",
     "cola": "COLA r={r}, M=3, last link (rank {r2} merged + {r} trained)",
+    "lora-fused-recompute": "PEFT LoRA r={r}, fused, inputs recomputed (accelerate + recompute_adapter_inputs)",
+    "cola-recompute": "COLA r={r} + recompute_adapter_inputs, M=3, last link",
     "lora-bf16": "ref: PEFT LoRA r={r}, bf16 adapter weights (autocast_adapter_dtype=False)",
 }
-DEFAULT_VARIANTS = ["frozen", "lora", "lora-fused", "cola"]
+DEFAULT_VARIANTS = ["frozen", "lora", "lora-fused", "cola", "lora-fused-recompute", "cola-recompute"]
 STEP_GOAL, ONE_ADAPTER_GOAL, MIXED_GOAL = 1.10, 1.1, 1.3
 
 
@@ -88,6 +95,10 @@ def prepare_step(variant: str, model: torch.nn.Module, r: int) -> torch.nn.Modul
 
     if variant == "frozen":
         return freeze_all_but_input_embedding(model)
+    if variant.endswith("-recompute"):
+        peft_model = prepare_step(variant.removesuffix("-recompute"), model, r)
+        peft_ext.recompute_adapter_inputs(peft_model, warn=False)
+        return peft_model
     if variant in ("lora", "lora-fused"):
         peft_model = get_peft_model(model, lora_config(r))
         return peft_ext.accelerate_lora(peft_model) if variant == "lora-fused" else peft_model
@@ -106,7 +117,24 @@ def prepare_step(variant: str, model: torch.nn.Module, r: int) -> torch.nn.Modul
 def run_step(variant: str, r: int, args, device, dtype, batches) -> dict:
     model = prepare_step(variant, build_model(args, device, dtype), r)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    return time_training_step(model, optimizer, batches, args.warmup, args.steps, device)
+    row = time_training_step(model, optimizer, batches, args.warmup, args.steps, device)
+    try:  # after the timed steps (their peak is already read): a failure here costs only this figure
+        row["saved"] = saved_activation_bytes(model, batches[0])
+    except torch.cuda.OutOfMemoryError:
+        model.zero_grad(set_to_none=True)
+    return row
+
+
+def saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of the unique storages autograd saves in one forward (parameters and buffers excluded), then its backward
+    (so that the graph is freed the usual way); gradients are cleared after."""
+    from peft_ext import SavedTensorsCounter
+
+    with SavedTensorsCounter(exclude=[*model.parameters(), *model.buffers()]) as counter:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.bytes
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -215,7 +243,7 @@ def goal_lines(args, step_rows, fwd_rows) -> list[str]:
              f"one unmerged adapter <= {ONE_ADAPTER_GOAL}x, 4 and 16 mixed adapters <= {MIXED_GOAL}x the no-adapter "
              f"forward."]  # fmt: skip
     for row in step_rows:
-        if row["name"] in ("lora-fused-r16", "cola-r16"):
+        if row["name"] in ("lora-fused-r16", "cola-r16", "lora-fused-recompute-r16", "cola-recompute-r16"):
             t, m = ratio(step_rows, row, "ms", "frozen"), ratio(step_rows, row, "gib", "frozen")
             lines.append(f"- {row['label']}: time {verdict(t, STEP_GOAL, judged)}, memory {verdict(m, STEP_GOAL, judged)}.")
     for row in fwd_rows:
@@ -228,6 +256,20 @@ def goal_lines(args, step_rows, fwd_rows) -> list[str]:
                      "PyTorch reference on the CPU; peak memory is measured on CUDA only).")  # fmt: skip
     elif not judged:
         lines.append("- Not the anchor shape: ratios shown, the goals are judged at the anchor shape only.")
+    return lines
+
+
+def saved_lines(step_rows) -> list[str]:
+    """The activation bytes each step row's forward saved (measured by SavedTensorsCounter), and the ratio to the
+    frozen base's: text lines, not a table (the step and forward tables stay the report's only two)."""
+    lines = ["Activations saved for the backward, per forward (unique storages, parameters excluded; "
+             "peft_ext.SavedTensorsCounter, measured on this device):"]  # fmt: skip
+    for row in step_rows:
+        if row.get("error") or "saved" not in row:
+            continue
+        rel = ratio(step_rows, row, "saved", "frozen")
+        rel_text = "" if rel is None or row["name"] == "frozen" else f" ({rel:.2f}x the frozen base's)"
+        lines.append(f"- {row['name']}: {row['saved'] / 2**20:.3f} MiB{rel_text}")
     return lines
 
 
@@ -252,6 +294,8 @@ def report(args, step_rows, fwd_rows) -> str:
         f"layers adapted, dropout 0.",
         "",
         markdown_table(step_rows, step_cols, step_ratios),
+        "",
+        *saved_lines(step_rows),
         "",
         f"Inference forward (no grad): batch {args.fwd_batch} x {args.fwd_seq} tokens, LoRA r={args.fwd_r} on all "
         f"linear layers; a mixed batch gives row i adapter i mod L.",

@@ -7,6 +7,7 @@ folder under peft_ext/tuners/ whose package registers itself; its public names (
 `peft_ext.register_method(NAME, ConfigCls, TunerCls)` registers a method of your own (see `peft_ext.registry`); a
 package that declares an entry point in the group "peft_ext.methods" is imported (and so registered) here.
 `peft_ext.accelerate(model)` (= `accelerate_lora`) gives an existing PEFT LoRA model the fused low-rank kernels.
+`peft_ext.recompute_adapter_inputs(model)` rebuilds adapter inputs in the backward instead of saving them (memory).
 `peft_ext.compress_delta(base, finetuned, out_dir)` turns a full fine-tune into a Delta-CoMe adapter on its base.
 """
 
@@ -47,6 +48,7 @@ from peft_ext.tuners import load_methods  # noqa: E402
 from peft_ext.tuners.config_base import PeftExtConfig  # noqa: E402
 from peft_ext.tuners.lora_fused import FusedLoraLinear, accelerate_lora, fused_path_report, remove_lora_acceleration  # noqa: E402
 from peft_ext.compression import CompressionResult, compress_delta  # noqa: E402
+from peft_ext.tuners.recompute import RecomputeReport, SavedTensorsCounter, recompute_adapter_inputs, remove_adapter_input_recompute  # noqa: E402
 
 _METHOD_NAMES = []
 for _package in load_methods():
@@ -70,6 +72,10 @@ __all__ = sorted(
         "accelerate_lora",
         "compress_delta",
         "fused_path_report",
+        "recompute_adapter_inputs",
+        "RecomputeReport",
+        "SavedTensorsCounter",
+        "remove_adapter_input_recompute",
         "register_method",
         "registered_methods",
         "remove_lora_acceleration",

@@ -44,7 +44,8 @@ def test_smoke_phase_installs_peft_ext_apart_and_writes_every_table(tmp_path):
     assert (site / "peft_ext" / "kernels" / "delta.py").is_file()  # kernels/ installed as peft_ext.kernels
     assert (site / "peft_ext_row_guard.py").is_file()
     tables = (out / "results_smoke.md").read_text()
-    scripts = ("lowrank_kernels.py", "delta.py", "lowrank.py", "hft_step.py", "smore.py", "ssmlora.py", "finegates.py")
+    scripts = ("lowrank_kernels.py", "delta.py", "lowrank.py", "hft_step.py", "smore.py", "ssmlora.py", "finegates.py",
+               "autotune.py")
     for script in scripts:
         assert f"benchmarks/{script} " in tables, script  # each script's header names its command
     assert "OOM" not in tables and "Row guard" not in tables
@@ -53,7 +54,7 @@ def test_smoke_phase_installs_peft_ext_apart_and_writes_every_table(tmp_path):
     steps = re.findall(r"^    (\S+) (\S+) (\d+) (\d+)$", (out / "session.log").read_text(), re.M)
     assert [(name, status) for name, status, *_ in steps] == [
         ("setup", "ok"), ("lowrank-kernels", "ok"), ("delta", "ok"), ("lowrank", "ok"), ("hft-step", "ok"),
-        ("smore", "ok"), ("ssmlora", "ok"), ("finegates", "ok"),
+        ("smore", "ok"), ("ssmlora", "ok"), ("finegates", "ok"), ("autotune", "ok"),
     ]  # fmt: skip
 
 
@@ -106,7 +107,7 @@ def step_timeouts() -> dict[str, list[int]]:
 def test_every_step_has_a_timeout_and_all_fit_one_device_call():
     timeouts = step_timeouts()
     assert set(timeouts) == {"setup", "tests", "kernels", "models", "smoke"}
-    assert [len(timeouts[p]) for p in ("tests", "kernels", "models", "smoke")] == [1, 4, 5, 7]
+    assert [len(timeouts[p]) for p in ("tests", "kernels", "models", "smoke")] == [1, 5, 5, 8]
     assert timeouts["setup"] == [40] and timeouts["tests"][0] >= 85  # the new steps' time came from kernels / models
     one_call = sum(timeouts["setup"] + timeouts["tests"] + timeouts["kernels"] + timeouts["models"])
     budget = int(re.search(r"BUDGET_S=\$\{GPU_SESSION_BUDGET_S:-(\d+)\}", SCRIPT.read_text())[1])
