@@ -18,6 +18,8 @@
                                      # entry point register on their own)
     resume_from_checkpoint: true     # optional: go on from the latest checkpoint-N in output_dir (true) or a given
                                      # checkpoint folder (checkpoints: trainer_args save_strategy/save_steps)
+    recompute_adapter_inputs: true   # optional: adapter layers rebuild their inputs in the backward instead of
+                                     # saving them (less memory, same gradients; docs/memory.md)
 
 Run it with `peft-ext train RECIPE.yaml [--set trainer_args.max_steps=2 ...]`.
 """
@@ -38,6 +40,7 @@ import peft_ext  # noqa: F401  (registers peft-ext's methods with PEFT)
 from peft_ext.data import load_model, load_training_data
 from peft_ext.overrides import apply_overrides, config_from_dict, import_packages, load_yaml
 from peft_ext.trainer_defaults import device_defaults, quiet_defaults
+from peft_ext.tuners.recompute import recompute_adapter_inputs
 from peft_ext.training import attach_companions
 
 TRAINERS = {"sft": (SFTTrainer, SFTConfig), "dpo": (DPOTrainer, DPOConfig)}
@@ -56,6 +59,7 @@ class Recipe:
     imports: list = field(default_factory=list)
     pruned_dir: str | None = None
     resume_from_checkpoint: bool | str | None = None
+    recompute_adapter_inputs: bool = False
 
     def __post_init__(self):
         for key in ("save_strategy", "eval_strategy", "logging_strategy"):
@@ -83,6 +87,13 @@ class Recipe:
             raise ValueError(
                 f"recipe resume_from_checkpoint=true, but output_dir {self.output_dir!r} holds no checkpoint-N folder: "
                 f"save checkpoints with trainer_args save_strategy: steps and save_steps, or remove resume_from_checkpoint"
+            )
+        if not isinstance(self.recompute_adapter_inputs, bool):
+            raise ValueError(f"recipe recompute_adapter_inputs must be true or false, got {self.recompute_adapter_inputs!r}")
+        if self.recompute_adapter_inputs and self.method is None and self.adapter is None:
+            raise ValueError(
+                "recipe recompute_adapter_inputs=true needs adapter layers to hook: give a `method` (or an `adapter`), "
+                "or remove recompute_adapter_inputs for full fine-tuning"
             )
         if self.method is not None and "peft_type" not in self.method:
             raise ValueError("recipe `method` needs a peft_type, e.g. {peft_type: HFT, ratio: 0.5} or {peft_type: LORA, r: 8}")
@@ -133,7 +144,7 @@ def build_trainer(recipe: Recipe, train_dataset=None):
     if recipe.trainer == "dpo" and adapter_config is None:
         # full-FT DPO needs a frozen reference copy; TRL would re-download it from the model's name
         extra["ref_model"] = load_model(recipe.model)[0]
-    return trainer_cls(
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=load_training_data(recipe.data) if train_dataset is None else train_dataset,
@@ -142,6 +153,9 @@ def build_trainer(recipe: Recipe, train_dataset=None):
         callbacks=callbacks or None,
         **extra,
     )
+    if recipe.recompute_adapter_inputs:  # after the trainer wrapped the model: its adapter layers exist now
+        recompute_adapter_inputs(trainer.model)
+    return trainer
 
 
 def run_recipe(recipe: Recipe):

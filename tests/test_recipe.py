@@ -123,3 +123,35 @@ def test_a_recipe_without_model_or_data_names_what_it_needs(tmp_path):
     path.write_text("model: tiny-llama\nepochs: 3\n")  # unknown keys are named first
     with pytest.raises(ValueError, match=r"unknown recipe key\(s\) \['epochs'\]"):
         Recipe.from_yaml(str(path))
+
+
+def test_recompute_adapter_inputs_trains_the_same_adapter(tmp_path):
+    """The recipe key hooks the trainer's adapter layers (peft_ext.recompute_adapter_inputs) and changes no bit of
+    the training: the same 2 steps with and without it give equal adapter weights."""
+    from peft_ext.tuners.recompute import _adapter_layers
+
+    method = {"peft_type": "LORA", "r": 4, "target_modules": "all-linear"}
+    states = []
+    for recompute in (False, True):
+        out = tmp_path / f"recompute_{recompute}"
+        out.mkdir()
+        recipe = Recipe.from_yaml(write_recipe(out, method=method, recompute_adapter_inputs=recompute))
+        trainer = build_trainer(recipe)
+        layers, _ = _adapter_layers(trainer.model)
+        hooked = [bool(layer._forward_pre_hooks) for _, layer in layers]
+        assert all(hooked) if recompute else not any(hooked)
+        trainer.train()
+        if recompute:  # the training forwards rebuilt inputs (the norm outputs, the down_proj input)
+            report = trainer.model.__dict__["_peft_ext_input_recompute"][1]
+            assert sum(len(cov["rebuilt"]) for cov in report.coverage().values()) > 0, report.summary()
+        states.append({k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" in k})
+    assert states[0].keys() == states[1].keys() and len(states[0]) > 0
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(v, torch.zeros_like(v)) for k, v in states[0].items() if "lora_B" in k)  # it trained
+
+
+def test_recompute_adapter_inputs_needs_an_adapter(tmp_path):
+    with pytest.raises(ValueError, match="recompute_adapter_inputs=true needs adapter layers to hook: give a `method`"):
+        Recipe.from_yaml(write_recipe(tmp_path, recompute_adapter_inputs=True))
+    with pytest.raises(ValueError, match="recompute_adapter_inputs must be true or false, got 'yes please'"):
+        Recipe.from_yaml(write_recipe(tmp_path, method={"peft_type": "LORA", "r": 4}, recompute_adapter_inputs="yes please"))
