@@ -17,6 +17,14 @@ Training table (forward with autograd on, and forward + backward = dx, dA, dB; W
   design's device-memory traffic (kernels/lowrank.py `lowrank_bytes_model`, not measured) adds to the frozen
   base's forward + backward, and "extra / BW floor" the measured extra time over that many bytes at the copy
   bandwidth measured in this run (--copy-mib; 1.0 = the adapter costs exactly its bytes' floor).
+    ours fp32 dB 2-pass / dB fused: "ours fp32" with the backward's dB path forced (kernels/lowrank.py
+                    `fuse_db_saves_bytes` chooses between them by the bytes model; its row uses the rule's choice)
+Sibling-group table (--groups, default the anchor's q/k/v 2048+256+256 x 2048 and gate/up 5632+5632 x 2048, r from
+  --ranks, fp32 adapter weights): forward + backward of all siblings on one x, W frozen:
+    base            the frozen base GEMMs F.linear(x, W_i), backward dx only (autograd sums the dx_i)
+    per projection  one lowrank_linear per sibling (today's path, dB fused by the rule)
+    grouped         kernels/lowrank_grouped.py `grouped_lowrank_linear`: one grouped shrink, one x read for every dA
+  with "extra MB (model)" from `grouped_bytes_model` (a model) and "extra / BW floor" as in the training table.
 Inference table (torch.no_grad, --infer-tokens, default 4096 = 8 x 512 as perf.md's forward anchor):
     base, ours / PEFT-style with one adapter, and mixed batches of --adapters adapters (one per sequence of
     512 tokens, sequences spread evenly over the adapters): ours (lowrank_linear_gathered, with a plan built
@@ -54,9 +62,9 @@ import torch.nn.functional as F
 
 ANCHOR = dict(
     tokens=8192, infer_tokens=4096, seq=512, shapes="2048x2048,5632x2048,2048x5632", ranks="16,64", adapters="4,16",
-    copy_mib=1024,
+    copy_mib=1024, groups="2048+256+256x2048,5632+5632x2048",
 )
-TINY = dict(tokens=96, infer_tokens=64, seq=16, shapes="48x40", ranks="4", adapters="2,3", copy_mib=4)
+TINY = dict(tokens=96, infer_tokens=64, seq=16, shapes="48x40", ranks="4", adapters="2,3", copy_mib=4, groups="48+16+16x40")
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -101,6 +109,7 @@ def peft_mixed(x3, weight, a_stack, b_stack, scales, seq_rows):
 
 
 def training_rows(bench: Bench, args, dtype, copy_bps: float) -> list[dict]:
+    from peft_ext.kernels import lowrank as lowrank_module
     from peft_ext.kernels import lowrank_linear, reference_lowrank_linear
     from peft_ext.kernels.lowrank import lowrank_bytes_model
 
@@ -115,11 +124,14 @@ def training_rows(bench: Bench, args, dtype, copy_bps: float) -> list[dict]:
             b32 = (torch.randn(out_f, r, device=bench.device, generator=g) / r**0.5).requires_grad_()
             a16, b16 = (t.detach().to(dtype).requires_grad_() for t in (a32, b32))
             dy = torch.randn(M, out_f, device=bench.device, generator=g, dtype=dtype)
+            rule = lowrank_module.fuse_db_saves_bytes
             variants = [
                 ("base", "frozen base x W^T", lambda: F.linear(x, w), (x,)),
                 ("peft32", "PEFT LoRA math, fp32 adapter (default)", lambda: peft_lora(x, w, a32, b32, s), (x, a32, b32)),
                 ("peft16", "PEFT LoRA math, bf16 adapter", lambda: peft_lora(x, w, a16, b16, s), (x, a16, b16)),
                 ("ours32", "ours, fp32 adapter", lambda: lowrank_linear(x, w, None, a32, b32, s), (x, a32, b32)),
+                ("ours32-2pass", "ours, fp32 adapter, dB 2-pass", lambda: lowrank_linear(x, w, None, a32, b32, s), (x, a32, b32)),
+                ("ours32-fused", "ours, fp32 adapter, dB fused", lambda: lowrank_linear(x, w, None, a32, b32, s), (x, a32, b32)),
                 ("ours16", "ours, bf16 adapter", lambda: lowrank_linear(x, w, None, a16, b16, s), (x, a16, b16)),
             ]
             ref = reference_lowrank_linear(x.detach().double(), w.double(), None, a32.detach().double(), b32.detach().double(), s)
@@ -129,6 +141,8 @@ def training_rows(bench: Bench, args, dtype, copy_bps: float) -> list[dict]:
                     return torch.autograd.grad(fwd(), inputs, dy)
 
                 row = dict(name=name, label=label, shape=f"{out_f}x{in_f}", r=r)
+                forced = {"ours32-2pass": False, "ours32-fused": True}.get(name)
+                lowrank_module.fuse_db_saves_bytes = rule if forced is None else (lambda *a, forced=forced: forced)
                 try:
                     row["fwd_ms"] = bench.time_ms(fwd)
                     row["step_ms"] = bench.time_ms(step)
@@ -146,18 +160,94 @@ def training_rows(bench: Bench, args, dtype, copy_bps: float) -> list[dict]:
                     if row["mem_mib"] is not None and base["mem_mib"]:
                         row["mem_x"] = row["mem_mib"] / base["mem_mib"]
                     if name.startswith("ours"):
-                        adapter_dtype = a32.dtype if name == "ours32" else dtype
+                        adapter_dtype = a32.dtype if name.startswith("ours32") else dtype
                         model = [
-                            lowrank_bytes_model(M, in_f, out_f, r, dtype, adapter_dtype, bench.device, True, adapter)
+                            lowrank_bytes_model(M, in_f, out_f, r, dtype, adapter_dtype, bench.device, True, adapter, forced)
                             for adapter in (True, False)
                         ]
                         extra = model[0]["total"] - model[1]["total"]
                         row["extra_mb"] = extra / 1e6
                         added_ms = row["step_ms"] - base["step_ms"]
                         row["floor_x"] = added_ms / (extra / copy_bps * 1e3) if added_ms > 0 else None
+                lowrank_module.fuse_db_saves_bytes = rule
                 rows.append(row)
                 print(f"[train {row['shape']} r={r}] {label}: {row}", file=sys.stderr, flush=True)
-            del x, w, a32, b32, a16, b16, dy, ref
+            x = w = a32 = b32 = a16 = b16 = dy = ref = None  # free the device memory before the next shape
+    return rows
+
+
+def parse_groups(spec: str) -> list:
+    """"2048+256+256x2048,5632+5632x2048" -> [([2048, 256, 256], 2048), ([5632, 5632], 2048)]."""
+    groups = []
+    for item in spec.split(","):
+        outs, in_f = item.strip().split("x")
+        groups.append(([int(v) for v in outs.split("+")], int(in_f)))
+    return groups
+
+
+def group_rows(bench: Bench, args, dtype, copy_bps: float) -> list[dict]:
+    """Sibling projections on one x (module docstring): base, one lowrank_linear each, grouped."""
+    from peft_ext.kernels import grouped_lowrank_linear, lowrank_linear, reference_lowrank_linear
+    from peft_ext.kernels.lowrank import lowrank_bytes_model
+    from peft_ext.kernels.lowrank_grouped import grouped_bytes_model
+
+    rows = []
+    g = torch.Generator(device=bench.device).manual_seed(1)
+    for outs, in_f in parse_groups(args.groups):
+        for r in (int(v) for v in args.ranks.split(",")):
+            M, n = args.tokens, len(outs)
+            x = torch.randn(M, in_f, device=bench.device, generator=g, dtype=dtype).requires_grad_()
+            ws = [torch.randn(o, in_f, device=bench.device, generator=g, dtype=dtype) / in_f**0.5 for o in outs]
+            a_s = [(torch.randn(r, in_f, device=bench.device, generator=g) / in_f**0.5).requires_grad_() for _ in outs]
+            b_s = [(torch.randn(o, r, device=bench.device, generator=g) / r**0.5).requires_grad_() for o in outs]
+            dys = [torch.randn(M, o, device=bench.device, generator=g, dtype=dtype) for o in outs]
+            scales = [2.0] * n
+            shape = f"{'+'.join(map(str, outs))}x{in_f}"
+            if r * n > 128:
+                continue  # the grouped Triton path takes a concatenated rank <= 128
+            variants = [
+                ("gbase", "siblings, frozen base", lambda: [F.linear(x, w) for w in ws], (x,)),
+                ("gper", "siblings, one lowrank_linear each", lambda: [
+                    lowrank_linear(x, w, None, a, b, s) for w, a, b, s in zip(ws, a_s, b_s, scales)], (x, *a_s, *b_s)),
+                ("ggrouped", "siblings, grouped (one x read)", lambda: grouped_lowrank_linear(
+                    x, ws, None, a_s, b_s, scales), (x, *a_s, *b_s)),
+            ]  # fmt: skip
+            model = grouped_bytes_model(M, in_f, outs, r, dtype, torch.float32, bench.device, backward=True)
+            base_bytes = sum(lowrank_bytes_model(M, in_f, o, r, dtype, torch.float32, bench.device, True, False)["total"]
+                             for o in outs) + (n - 1) * 3 * M * in_f * (torch.finfo(dtype).bits // 8)  # fmt: skip
+            base = None
+            for name, label, fwd, inputs in variants:
+                def step(fwd=fwd, inputs=inputs):
+                    return torch.autograd.grad(fwd(), inputs, dys)
+
+                row = dict(name=name, label=label, shape=shape, r=r)
+                try:
+                    row["fwd_ms"] = bench.time_ms(fwd)
+                    row["step_ms"] = bench.time_ms(step)
+                    row["mem_mib"] = bench.peak_extra_mib(step)
+                    if name != "gbase":
+                        with torch.no_grad():
+                            ys = fwd()
+                            refs = [reference_lowrank_linear(x.detach().double(), w.double(), None, a.detach().double(),
+                                                             b.detach().double(), s) for w, a, b, s in zip(ws, a_s, b_s, scales)]  # fmt: skip
+                            row["err"] = max(rel_err(y, ref) for y, ref in zip(ys, refs))
+                except torch.cuda.OutOfMemoryError:
+                    row["error"] = "OOM"
+                if name == "gbase":
+                    base = row
+                elif base and not base.get("error") and not row.get("error"):
+                    row["fwd_x"] = row["fwd_ms"] / base["fwd_ms"]
+                    row["step_x"] = row["step_ms"] / base["step_ms"]
+                    if row["mem_mib"] is not None and base["mem_mib"]:
+                        row["mem_x"] = row["mem_mib"] / base["mem_mib"]
+                    total = model["grouped" if name == "ggrouped" else "per_projection"]["total"]
+                    extra = total - base_bytes
+                    row["extra_mb"] = extra / 1e6
+                    added_ms = row["step_ms"] - base["step_ms"]
+                    row["floor_x"] = added_ms / (extra / copy_bps * 1e3) if added_ms > 0 and extra > 0 else None
+                rows.append(row)
+                print(f"[group {shape} r={r}] {label}: {row}", file=sys.stderr, flush=True)
+            x = ws = a_s = b_s = dys = None  # free the device memory before the next group
     return rows
 
 
@@ -219,7 +309,7 @@ def inference_rows(bench: Bench, args, dtype) -> list[dict]:
                     row["fwd_x"] = row["fwd_ms"] / base["fwd_ms"]
                 rows.append(row)
                 print(f"[infer {row['shape']} r={r}] {label}: {row}", file=sys.stderr, flush=True)
-            del x3, w, a_all, b_all
+            x3 = w = a_all = b_all = None  # free the device memory before the next shape
     return rows
 
 
@@ -276,7 +366,9 @@ def parse_args(argv=None):
     p.add_argument("--shapes", default=None, help=f"comma-separated OUTxIN (default {ANCHOR['shapes']})")
     p.add_argument("--ranks", default=None, help=f"comma-separated ranks (default {ANCHOR['ranks']})")
     p.add_argument("--adapters", default=None, help=f"adapters per mixed batch, comma-separated (default {ANCHOR['adapters']})")
+    p.add_argument("--groups", default=None, help=f"sibling groups OUT+OUT+...xIN, comma-separated (default {ANCHOR['groups']})")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-groups", action="store_true")
     p.add_argument("--skip-infer", action="store_true")
     p.add_argument("--copy-mib", type=int, default=None, help="buffer of the copy-bandwidth measurement (default 1024; --tiny 4)")
     add_kernel_bench_args(p, cpu_reps=2, small_flag="--tiny")
@@ -294,6 +386,7 @@ def main(argv=None) -> None:
     parts = [env_header(device)]
     copy_bps = bench.copy_bandwidth(args.copy_mib)
     train = [] if args.skip_train else training_rows(bench, args, dtype, copy_bps)
+    grouped = [] if args.skip_train or args.skip_groups else group_rows(bench, args, dtype, copy_bps)
     infer = [] if args.skip_infer else inference_rows(bench, args, dtype)
     if train:
         parts.append(f"Training, one layer, {args.tokens} tokens, {args.dtype} (W frozen; backward = dx, dA, dB):\n\n" + table(train, [
@@ -304,6 +397,14 @@ def main(argv=None) -> None:
         ]))  # fmt: skip
         parts.append(f"Copy bandwidth measured in this run: {copy_bps / 1e9:.0f} GB/s (torch copy of {args.copy_mib} MiB, "
                      f"read + write); the bytes are a model, the times measured.")
+    if grouped:
+        parts.append(f"Sibling projections on one x, {args.tokens} tokens, {args.dtype}, fp32 adapter weights (W frozen; "
+                     f"backward = dx, every dA and dB):\n\n" + table(grouped, [
+            ("fwd ms", "fwd_ms", fmt_ms), ("fwd+bwd ms", "step_ms", fmt_ms), ("peak extra MiB", "mem_mib", fmt_mib),
+            ("fwd vs base", "fwd_x", fmt_x), ("fwd+bwd vs base", "step_x", fmt_x), ("memory vs base", "mem_x", fmt_x),
+            ("max rel err vs fp64", "err", fmt_err), ("extra MB (model)", "extra_mb", fmt_mb),
+            ("extra / BW floor", "floor_x", fmt_x),
+        ]))  # fmt: skip
     if infer:
         parts.append(f"Inference, one layer, {args.infer_tokens} tokens ({args.infer_tokens // args.seq} sequences of {args.seq}), "
                      f"{args.dtype}, no grad:\n\n" + table(infer, [

@@ -33,6 +33,7 @@ if __name__ == "peft_ext.kernels":
     from .dispatch import choose_backend, interpret_mode
     from .lowrank import LowRankLinearFunction, lowrank_linear
     from .lowrank_gathered import AdapterSegments, lowrank_linear_gathered, plan_adapter_segments
+    from .lowrank_grouped import grouped_lowrank_linear, grouped_shrink, lowrank_expand_linear
     from .reference import (
         dropout_keep_mask,
         reference_lowrank_linear,
@@ -49,8 +50,11 @@ if __name__ == "peft_ext.kernels":
         "delta_linear",
         "delta_linear_gathered",
         "dropout_keep_mask",
+        "grouped_lowrank_linear",
+        "grouped_shrink",
         "interpret_mode",
         "lowrank_linear",
+        "lowrank_expand_linear",
         "lowrank_linear_gathered",
         "plan_adapter_segments",
         "reference_delta_linear",

@@ -22,6 +22,21 @@ Which calls take the fused path (anything else runs PEFT's own forward, unchange
   - `lora_dropout` is applied by the kernel (its keep-mask comes from torch's RNG; a different mask than PEFT's
     nn.Dropout draws, same distribution).
 
+Sibling groups (`accelerate_lora(group_siblings=True)`, the default): LoRA layers that are children of one module
+and share in_features (Llama's q/k/v/o_proj, gate/up_proj) form a `_SiblingGroup`. In training (module.training and
+grad enabled), the first of them called with a tensor x runs ONE grouped shrink for every sibling expected to read
+x (kernels/lowrank_grouped.py: x read once in the forward and once for all their dA), and each sibling called with
+the same tensor object (same `_version`) takes its slice and runs only its expand and base GEMM; its backward reads
+its dy once (dB fused where the bytes model says so). A sibling called with another tensor, with dropout in effect,
+merged, disabled, with adapter_names or several active adapters, in eval mode or under no_grad, takes its own path;
+the first backward teaches the group which siblings really consumed x (o_proj reads the attention output, so from
+the second step on nothing is computed for it). The shared results are dropped as soon as no sibling is waiting, so
+x is not kept alive past its siblings' calls; with activation checkpointing (non-reentrant) the recomputed forward
+builds the same groups (what was learned applies after the recomputation). Gradients equal the ungrouped path's
+(fp32 to 1e-5; bf16 within bf16 rounding: tests/kernels/test_lora_grouped.py), hence on by default. COLA's layers
+(their own forward) are not grouped. Grouping needs the Triton path (CUDA, or TRITON_INTERPRET=1) and a
+concatenated rank <= 128 (else each layer runs on its own).
+
 Numerics: the adapter weights (fp32 by PEFT's default) are cast to x's dtype instead of x being upcast to fp32
 (the upcast is most of PEFT's overhead, design/perf.md), so bf16 outputs differ from PEFT's within bf16 rounding;
 fp32 outputs agree to float rounding.
@@ -30,6 +45,7 @@ fp32 outputs agree to float rounding.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import OrderedDict
 from typing import Any, Optional
 
@@ -46,7 +62,8 @@ from peft_ext.kernels import (
     plan_adapter_segments,
     reference_lowrank_linear_gathered,
 )
-from peft_ext.kernels.dispatch import BACKENDS, HAS_TRITON, TRITON_DTYPES, autocast_base, interpret_mode
+from peft_ext.kernels.dispatch import BACKENDS, HAS_TRITON, TRITON_DTYPES, autocast_base, choose_backend, interpret_mode
+from peft_ext.kernels.lowrank_grouped import grouped_shrink_with_input, lowrank_expand_linear
 from peft_ext.tuners.base import is_conv1d, logical_weight
 
 __all__ = ["FusedLoraLinear", "accelerate_lora", "remove_lora_acceleration", "fused_path_report"]
@@ -132,8 +149,21 @@ class FusedLoraLinear(LoraLinear):
                 return False
         return all(self.fused_adapter_reason(a) is None for a in names)
 
+    def sibling_adapter(self, x, args, kwargs) -> Optional[str]:
+        """The adapter whose shrink this call can take from its sibling group (`_SiblingGroup`): the single active
+        adapter when the call takes the fused path with no dropout in effect and no adapter_names; else None."""
+        if kwargs.get("adapter_names") is not None or not self._fusable(x, args, kwargs):
+            return None
+        adapter = next(a for a in self.active_adapters if a in self.lora_A)
+        return adapter if self.dropout_p(adapter) == 0.0 else None
+
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        group = self.__dict__.get("_lora_siblings")
+        if group is not None:
+            y = group.forward(self, x, args, kwargs)
+            if y is not None:
+                return y
         if not self._fusable(x, args, kwargs):
             return super().forward(x, *args, **kwargs)  # PEFT's own path, unchanged
         self._check_forward_args(x, *args, **kwargs)  # PEFT's errors for bad adapter_names
@@ -151,6 +181,13 @@ class FusedLoraLinear(LoraLinear):
             x, weight, bias, lora_a, lora_b, scale, dropout_p=dropout_p, training=dropout_p > 0.0,
             backend=self.lowrank_backend,
         )  # fmt: skip
+
+    def expand_slice(self, x_alias: torch.Tensor, xa: torch.Tensor, adapter: str) -> torch.Tensor:
+        """x W^T + b + s xa B^T with xa = x A^T from the sibling group's shared shrink (`lowrank_expand_linear`)."""
+        x_alias, weight, bias = self.fused_operands(x_alias)
+        return lowrank_expand_linear(
+            x_alias, xa, weight, bias, self.lora_B[adapter].weight, float(self.scaling[adapter]), backend="triton"
+        )
 
     def gathered_forward(self, x: torch.Tensor, adapter_names: list) -> torch.Tensor:
         """Mixed batch: row (sequence) i of x under adapter adapter_names[i] ("__base__" or an adapter this layer
@@ -210,6 +247,160 @@ def _stack(a_list: list, b_list: list) -> tuple[torch.Tensor, torch.Tensor]:
     return a_stack, b_stack
 
 
+# ------------------------------------------------------------------------------------ sibling groups
+class _Shared:
+    """One grouped shrink's results for one input tensor: its slices wait for the siblings that were computed for.
+    Holds the input only through the slices' graph and `x_alias` (a weak reference identifies it), and is dropped as
+    soon as no slice is pending."""
+
+    __slots__ = ("x_ref", "x_version", "x_alias", "slices", "record")
+
+    def __init__(self, x, x_alias, slices, record):
+        self.x_ref = weakref.ref(x)
+        self.x_version = x._version
+        self.x_alias = x_alias  # x (cast as autocast would) passed through the shrink node
+        self.slices = slices  # member index -> (factor, its _version, xa slice)
+        self.record = record
+
+    def matches(self, x) -> bool:
+        return self.x_ref() is x and x._version == self.x_version
+
+
+class _Record:
+    """Which siblings a shrink was computed for and which took their slice (no tensors: kept by the learning hook)."""
+
+    __slots__ = ("computed", "consumed")
+
+    def __init__(self, computed):
+        self.computed, self.consumed = set(computed), set()
+
+
+class _SiblingGroup:
+    """Sibling LoRA layers under one parent module with the same in_features (q/k/v/o, gate/up), built by
+    `accelerate_lora(group_siblings=True)`. The first of them called with a tensor x (training, grad enabled, fused
+    path, no dropout) runs one grouped shrink (`lowrank_grouped.grouped_shrink_with_input`: x read once forward and
+    once for all the dA) for every sibling expected to consume x; a sibling called afterwards with the same tensor
+    object (same `_version`, same adapter factor unchanged) takes its slice (`lowrank_expand_linear`); any other call
+    (another tensor, dropout, merged, disabled, adapter_names, several adapters, eval) runs the layer's own path and
+    gives up its pending slice. When no slice is pending the shared results (and with them x) are dropped.
+
+    Learning: the first shrink is computed for every eligible sibling; when autograd runs that shrink's backward
+    (after any activation-checkpoint recomputation of it, so the recomputed forward computes the same set and saves
+    tensors of the same shapes) the set becomes the siblings that took their slice (o_proj, called with the
+    attention output, drops out), plus any that later asked for a slice computed without them."""
+
+    def __init__(self, members: list):
+        self.members = list(members)
+        self.consumers: Optional[set] = None  # learned member indices; None: not learned yet (all)
+        self.wanted: set = set()
+        self.shared: Optional[_Shared] = None
+
+    def index(self, member) -> Optional[int]:
+        """`member`'s position, or None for a module that only shares the group through a copied __dict__ (e.g. an
+        nn.DataParallel replica): such a copy runs on its own."""
+        return next((i for i, m in enumerate(self.members) if m is member), None)
+
+    def _give_up(self, i: int) -> None:
+        shared = self.shared
+        if shared is not None:
+            shared.slices.pop(i, None)
+            if not shared.slices:
+                self.shared = None
+
+    def learn(self, record: _Record) -> None:
+        self.consumers = set(record.consumed) | self.wanted
+        self.wanted = set()
+
+    def forward(self, member, x, args, kwargs) -> Optional[torch.Tensor]:
+        """`member`'s output through the group, or None: the caller runs its own path."""
+        i = self.index(member)
+        if i is None:
+            return None
+        usable = isinstance(x, torch.Tensor) and torch.is_grad_enabled() and member.training
+        adapter = member.sibling_adapter(x, args, kwargs) if usable else None
+        shared = self.shared
+        if adapter is None:
+            self._give_up(i)
+            return None
+        if shared is not None and shared.matches(x):
+            entry = shared.slices.pop(i, None)
+            if not shared.slices:
+                self.shared = None
+            factor = member.lora_A[adapter].weight
+            if entry is None or entry[0] is not factor or entry[1] != factor._version:
+                self.wanted.add(i)  # computed without it (or for another adapter): re-learned at the next backward
+                return None
+            shared.record.consumed.add(i)
+            return member.expand_slice(shared.x_alias, entry[2], adapter)
+        self._give_up(i)  # called with another tensor than its siblings
+        if shared is not None and i in shared.record.computed:
+            return None  # a sibling that was expected on the shared x: not a leader for this other tensor
+        if self.consumers is not None and i not in self.consumers:
+            return None
+        return self._lead(member, i, x, adapter)
+
+    def _lead(self, member, i: int, x, adapter: str) -> Optional[torch.Tensor]:
+        chosen = {i: adapter}
+        for j, m in enumerate(self.members):
+            if j == i or (self.consumers is not None and j not in self.consumers):
+                continue
+            a = m.sibling_adapter(x, (), {}) if m.training else None
+            if a is not None and m.lowrank_backend == member.lowrank_backend:
+                chosen[j] = a
+        if len(chosen) < 2:
+            return None
+        order = sorted(chosen)
+        factors = [self.members[j].lora_A[chosen[j]].weight for j in order]
+        x_cast, _, _ = member.fused_operands(x)
+        total = sum(f.shape[0] for f in factors)
+        if choose_backend(x_cast, total, member.lowrank_backend) != "triton":
+            return None  # the reference has no shared read to save
+        x_alias, xas = grouped_shrink_with_input(x_cast, factors, backend="triton")
+        record = _Record(order)
+        node = xas[0].grad_fn
+        if node is not None:
+            node.register_prehook(_learning_hook(weakref.ref(self), record))
+        slices = {j: (f, f._version, xa) for j, f, xa in zip(order, factors, xas)}
+        own = slices.pop(i)
+        record.consumed.add(i)
+        self.shared = _Shared(x, x_alias, slices, record) if slices else None
+        return member.expand_slice(x_alias, own[2], adapter)
+
+
+def _learning_hook(group_ref, record: _Record):
+    def hook(grad_outputs):
+        group = group_ref()
+        if group is not None:
+            group.learn(record)
+
+    return hook
+
+
+def build_sibling_groups(model: nn.Module) -> list:
+    """Attach a `_SiblingGroup` to every set of >= 2 `FusedLoraLinear` layers (its own forward, not COLA's) that are
+    children of one module and share in_features; returns the groups. Replaces groups built before."""
+    groups = []
+    for parent in model.modules():
+        by_width: dict = {}
+        for child in parent.children():
+            if isinstance(child, FusedLoraLinear) and type(child).forward is FusedLoraLinear.forward:
+                by_width.setdefault(child.in_features, []).append(child)
+        for members in by_width.values():
+            for m in members:
+                m.__dict__.pop("_lora_siblings", None)
+            if len(members) >= 2:
+                group = _SiblingGroup(members)
+                for m in members:
+                    m.__dict__["_lora_siblings"] = group
+                groups.append(group)
+    return groups
+
+
+def remove_sibling_groups(model: nn.Module) -> None:
+    for m in model.modules():
+        m.__dict__.pop("_lora_siblings", None)
+
+
 # ------------------------------------------------------------------------------------ mixed-batch plans
 _PLANS: "OrderedDict[tuple, AdapterSegments]" = OrderedDict()
 _MAX_PLANS = 32
@@ -234,6 +425,9 @@ def segment_plan(adapter_names: list, stack_names: list, x: torch.Tensor) -> Ada
 
 
 # ---------------------------------------------------------------------------------------- public API
+GROUP_SIBLINGS_DEFAULT = True  # gradients equal to the ungrouped path in tests/kernels/test_lora_grouped.py
+
+
 def _check_backend(backend: Optional[str]) -> None:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None (automatic), 'triton' or 'reference', got {backend!r}.")
@@ -284,7 +478,9 @@ def fused_path_report(model: nn.Module) -> dict[str, list]:
     return report
 
 
-def accelerate_lora(model: nn.Module, backend: Optional[str] = None, warn: bool = True) -> nn.Module:
+def accelerate_lora(
+    model: nn.Module, backend: Optional[str] = None, warn: bool = True, group_siblings: bool = GROUP_SIBLINGS_DEFAULT
+) -> nn.Module:
     """Give every PEFT LoRA `Linear` layer of `model` the fused forward (in place; returns `model`).
 
     Args:
@@ -293,6 +489,9 @@ def accelerate_lora(model: nn.Module, backend: Optional[str] = None, warn: bool 
             here, naming the layer, if some layer's weight is not on a device/dtype the Triton kernels run on).
         warn: warn about LoRA layers that stay on PEFT's path (other layer types, DoRA and other variants,
             lora_bias, a rank larger than the layer).
+        group_siblings: sibling LoRA layers under one parent with the same in_features (q/k/v, gate/up) share one
+            read of their common input for their shrinks and dA in training (`_SiblingGroup`, module docstring).
+            Default on (`GROUP_SIBLINGS_DEFAULT`); False gives each layer its own `lowrank_linear`.
 
     Idempotent; layers added later (`add_adapter` on new target modules) need another call. Undo with
     `remove_lora_acceleration(model)`.
@@ -314,6 +513,10 @@ def accelerate_lora(model: nn.Module, backend: Optional[str] = None, warn: bool 
         if type(module) is LoraLinear:
             module.__class__ = FusedLoraLinear
         module.lowrank_backend = backend
+    if group_siblings:
+        build_sibling_groups(model)
+    else:
+        remove_sibling_groups(model)
     if warn:
         stays = fused_path_report(model)["peft"]
         if stays:
@@ -329,6 +532,7 @@ def remove_lora_acceleration(model: nn.Module) -> nn.Module:
         if type(module) is FusedLoraLinear:
             module.__class__ = LoraLinear
             module.__dict__.pop("lowrank_backend", None)
+        module.__dict__.pop("_lora_siblings", None)
     return model
 
 

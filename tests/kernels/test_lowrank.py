@@ -406,13 +406,20 @@ def test_bad_scalars():
 
 
 # ------------------------------------------------------------------ devices, strides, fp16 range (issue 11)
-def test_every_launch_runs_under_a_guard_for_x_device(launch_guards):
+@pytest.mark.parametrize("fuse_db", [False, True])
+def test_every_launch_runs_under_a_guard_for_x_device(launch_guards, monkeypatch, fuse_db):
     """Triton launches on the *current* CUDA device: every launch (forward and backward) must sit inside a
-    `launch_device` guard for x's device, or a tensor on cuda:1 is read through cuda:0's context."""
+    `launch_device` guard for x's device, or a tensor on cuda:1 is read through cuda:0's context. Backward with dB
+    in its own pass (shrink/expand on dy, two weight-gradient launches) or fused into the dy pass (one launch
+    for dyb, dx_low and dB's partials, one weight-gradient launch for dA)."""
+    monkeypatch.setattr(lowrank_module, "fuse_db_saves_bytes", lambda *args: fuse_db)
     layer = make_layer((37,), 45, 29, 8, FP32, FP32)
     run(layer, ("x", "lora_a", "lora_b"), scale=0.5)
     names = [name for name, _ in launch_guards.launches]
-    assert names.count("_shrink_expand_kernel") == 2 and names.count("_wgrad_kernel") == 2, names
+    if fuse_db:
+        assert names == ["_shrink_expand_kernel", "_dy_pass_kernel", "_wgrad_kernel"], names
+    else:
+        assert names.count("_shrink_expand_kernel") == 2 and names.count("_wgrad_kernel") == 2, names
     assert all(active == (torch.device("cpu"),) for _, active in launch_guards.launches), launch_guards.launches
 
 
@@ -572,23 +579,31 @@ def _cast_once_vs_per_tile(layer, monkeypatch):
     kernels were handed): the once-per-call cast must change nothing, bit for bit."""
     names = ("x", "lora_a", "lora_b")
     handed = []
-    real = lowrank_module.shrink_expand
+    real, real_dy = lowrank_module.shrink_expand, lowrank_module.dy_pass
 
     def spy(x2d, shrink, expand, *args, **kwargs):
         handed.append((shrink.dtype, None if expand is None else expand.dtype))
         return real(x2d, shrink, expand, *args, **kwargs)
 
+    def spy_dy(dy2d, lora_b, lora_a, *args, **kwargs):  # the backward's dy pass when dB is fused into it
+        handed.append((lora_b.dtype, None if lora_a is None else lora_a.dtype))
+        return real_dy(dy2d, lora_b, lora_a, *args, **kwargs)
+
     monkeypatch.setattr(lowrank_module, "shrink_expand", spy)
+    monkeypatch.setattr(lowrank_module, "dy_pass", spy_dy)
     once = run(layer, names, scale=0.5)
     monkeypatch.setattr(lowrank_module, "_compute_operand", lambda factor, compute: factor)
     per_tile = run(layer, names, scale=0.5)
     return once, per_tile, handed[:2]
 
 
-def test_fp32_factors_are_cast_once_with_the_kernels_values(gpu_fp16_math, monkeypatch):
+@pytest.mark.parametrize("fuse_db", [False, True])
+def test_fp32_factors_are_cast_once_with_the_kernels_values(gpu_fp16_math, monkeypatch, fuse_db):
     """fp16 inputs with fp32 masters (the GPU's fp16 tile dtypes, see gpu_fp16_math): the shrink factor (A forward,
     B backward) is handed to the kernel in fp16, the expand factor stays fp32 (fp16 inputs expand in fp32), and
-    output and gradients equal the kernels' own per-tile casts exactly."""
+    output and gradients equal the kernels' own per-tile casts exactly; the backward with dB in its own pass or
+    fused into the dy pass."""
+    monkeypatch.setattr(lowrank_module, "fuse_db_saves_bytes", lambda *args: fuse_db)
     layer = make_layer((3, 37), 45, 70, 8, FP16, FP32)
     (y, g), (y_tile, g_tile), handed = _cast_once_vs_per_tile(layer, monkeypatch)
     assert handed == [(FP16, FP32), (FP16, FP32)], handed  # forward (A, B), backward (B^T, A^T)
@@ -631,8 +646,9 @@ def test_bytes_model_counts_what_each_shrink_expand_launch_reads_and_writes(monk
         return out, mid
 
     monkeypatch.setattr(lowrank_module, "shrink_expand", spy)
+    monkeypatch.setattr(lowrank_module, "fuse_db_saves_bytes", lambda *args: False)  # dB in its own pass
     run(layer, ("x", "lora_a", "lora_b"), scale=0.5)
-    model = lowrank_bytes_model(M, K, N, R, FP32, FP32, torch.device("cpu"), backward=True)
+    model = lowrank_bytes_model(M, K, N, R, FP32, FP32, torch.device("cpu"), backward=True, fuse_db=False)
     assert launches == [model["shrink/expand x"], model["shrink/expand dy"]]
     e = 4
     assert model["gemm x W^T + y_low"] == (M * K + N * K + 2 * M * N) * e  # x, W, y_low read (beta=1), y written
@@ -642,3 +658,37 @@ def test_bytes_model_counts_what_each_shrink_expand_launch_reads_and_writes(monk
     assert base["total"] == 2 * (M * K + N * K + M * N) * e
     bf16 = lowrank_bytes_model(M, K, N, R, BF16, FP32, torch.device("cpu"))
     assert bf16["factor casts"] == (R * K + N * R) * (4 + 2)  # fp32 masters read, bf16 copies written
+
+
+@pytest.mark.parametrize("M", [48, 150])
+def test_bytes_model_counts_what_the_fused_dy_pass_reads_and_writes(monkeypatch, M):
+    """With dB fused: the dy pass's model entry against the tensors it is handed and returns plus its fp32 partials
+    (one N x r per program), the partial sum against those partials, and the rule's choice between the two models.
+    M = 150: several programs (the interpreter's 64-row blocks), so the partials are summed."""
+    from peft_ext.kernels.lowrank import _dy_pass_config, fuse_db_saves_bytes, lowrank_bytes_model
+
+    K, N, R = 40, 56, 4
+    layer = make_layer((M,), K, N, R, FP32, FP32, bias=False)
+    launches = []
+    real = lowrank_module.dy_pass
+
+    def spy(dy2d, lora_b, lora_a, xa, *args, **kwargs):
+        dx, mid, db = real(dy2d, lora_b, lora_a, xa, *args, **kwargs)
+        programs = -(-M // _dy_pass_config(M, R, dy2d.device, True)["BLOCK_M"])
+        launches.append((sum(t.numel() * t.element_size() for t in (dy2d, lora_b, lora_a, xa, dx, mid)), programs))
+        return dx, mid, db
+
+    monkeypatch.setattr(lowrank_module, "dy_pass", spy)
+    monkeypatch.setattr(lowrank_module, "fuse_db_saves_bytes", lambda *args: True)
+    run(layer, ("x", "lora_a", "lora_b"), scale=0.5)
+    monkeypatch.setattr(lowrank_module, "fuse_db_saves_bytes", fuse_db_saves_bytes)  # the rule again
+    cpu = torch.device("cpu")
+    model = lowrank_bytes_model(M, K, N, R, FP32, FP32, cpu, backward=True, fuse_db=True)
+    (handed, programs), = launches
+    assert programs == (1 if M == 48 else 3)
+    assert model["dy pass (dyb, dx_low, dB partials)"] == handed + programs * N * R * 4
+    assert model["dB partial sum"] == (programs * N * R * 4 + N * R * 4 if programs > 1 else 0)
+    assert "wgrad dB" not in model and "shrink/expand dy" not in model
+    two_pass = lowrank_bytes_model(M, K, N, R, FP32, FP32, cpu, backward=True, fuse_db=False)
+    assert fuse_db_saves_bytes(M, N, R, FP32, cpu) == (model["total"] < two_pass["total"])
+    assert lowrank_bytes_model(M, K, N, R, FP32, FP32, cpu, backward=True)["total"] == min(model["total"], two_pass["total"])
