@@ -497,6 +497,8 @@ def accelerate_lora(
     `remove_lora_acceleration(model)`.
     """
     _check_backend(backend)
+    if not isinstance(group_siblings, bool):
+        raise TypeError(f"accelerate_lora: group_siblings must be True or False, got {group_siblings!r}.")
     layers = [(n, m) for n, m in model.named_modules() if type(m) is LoraLinear or isinstance(m, FusedLoraLinear)]
     quantized = [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and _is_quantized_lora(m)]
     if backend == "triton" and quantized:

@@ -224,3 +224,5 @@ def test_group_siblings_option_and_removal():
     assert sum("_lora_siblings" in m.__dict__ for m in model.modules()) == 2 * (4 + 2)
     lora_fused.remove_lora_acceleration(model)
     assert not any("_lora_siblings" in m.__dict__ for m in model.modules())
+    with pytest.raises(TypeError, match="group_siblings must be True or False, got 'yes'"):
+        accelerate_lora(model, group_siblings="yes")
