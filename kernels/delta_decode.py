@@ -20,20 +20,44 @@ The Delta-CoMe tuner's layers hold SlotDeltas (one compressed copy), so prefill 
 (kernels/delta.py's slot kernels).
 
 Decoding (both kernels): a tile's words are loaded as (rows, WPT) int32 (WPT consecutive words of a row: coalesced),
-expanded against the slot offsets (rows, WPT, 32 / SLOT) -> (rows, WPT * 32 / SLOT) codes: one shift and one mask per
-code, the slot width a compile-time constant per band (SLOTS, a constexpr tuple: one specialisation per band
-schedule's slot widths, e.g. (8, 4, 2) for the paper's 8/3/2-bit bands); the code becomes fp32 through the bits of
-2^23 + code (no I2F), then value = code * scale + min (fp32 FMA) with the group's fp16 scale / min per column.
-Static sm_90 compile results (JIT-specialised builds, batch 1, bf16, the paper's bands; not timings; asserted in
-tests/kernels/test_static_sm90.py): fused kernel 101 registers (BLOCK_O = 16, 4096 rows) / 156 (BLOCK_O = 32, 14336
-rows), no spills, every loop pipelined (54 / 75 LDGSTS); per dequantised element of the 2-bit band of U 16.1 / 10.9
-SASS instructions per thread (the bit-plane expand: 27.5 / 15.2), of which 4 are the decode proper (SHF, LOP3,
-FADD, FFMA) and the rest the T tile, the scales, the bf16 packing and the layout change into the mma operand
-(STS.U16), all shared by more rows at BLOCK_O = 32; per W element 3.3 / 1.9. Issue-time model (128 thread-
-instructions per SM-cycle, 132 SMs, 1.755 GHz) of the whole fused kernel: 4.1 us (4096^2) and 11.5 us (14336 x
-4096) against 10.4 us and 36.9 us of HBM time for its bytes at 3.35 TB/s: predicted bandwidth-bound, to be
-measured (benchmarks/delta.py). The shrink: 80 registers, pipelined, 10.8 instructions per V element of the 2-bit
-band (issue-bound, but V is 4096 x k: about 1.5 us of issue over the whole GPU at 4096 x 4096).
+expanded against the slot offsets (rows, WPT, 32 / SLOT) -> (rows, WPT * 32 / SLOT) codes, the slot width a
+compile-time constant per band (SLOTS, a constexpr tuple: one specialisation per band schedule's slot widths, e.g.
+(8, 4, 2) for the paper's 8/3/2-bit bands). The shrink (and the fused kernel's 8-bit bands, fp32 inputs and scale
+groups that split a tile): one shift and one mask per code, the code becomes fp32 through the bits of 2^23 + code
+(no I2F), then value = code * scale + min (fp32 FMA) with the group's fp16 scale / min per column. The fused
+kernel's bands of 1, 2 and 4-bit slots: code j of a word becomes the fp32 number 128 + code in two instructions, a
+rotation that puts it at bit 16 (SHF.R.W: inline PTX shf.r.wrap on the GPU; in the interpreter, which runs no
+inline asm, the same rotation in plain Triton shifts, bit-identical) and one and-or with the exponent bits of 128
+(LOP3; FMA_MAGIC is a runtime argument so that ptxas keeps it in a register); the 128 goes into the per-column min
+(value = (128 + code) scale + (min - 128 scale), one FFMA: the subtraction of the 2^23 path is gone). The value
+then feeds the fused kernel's dot (acc_t += U T^T) as its mma operand, or, at batch 1-2, FMAs:
+
+Batch 1-2 (FMA_ROWS = M, `fma_rows`: when a tile's BLOCK_O rows share one scale group, the usual case) the fused
+kernel's bands of 1, 2 and 4-bit slots skip the dot: no mma operand, so no layout change through shared memory.
+Scale and min are folded out of the per-code work:
+    sum_c T[c] (s[c] code[o, c] + m[c]) = sum_c (T[c] s[c]) (128 + code[o, c]) + sum_c T[c] (m[c] - 128 s[c])
+so each code costs one FFMA per row of x into a per-(row, column) fp32 accumulator (T[c] s[c] and the second sum
+are per column, shared by the rows a thread holds), reduced over the columns once per band (tl.reduce). fp32
+inputs subtract the 128 per code (FMA_EXACT, one FADD: no 128-sized terms in their sums, so fp32 keeps its
+accuracy); bf16 / fp16 keep the offset (its rounding, ~2^-17 of |T s| per term, is far below theirs). Batch 3-16
+and the 8-bit band use the dot.
+
+Static sm_90 compile results (JIT-specialised builds, bf16, the paper's bands; not timings; asserted in
+tests/kernels/test_static_sm90.py), 4096 rows (BLOCK_O = 16) / 14336 rows (BLOCK_O = 32), SASS instructions per
+thread per dequantised element of the 2-bit band of U (the bulk of U):
+    batch 1:  7.3 / 5.3  (FMA path; 128 / 128 registers; WPT = 16 words per tile at BLOCK_O = 16, else 8)
+    batch 2:  8.9 / 6.6  (FMA path; 125 / 128 registers)
+    batch 16: 14.4 / 9.4  (dot path; 100 / 141 registers)
+(fp16: the same at batch 1-2, 18.5 / 10.9 at batch 16 (T in fp32: TF32 dots). Before this decode every batch took
+the dot with the 2^23 conversion: 16.0-16.1 / 10.9 with bf16 at batch 1 and 16, 19.9 / 12.6 with fp16 at batch 16;
+the bit-plane expand: 27.5 / 15.2.) No spills, every loop pipelined (cp.async: 57 / 66 LDGSTS at batch 1). Of
+the FMA path's 7.3 / 5.3, 3 are the decode and the FMA proper (SHF.R.W, LOP3, FFMA); the rest is the pipelining's
+shared-memory reads, the per-column T s products and mins and the loop, shared by fewer rows at BLOCK_O = 16. Per
+W element 3.3 / 1.9 (3.5 / 2.0 at batch 2). Issue-time model (128 thread-instructions per SM-cycle, 132 SMs,
+1.755 GHz) of the whole fused kernel at batch 1: 2.9 us (4096^2) and 7.5 us (14336 x 4096) (batch 16: 3.9 / 10.5)
+against 10.4 us and 36.9 us of HBM time for its bytes at 3.35 TB/s: predicted bandwidth-bound, to be measured
+(benchmarks/delta.py). The shrink: 80 registers, pipelined, 10.8 instructions per V element of the 2-bit band
+(issue-bound, but V is 4096 x k: about 1.5 us of issue over the whole GPU at 4096 x 4096).
 
 Band loops are unrolled at compile time (`tl.static_range` over the bands): each band's tile loop has a constant
 slot width and no inner loop, so Triton software-pipelines it (cp.async), unlike the bit-plane expand's runtime
@@ -50,10 +74,12 @@ import torch
 
 from .delta_format import WORD_BITS, SlotDelta, slot_width
 from .dispatch import (
+    HAS_TRITON,
     cdiv,
     compute_dtype,
     dot_precision,
     intermediate_compute,
+    interpret_mode,
     launch_device,
     lazy_jit,
     target_programs,
@@ -63,11 +89,17 @@ from .dispatch import (
 __all__ = ["fused_decode", "slot_delta", "DECODE_MAX_ROWS", "decode_config", "decode_bytes_model"]
 
 DECODE_MAX_ROWS = 16  # rows of x the fused decode serves (BLOCK_M); larger batches use kernels/delta.py
+# the FMA path's exponent bits (fp32 128.0): a runtime argument, so that ptxas holds it in a register instead of
+# re-materialising it before every and-or (static sm_90: 0.5 fewer instructions per code at batch 1)
+FMA_MAGIC = 0x43000000
 BAND_COLS = 8  # per band (int32): first column, columns, first word in a row, first shrink tile, first column of T,
 # columns rounded up to 16, (2 unused). T holds each band at a multiple of 16 columns: aligned, vectorised loads.
 
 
 # ------------------------------------------------------------------------------------------------ kernels
+_SUM = tl.standard._sum_combine if HAS_TRITON else None  # tl.sum's combiner (the interpreter runs it as numpy's sum)
+
+
 @lazy_jit
 def _slot_shrink_kernel(
     X, BANDS, V_CODES, V_SCALES, V_MINS, SIGMA, P,
@@ -132,15 +164,19 @@ def _slot_shrink_kernel(
 def _fused_decode_kernel(
     X, W, BIAS, T, BANDS, U_CODES, U_SCALES, U_MINS, Y,
     M, N, K, rank, row_words, k_per_split,
-    stride_xm, stride_wn, stride_tm, stride_ym, stride_ps,
+    stride_xm, stride_wn, stride_tm, stride_ym, stride_ps, magic,
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
     WPT: tl.constexpr, SLOTS: tl.constexpr, CPWS: tl.constexpr, SPLITS: tl.constexpr,
     HAS_BIAS: tl.constexpr, UNIFORM_GROUP: tl.constexpr,
     COMPUTE: tl.constexpr, T_COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FMA_ROWS: tl.constexpr, FMA_EXACT: tl.constexpr, ROTATE_ASM: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """acc[m, o] = sum_i X[m, i] W[o, i] (over split pid_s's range of `in`) + sum_c T[m, c] U[o, c] (over the
     tiles t = pid_s, pid_s + SPLITS, ... of every band) for BLOCK_O output rows; then Y[m, o] = acc + bias
-    (SPLITS == 1) or Y[pid_s, m, o] = acc (fp32 partials, stride_ps)."""
+    (SPLITS == 1) or Y[pid_s, m, o] = acc (fp32 partials, stride_ps). FMA_ROWS (1 or 2 = M; 0: off): the bands
+    of <= 4-bit slots on the FMA path (module docstring; needs UNIFORM_GROUP), FMA_EXACT: its codes without the 128
+    offset (fp32 inputs); NUM_STAGES: the band loops' software pipelining (tl.range: the FMA path's loads feed no
+    dot, so Triton would not pipeline them by itself)."""
     pid_o = tl.program_id(0)
     pid_s = tl.program_id(1)
     ms = tl.arange(0, BLOCK_M)
@@ -162,6 +198,8 @@ def _fused_decode_kernel(
 
     # delta: T U^T, band by band (slot width constant per band), tiles strided over the splits
     acc_t = tl.full((BLOCK_O, BLOCK_M), 0.0, tl.float32)  # (T U^T)^T = U T^T: U is the dot's A operand
+    fma0 = tl.full((BLOCK_O,), 0.0, tl.float32)  # rows 0 and 1 of T U^T from the FMA bands (FMA_ROWS > 0)
+    fma1 = tl.full((BLOCK_O,), 0.0, tl.float32)
     if UNIFORM_GROUP:
         g = (pid_o * BLOCK_O) // GROUP_SIZE
     for b in tl.static_range(len(SLOTS)):
@@ -173,30 +211,87 @@ def _fused_decode_kernel(
         n_words = (ncols + CPWS[b] - 1) // CPWS[b]
         n_tiles = (ncols + WPT * CPWS[b] - 1) // (WPT * CPWS[b])
         shifts = tl.arange(0, CPWS[b]) * SLOTS[b]
-        for t in range(pid_s, n_tiles, SPLITS):
-            cs = t * (WPT * CPWS[b]) + tl.arange(0, WPT * CPWS[b])
-            c_ok = cs < ncols
-            cols = col0 + cs
+        rot = (shifts - 16) & 31  # rotating a word right by rot puts its code j at bit 16
+        if FMA_ROWS > 0 and SLOTS[b] <= 4:
+            c3 = pid_s * (WPT * CPWS[b]) + tl.arange(0, WPT)[:, None] * CPWS[b] + tl.arange(0, CPWS[b])[None, :]
+            acc0 = tl.full((BLOCK_O, WPT, CPWS[b]), 0.0, tl.float32)
+            off0 = tl.full((WPT, CPWS[b]), 0.0, tl.float32)
+            if FMA_ROWS == 2:
+                acc1 = tl.full((BLOCK_O, WPT, CPWS[b]), 0.0, tl.float32)
+                off1 = tl.full((WPT, CPWS[b]), 0.0, tl.float32)
+        for t in tl.range(pid_s, n_tiles, SPLITS, num_stages=NUM_STAGES):
             ws = t * WPT + tl.arange(0, WPT)
             words = tl.load(U_CODES + o64[:, None] * row_words + (word0 + ws)[None, :],
                             mask=o_ok[:, None] & (ws < n_words)[None, :], other=0)  # fmt: skip
-            q = (words[:, :, None] >> shifts[None, None, :]) & ((1 << SLOTS[b]) - 1)
-            q = tl.reshape(q, (BLOCK_O, WPT * CPWS[b]))
-            f = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # code -> fp32 without I2F
-            if UNIFORM_GROUP:  # the BLOCK_O rows lie in one group: one scale / min per column
-                s = tl.load(U_SCALES + g * rank + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-                mn = tl.load(U_MINS + g * rank + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+            if SLOTS[b] <= 4 and (FMA_ROWS > 0 or (UNIFORM_GROUP and not FMA_EXACT)):
+                # code j -> fp32 128 + code: one rotation (SHF.R.W) and one and-or (module docstring)
+                if ROTATE_ASM:
+                    x = tl.inline_asm_elementwise(
+                        "shf.r.wrap.b32 $0, $1, $1, $2;", "=r,r,r",
+                        [tl.broadcast_to(words[:, :, None], (BLOCK_O, WPT, CPWS[b])),
+                         tl.broadcast_to(rot[None, None, :], (BLOCK_O, WPT, CPWS[b]))],
+                        dtype=tl.int32, is_pure=True, pack=1,
+                    )  # fmt: skip
+                else:  # the same rotation in plain Triton (the interpreter runs no inline asm): bit-identical
+                    wu = words.to(tl.uint32, bitcast=True)[:, :, None]
+                    x = (wu >> rot[None, None, :]) | (wu << ((32 - rot) & 31)[None, None, :])
+                    x = x.to(tl.int32, bitcast=True)
+                u128 = ((x & (((1 << SLOTS[b]) - 1) << 16)) | magic).to(tl.float32, bitcast=True)
+            if FMA_ROWS > 0 and SLOTS[b] <= 4:
+                # batch 1-2: one FMA per code and row of x: acc_r[o, w, j] += (T[r, c] scale[c]) (128 + code[o, c]);
+                # the mins and the 128 offset summed per column (off_r), the columns reduced once per band.
+                u = u128
+                if FMA_EXACT:  # fp32 inputs: the codes themselves (one FADD each), no 128 offset in the sums
+                    u = u - 128.0
+                c_ok = c3 < ncols
+                s = tl.load(U_SCALES + g * rank + col0 + c3, mask=c_ok, other=0.0).to(tl.float32)
+                mn = tl.load(U_MINS + g * rank + col0 + c3, mask=c_ok, other=0.0).to(tl.float32)
+                t0 = tl.load(T + tcol0 + c3, mask=c_ok, other=0.0)
+                if not FMA_EXACT:
+                    mn -= 128.0 * s
+                acc0 += u * (t0 * s)[None, :, :]
+                off0 += t0 * mn
+                if FMA_ROWS == 2:
+                    t1 = tl.load(T + stride_tm + tcol0 + c3, mask=c_ok, other=0.0)  # FMA_ROWS == 2: M == 2
+                    acc1 += u * (t1 * s)[None, :, :]
+                    off1 += t1 * mn
+                c3 += WPT * CPWS[b] * SPLITS
             else:
-                off = (os_ // GROUP_SIZE)[:, None] * rank + cols[None, :]
-                ok = o_ok[:, None] & c_ok[None, :]
-                s = tl.load(U_SCALES + off, mask=ok, other=0.0).to(tl.float32)
-                mn = tl.load(U_MINS + off, mask=ok, other=0.0).to(tl.float32)
-            u = f * s + mn
-            tt = tl.load(T + ms[:, None] * stride_tm + (tcol0 + cs)[None, :], mask=m_ok[:, None] & (cs < ncols16)[None, :],
-                         other=0.0)  # fmt: skip
-            acc_t = tl.dot(u.to(T_COMPUTE), tl.trans(tt.to(T_COMPUTE)), acc_t, input_precision=DOT_PRECISION)
+                cs = t * (WPT * CPWS[b]) + tl.arange(0, WPT * CPWS[b])
+                c_ok = cs < ncols
+                cols = col0 + cs
+                if UNIFORM_GROUP and SLOTS[b] <= 4 and not FMA_EXACT:
+                    f = tl.reshape(u128, (BLOCK_O, WPT * CPWS[b]))  # 128 + code; the 128 goes into the min below
+                else:
+                    q = (words[:, :, None] >> shifts[None, None, :]) & ((1 << SLOTS[b]) - 1)
+                    q = tl.reshape(q, (BLOCK_O, WPT * CPWS[b]))
+                    f = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # code -> fp32 without I2F
+                if UNIFORM_GROUP:  # the BLOCK_O rows lie in one group: one scale / min per column
+                    s = tl.load(U_SCALES + g * rank + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+                    mn = tl.load(U_MINS + g * rank + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+                    if SLOTS[b] <= 4 and not FMA_EXACT:
+                        mn -= 128.0 * s  # (128 + code) s + (min - 128 s)
+                else:
+                    off = (os_ // GROUP_SIZE)[:, None] * rank + cols[None, :]
+                    ok = o_ok[:, None] & c_ok[None, :]
+                    s = tl.load(U_SCALES + off, mask=ok, other=0.0).to(tl.float32)
+                    mn = tl.load(U_MINS + off, mask=ok, other=0.0).to(tl.float32)
+                u = f * s + mn
+                tt = tl.load(T + ms[:, None] * stride_tm + (tcol0 + cs)[None, :], mask=m_ok[:, None] & (cs < ncols16)[None, :],
+                             other=0.0)  # fmt: skip
+                acc_t = tl.dot(u.to(T_COMPUTE), tl.trans(tt.to(T_COMPUTE)), acc_t, input_precision=DOT_PRECISION)
+        if FMA_ROWS > 0 and SLOTS[b] <= 4:
+            # the band's sum over its columns (tl.reduce with triton's own sum combiner: the interpreter runs it as
+            # numpy's sum, the GPU build as tl.sum does; tl.sum itself cannot run here, see dispatch.py)
+            fma0 += tl.reduce(tl.reduce(acc0, 2, _SUM), 1, _SUM) + tl.reduce(tl.reduce(off0, 1, _SUM), 0, _SUM)
+            if FMA_ROWS == 2:
+                fma1 += tl.reduce(tl.reduce(acc1, 2, _SUM), 1, _SUM) + tl.reduce(tl.reduce(off1, 1, _SUM), 0, _SUM)
 
     acc += tl.trans(acc_t)
+    if FMA_ROWS > 0:
+        acc += tl.where(ms[:, None] == 0, fma0[None, :], 0.0)
+        if FMA_ROWS == 2:
+            acc += tl.where(ms[:, None] == 1, fma1[None, :], 0.0)
     ok = m_ok[:, None] & o_ok[None, :]
     if SPLITS == 1:
         if HAS_BIAS:
@@ -222,14 +317,16 @@ class DecodeConfig(NamedTuple):
 
 
 def decode_config(
-    N: int, K: int, group_size: int, n_shrink_tiles: int, device: torch.device, dtype: torch.dtype = torch.bfloat16
+    N: int, K: int, group_size: int, n_shrink_tiles: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+    M: int = DECODE_MAX_ROWS,
 ) -> DecodeConfig:
     """Tile sizes, the same on the GPU and in the interpreter (the tests run the GPU's code paths).
 
     Fused: BLOCK_O = 32 output rows when that still gives >= 2 programs per SM (14336 rows: 448 programs on 132
     SMs), else 16 (4096 rows: 256 programs); a U tile's fixed costs (its T tile, scales) are shared by BLOCK_O rows,
     so 32 rows cost fewer instructions per dequantised element (static sm_90 counts in test_static_sm90.py). The
-    reduction is split only when the output blocks do not reach one per SM. Shrink: BLOCK_I rows of V per step
+    reduction is split only when the output blocks do not reach one per SM. U tiles of 8 words per row (16 at
+    batch M = 1 on the FMA path with BLOCK_O = 16: see below). Shrink: BLOCK_I rows of V per step
     (dividing group_size when possible: one scale per column; 32 for fp32 inputs, whose exact fp32 dots run on the
     FMA units and spill at 64: static sm_90 check), split `in` until about 2 programs per SM (each split
     writes an M x k fp32 slice, summed afterwards)."""
@@ -248,10 +345,20 @@ def decode_config(
     steps = cdiv(K, block_i)
     shrink_splits = max(1, min(steps, cdiv(target, max(1, n_shrink_tiles))))
     rows_per_split = cdiv(steps, shrink_splits) * block_i
-    return DecodeConfig(block_o, block_k, 8, splits, k_per_split, block_i, 4, cdiv(K, rows_per_split), rows_per_split, 4, 3)
+    # batch 1 on the FMA path (fma_rows) at BLOCK_O = 16: 16-word tiles share a tile's fixed costs by twice the
+    # codes (static sm_90: 7.3 instead of 7.6 instructions per 2-bit code, 128 registers instead of 96); at
+    # BLOCK_O = 32 they would cost 231 registers instead of 128 (one program per SM fewer, for 4.8 instead of 5.3)
+    wpt = 16 if fma_rows(M, group_size, block_o) == 1 and block_o == 16 else 8
+    return DecodeConfig(block_o, block_k, wpt, splits, k_per_split, block_i, 4, cdiv(K, rows_per_split), rows_per_split, 4, 3)
 
 
 # ------------------------------------------------------------------------------------------------ host side
+def fma_rows(M: int, group_size: int, block_o: int) -> int:
+    """The fused kernel's FMA_ROWS: M for batch 1-2 when a tile's rows share one scale per column (the FMA path of
+    the bands of <= 4-bit slots), else 0 (every band through tl.dot)."""
+    return M if M <= 2 and group_size % block_o == 0 else 0
+
+
 _BANDS_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _CACHE_SIZE = 256
 _ATTR = "_peft_ext_relayout"  # where a converted layout is kept: on the source delta's first codes tensor
@@ -340,10 +447,11 @@ def fused_decode(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     device = x2d.device
     group_size = int(sd.group_size)
     compute = compute_dtype(x2d.dtype)
+    t_compute = intermediate_compute(x2d.dtype)
     precision = dot_precision(x2d.dtype)
     rank = sd.rank
     table, slots, cpws, n_tiles, t_cols = _bands(sd, 4, device) if rank else (None, (), (), 0, 16)
-    cfg = decode_config(N, K, group_size, n_tiles, device, x2d.dtype)
+    cfg = decode_config(N, K, group_size, n_tiles, device, x2d.dtype, M)
     fused_table = _bands(sd, cfg.wpt_fused, device)[0] if rank else torch.zeros(1, BAND_COLS, dtype=torch.int32, device=device)
     with launch_device(x2d):
         if rank:
@@ -366,10 +474,13 @@ def fused_decode(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
             x2d, weight, bias if bias is not None else x2d, t, fused_table, sd.u_codes, sd.u_scales, sd.u_mins, out,
             M, N, K, max(rank, 1), sd.row_words, cfg.k_per_split,
             x2d.stride(0), weight.stride(0), t.stride(0), out.stride(-2), out.stride(0) if cfg.splits > 1 else 0,
-            GROUP_SIZE=group_size, BLOCK_M=DECODE_MAX_ROWS, BLOCK_O=cfg.block_o, BLOCK_K=cfg.block_k,
+            FMA_MAGIC, GROUP_SIZE=group_size, BLOCK_M=DECODE_MAX_ROWS, BLOCK_O=cfg.block_o, BLOCK_K=cfg.block_k,
             WPT=cfg.wpt_fused, SLOTS=slots if rank else (), CPWS=cpws if rank else (), SPLITS=cfg.splits,
             HAS_BIAS=bias is not None, UNIFORM_GROUP=group_size % cfg.block_o == 0,
-            COMPUTE=compute, T_COMPUTE=intermediate_compute(x2d.dtype), DOT_PRECISION=precision,
+            COMPUTE=compute, T_COMPUTE=t_compute, DOT_PRECISION=precision,
+            FMA_ROWS=fma_rows(M, group_size, cfg.block_o), FMA_EXACT=x2d.dtype == torch.float32,
+            ROTATE_ASM=not interpret_mode(),
+            NUM_STAGES=cfg.num_stages,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if cfg.splits > 1:

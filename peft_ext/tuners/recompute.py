@@ -477,14 +477,19 @@ class _State:
 
             ctx = torch.autograd.graph.saved_tensors_hooks(pack, _unpack)
             ctx.__enter__()
-            stack.append(ctx)
+            stack.append((ctx, known))
             return None
 
         def post_hook(module, args, output):
             stack = local.__dict__.get("stack")
-            ctx = stack.pop() if stack else None
-            if ctx is not None:
+            entry = stack.pop() if stack else None
+            if entry is not None:
+                ctx, known = entry
                 ctx.__exit__(None, None, None)
+                # autograd keeps a saved_tensors_hooks' pack function (so its closure) alive as long as the graph it
+                # packed for: left filled, `known` would hold the layer's inputs until the backward, the very
+                # tensors the option is there not to keep. pack only runs during this forward.
+                known.clear()
             return None
 
         return pre_hook, post_hook

@@ -103,14 +103,15 @@ def test_fused_decode_matches_reference(lead, K, N, bands, group_size, dtype, bi
     check_close(y, x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), dtype)
 
 
-@pytest.mark.parametrize("shrink_splits,splits", [(1, 1), (3, 2), (2, 4)])
-def test_split_reductions(monkeypatch, shrink_splits, splits):
+@pytest.mark.parametrize("shrink_splits,splits,M", [(1, 1, 4), (3, 2, 4), (2, 4, 4), (2, 4, 1), (3, 2, 2)])
+def test_split_reductions(monkeypatch, shrink_splits, splits, M):
     """The shrink split over `in` (per-split slices summed in a fixed order) and the fused reduction split over
-    W's columns and U's tiles (fp32 partials summed, bias added once): each split count gives the reference."""
+    W's columns and U's tiles (fp32 partials summed, bias added once): each split count gives the reference, on
+    the dot path (M = 4) and the batch-1/2 FMA path (its tiles strided over the splits too)."""
     real = dd.decode_config
 
-    def forced(N, K, group_size, n_tiles, device, dtype):
-        c = real(N, K, group_size, n_tiles, device, dtype)
+    def forced(N, K, group_size, n_tiles, device, dtype, rows_x):
+        c = real(N, K, group_size, n_tiles, device, dtype, rows_x)
         rows = dd.cdiv(dd.cdiv(K, c.block_i), shrink_splits) * c.block_i
         k_per = dd.cdiv(dd.cdiv(K, c.block_k), splits) * c.block_k
         return c._replace(shrink_splits=dd.cdiv(K, rows), rows_per_split=rows, splits=dd.cdiv(K, k_per), k_per_split=k_per)
@@ -118,10 +119,53 @@ def test_split_reductions(monkeypatch, shrink_splits, splits):
     monkeypatch.setattr(dd, "decode_config", forced)
     fused = Recorder(dd._fused_decode_kernel)
     monkeypatch.setattr(dd, "_fused_decode_kernel", fused)
-    x, weight, b, delta = make((4,), 700, 50, ((8, 2), (2, 40)), 64, FP32)
+    x, weight, b, delta = make((M,), 700, 50, ((8, 2), (2, 40)), 64, FP32)
     y = delta_linear(x, weight, b, SlotDelta.from_packed(delta))
     check_close(y, x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), FP32)
     assert fused.launches[0]["SPLITS"] == min(splits, 3)  # 700 columns of W = 3 steps of 256
+    assert fused.launches[0]["FMA_ROWS"] == (M if M <= 2 else 0)
+
+
+# the benchmark shapes scaled down (out rows: BLOCK_O = 16 as at 4096 rows, 32 as at 14336 in the interpreter's
+# config), the paper's 8/3/2-bit bands, one scale group per tile (the FMA path's condition)
+SMALL_SHAPES = {"4096x4096/16": (64, 96, ((8, 2), (3, 6), (2, 45))), "14336x4096/32": (288, 96, ((8, 2), (3, 5), (2, 70)))}
+
+
+@pytest.mark.parametrize("shape", list(SMALL_SHAPES))
+@pytest.mark.parametrize("M", [1, 2, 16])
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+def test_batch_paths_match_reference(shape, M, dtype):
+    """Batch 1 and 2 take the FMA path for the <= 4-bit bands (codes decoded two per 32-bit op into fp32 128 + code,
+    scale and min folded into T, no dot), batch 16 the dot path; each against the float64 reference, with the
+    launch's FMA_ROWS and tile width checked."""
+    N, K, bands = SMALL_SHAPES[shape]
+    x, weight, b, delta = make((M,), K, N, bands, 32, dtype, seed=M)
+    fused = Recorder(dd._fused_decode_kernel)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dd, "_fused_decode_kernel", fused)
+        y = delta_linear(x, weight, b, SlotDelta.from_packed(delta))
+    launch = fused.launches[0]
+    assert launch["FMA_ROWS"] == (M if M <= 2 else 0) and launch["BLOCK_O"] == (16 if N == 64 else 32)
+    assert launch["WPT"] == (16 if M == 1 and N == 64 else 8)
+    check_close(y, x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), delta), dtype)
+
+
+@pytest.mark.parametrize("M", [1, 2])
+def test_fma_path_fp32_accuracy_and_extreme_codes(M):
+    """fp32 (perf.md: 1e-4): the FMA path's 128 + code offset, cancelled per column, costs no visible accuracy; every
+    code of U at its largest value (all bit planes set), bands of 1, 2 and 4-bit slots, a band narrower than a word
+    and one that ends inside a tile."""
+    x, weight, b, delta = make((M,), 80, 48, ((1, 40), (2, 3), (3, 37), (4, 19), (8, 2)), 16, FP32, seed=3)
+    delta.u_words.fill_(-1)
+    ref_delta = delta
+    sd = SlotDelta.from_packed(delta)
+    assert int(sd.codes("u").max()) == 255 and int(sd.codes("u")[:, :40].max()) == 1
+    fused = Recorder(dd._fused_decode_kernel)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dd, "_fused_decode_kernel", fused)
+        y = delta_linear(x, weight, b, sd)
+    assert fused.launches[0]["FMA_ROWS"] == M
+    check_close(y, x, weight, b, reference_delta_linear(f64(x), f64(weight), f64(b), ref_delta), FP32)
 
 
 def test_zero_rank_delta_is_the_base():
@@ -280,7 +324,7 @@ BENCH_SHAPES = [(4096, 4096, ((8, 2), (3, 32), (2, 968))), (14336, 4096, ((8, 2)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("out_f,in_f,bands", BENCH_SHAPES)
-@pytest.mark.parametrize("M", [1, 4, 16])
+@pytest.mark.parametrize("M", [1, 2, 4, 16])
 @pytest.mark.parametrize("dtype", [BF16, FP16])
 def test_gpu_fused_decode_benchmark_shapes(out_f, in_f, bands, M, dtype):
     x, weight, b, delta = make((M,), in_f, out_f, bands, 128, dtype, device="cuda")

@@ -123,7 +123,7 @@ def new_decode_builds(shape: str, M: int = 1, dtype=BF16, group_size: int = 128)
     N, K, _, _ = SHAPES[shape]
     sd = SlotDelta.from_packed(PackedDelta.empty(N, K, group_size, PAPER_BANDS[shape]))
     _, slots, cpws, n_tiles, t_cols = dd._bands(sd, 4, torch.device("cpu"))
-    cfg = dd.decode_config(N, K, group_size, n_tiles, CUDA, dtype)
+    cfg = dd.decode_config(N, K, group_size, n_tiles, CUDA, dtype, M)
     t = {BF16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     common = dict(GROUP_SIZE=group_size, BLOCK_M=dd.DECODE_MAX_ROWS, SLOTS=slots, CPWS=cpws,
                   COMPUTE=dispatch.compute_dtype(dtype), DOT_PRECISION=dispatch.dot_precision(dtype))  # fmt: skip
@@ -132,9 +132,10 @@ def new_decode_builds(shape: str, M: int = 1, dtype=BF16, group_size: int = 128)
         dict(X=t, W=t, BIAS=t, T="fp32", BANDS="i32", U_CODES="i32", U_SCALES="fp16", U_MINS="fp16", Y=t),
         dict(common, BLOCK_O=cfg.block_o, BLOCK_K=cfg.block_k, WPT=cfg.wpt_fused, SPLITS=cfg.splits, HAS_BIAS=False,
              UNIFORM_GROUP=group_size % cfg.block_o == 0,
-             T_COMPUTE=dispatch.intermediate_compute(dtype)),
+             T_COMPUTE=dispatch.intermediate_compute(dtype), FMA_ROWS=dd.fma_rows(M, group_size, cfg.block_o),
+             FMA_EXACT=dtype == torch.float32, ROTATE_ASM=True, NUM_STAGES=cfg.num_stages),
         ints=dict(M=M, N=N, K=K, rank=sd.rank, row_words=sd.row_words, k_per_split=cfg.k_per_split, stride_xm=K,
-                  stride_wn=K, stride_tm=t_cols, stride_ym=N, stride_ps=0),
+                  stride_wn=K, stride_tm=t_cols, stride_ym=N, stride_ps=0, magic=dd.FMA_MAGIC),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     shrink = compile_sm90(
@@ -153,10 +154,10 @@ def loop_bodies(report):
     return [lp for lp in report.loops if lp.instructions > 1]
 
 
-def fused_instructions_per_element(shape: str):
+def fused_instructions_per_element(shape: str, M: int = 1):
     """(W loop, [per band loop]) per-thread SASS instructions per element: per W element and per dequantised U
     element. Loop order in the SASS: the W loop, then one loop per band (the static_range unrolls the bands)."""
-    cfg, sd, slots, cpws, fused, _ = new_decode_builds(shape)
+    cfg, sd, slots, cpws, fused, _ = new_decode_builds(shape, M)
     loops = loop_bodies(fused)
     assert len(loops) == 1 + len(slots), fused.summary()
     threads = cfg.num_warps * 32
@@ -165,28 +166,44 @@ def fused_instructions_per_element(shape: str):
     return cfg, sd, fused, per_w, per_u
 
 
+# bounds on the instructions per dequantised element of the 2-bit band (measured: see delta_decode's docstring)
+U_BOUNDS = {("4096x4096", 1): 8, ("14336x4096", 1): 6, ("4096x4096", 2): 9.5, ("14336x4096", 2): 7,
+            ("4096x4096", 16): 15, ("14336x4096", 16): 10}  # fmt: skip
+
+
+@pytest.mark.parametrize("M", [1, 2, 16])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_fused_decode_static(gpu_choices, shape):
+def test_fused_decode_static(gpu_choices, shape, M):
     """The fused decode as built for an H100 (static sm_90 compile results, not timings):
-    - no spills, within shared memory;
+    - no spills, within shared memory and the register file;
     - software-pipelined: the W loop and the band loops stream through cp.async (LDGSTS), which the bit-plane
       kernels never do;
-    - instructions per dequantised element of the 2-bit band (the bulk of U) under a bound: 17 at BLOCK_O = 16
-      (4096 rows), 12 at BLOCK_O = 32 (14336 rows), below today's expand at the same shape;
-    - why that bound suffices: in one kernel W and U share the issue slots, and the whole kernel's issue time at
-      batch 1 (W elements x their cost + U elements x theirs, at 128 thread-instructions per SM-cycle) stays under
-      half of the time HBM needs for its bytes (W + compressed U), so it is predicted bandwidth-bound (a model,
-      to be measured: benchmarks/delta.py)."""
-    cfg, sd, fused, per_w, per_u = fused_instructions_per_element(shape)
-    _, _, shrink = new_decode_builds(shape)[3:]
+    - batch 1-2: the <= 4-bit bands take the FMA path (no mma in their loops), batch 16 the dot path (mma);
+    - instructions per dequantised element of the 2-bit band (the bulk of U) under a bound (U_BOUNDS: batch 1
+      8 at BLOCK_O = 16 (4096 rows) and 6 at BLOCK_O = 32 (14336 rows), batch 2 9.5 / 7, batch 16 15 / 10),
+      below today's expand at the same shape;
+    - why that bound suffices: in one kernel W and U share the issue slots, and the whole kernel's issue time
+      (W elements x their cost + U elements x theirs, at 128 thread-instructions per SM-cycle) stays under half of
+      the time HBM needs for its bytes (W + compressed U), so it is predicted bandwidth-bound (a model, to be
+      measured: benchmarks/delta.py)."""
+    cfg, sd, fused, per_w, per_u = fused_instructions_per_element(shape, M)
+    _, _, shrink = new_decode_builds(shape, M)[3:]
     for r in (fused, shrink):
         assert r.spill_stores == 0 and r.spill_loads == 0 and r.local == 0, r.summary()
         assert r.shared <= SM90_SMEM and r.regs <= 255
         assert r.async_copies > 0 and r.cp_async_ptx > 0, r.summary()
     loops = loop_bodies(fused)
     assert all(lp.count(fused.sass, r"\bLDGSTS\b") > 0 for lp in loops), "every loop is pipelined"
-    bound = 17 if cfg.block_o == 16 else 12
-    assert per_u[-1] <= bound, (per_u, fused.summary())
+    slots = new_decode_builds(shape, M)[2]
+    for lp, slot in zip(loops[1:], slots):
+        uses_mma = lp.count(fused.sass, r"\bHMMA\b") > 0
+        assert uses_mma == (M > 2 or slot > 4), (M, slot)
+        codes = cfg.block_o * cfg.wpt_fused * (32 // slot) // (cfg.num_warps * 32)  # per thread and tile
+        if slot <= 4:  # code -> 128 + code: one rotation (SHF.R.W) per code, on both paths
+            assert lp.count(fused.sass, r"\bSHF\.R\.W") == codes, (M, slot)
+        if not uses_mma:  # the FMA path: one FFMA per code and row of x
+            assert lp.count(fused.sass, r"\bFFMA\b") >= M * codes
+    assert per_u[-1] <= U_BOUNDS[shape, M], (per_u, fused.summary())
     old_cfg, _, old_expand = old_delta_builds(shape)
     assert per_u[-1] < old_expand_instructions_per_element(old_cfg, old_expand)
     N, K = sd.out_features, sd.in_features
