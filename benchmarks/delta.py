@@ -31,8 +31,8 @@ Table 3, multi-tenant decode: --mt-batch rows (one token each) spread over L ten
 
 Default bands are the perf.md goal's: ((8,2),(3,32),(2,968)) on 4096x4096 and ((8,2),(3,32),(2,1428)) on
 14336x4096, group size 128, bf16. Goal (perf.md): at decode batch 1-16, base + delta <= 1.15x the base-only
-GEMV, and the delta part >= 70 % of copy bandwidth over its compressed bytes (judged here on the CUDA-graph
-times). Timing on CUDA: triton.testing.do_bench (median; L2 flushed before each call or graph replay, so weights
+GEMV, and the whole call (base + delta) >= 70 % of copy bandwidth over the bytes of W plus the compressed delta
+(perf.md, restated 2026-12-06: the "% of BW floor" column; judged here on the CUDA-graph times). Timing on CUDA: triton.testing.do_bench (median; L2 flushed before each call or graph replay, so weights
 and deltas come from HBM); elsewhere common.measure. Inputs are random, never zeros.
 
     .venv/bin/python benchmarks/delta.py                              # goal shapes, needs a GPU
@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 GOAL_BANDS = {(4096, 4096): "8:2,3:32,2:968", (14336, 4096): "8:2,3:32,2:1428"}
 DEFAULTS = dict(
-    shapes="4096x4096,14336x4096", bands=None, batches="1,4,16", prefill=2048, group_size=128,
+    shapes="4096x4096,14336x4096", bands=None, batches="1,2,4,16", prefill=2048, group_size=128,
     tenants="1,4,16", mt_tenants="4,16", mt_batch=16, copy_mib=1024,
 )  # fmt: skip
 SMOKE = dict(
@@ -322,7 +322,8 @@ def fmt_bytes(v):
 
 
 def goals(single: list[dict], multi: list[dict], judged: bool) -> str:
-    head = "Goal (perf.md): decode batch 1-16, base + delta <= 1.15x the base-only GEMV; delta part >= 70% of copy bandwidth"
+    head = ("Goal (perf.md): decode batch 1-16, base + delta <= 1.15x the base-only GEMV; the whole call >= 70% of copy "
+            "bandwidth over its bytes (W + the compressed delta: the bytes model's '% of BW floor')")
     lines = [head + ("" if judged else " (not judged: not a CUDA run at the goal's shapes and bands, a test of the script)") + ":"]
 
     def verdict(ok):
@@ -334,9 +335,11 @@ def goals(single: list[dict], multi: list[dict], judged: bool) -> str:
         where = f"{row['shape']}, " + (f"tokens {row['tokens']}" if "tokens" in row else f"{row['tenants']} tenants")
         if row["name"] == "ours_old":
             where += ", the bit-plane path (before the fused decode)"
-        bw = row.get("bw")
-        bw_text = "n/a (no measurable added time)" if bw is None else f"{100 * bw:.0f}%{verdict(bw >= GOAL_BW)}"
-        lines.append(f"- {where}: {row['goal_x']:.2f}x base{verdict(row['goal_x'] <= GOAL_RATIO)}, delta part at {bw_text} of copy bandwidth")
+        floor, bw = row.get("floor"), row.get("bw")
+        floor_text = "n/a" if floor is None else f"{100 * floor:.0f}%{verdict(floor >= GOAL_BW)}"
+        bw_text = "n/a (no measurable added time)" if bw is None else f"{100 * bw:.0f}%"
+        lines.append(f"- {where}: {row['goal_x']:.2f}x base{verdict(row['goal_x'] <= GOAL_RATIO)}, whole call at {floor_text} "
+                     f"of copy bandwidth over its bytes (delta part alone: {bw_text}, not a goal since 2026-12-06)")
     return "\n".join(lines)
 
 
