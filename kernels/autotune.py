@@ -1,5 +1,5 @@
-"""Autotuned launch configs for the LoRA-family kernels (lowrank.py's shrink/expand and weight-gradient kernels,
-lowrank_gathered.py's mixed-adapter kernel), timed on the real arguments and cached in memory and on disk.
+"""Autotuned launch configs for the LoRA-family kernels (lowrank.py's shrink/expand, weight-gradient and dy-pass
+kernels, lowrank_gathered.py's mixed-adapter kernel), timed on the real arguments and cached in memory and on disk.
 
 How a launch goes (`launch`, called by the kernel modules in place of `kernel[grid](...)`):
   1. the heuristic config (`gpu_rowblock_config` / `_shrink_expand_config` / `_wgrad_config` / `_gathered_config`,
@@ -8,7 +8,8 @@ How a launch goes (`launch`, called by the kernel modules in place of `kernel[gr
      whole bucket), the exact K / N / R / C / number of adapters, every tensor argument's dtype and layout (which
      dimension has unit stride), the integer arguments' Triton specialisation (== 1, multiple of 16) and every
      constexpr flag (HAS_BIAS, KEEP_MODE, COMPUTE, DOT_PRECISION, ...), plus the tile sizes a kernel cannot change
-     (BLOCK_R = the padded rank; the gathered kernel's BLOCK_M, fixed by its AdapterSegments plan);
+     (BLOCK_R = the padded rank; the gathered kernel's BLOCK_M, fixed by its AdapterSegments plan; the dy pass's
+     BLOCK_M with dB fused, "dy_pass_db": one fp32 partial per program, the buffer sized by the heuristic's grid);
   3. a key met before: its config (memory, else the disk file); a new key, with tuning on: a short list of
      candidates around the heuristic (`candidates`: the heuristic, then one tile or launch setting changed at a
      time: BLOCK_M / BLOCK_K / BLOCK_N / BLOCK_C halved or doubled, the other num_warps, num_stages 2 / 4; never a
@@ -114,6 +115,11 @@ KERNELS = {
     "shrink_expand": ("BLOCK_M", "BLOCK_K", "BLOCK_N", "num_warps", "num_stages"),
     "gathered": ("BLOCK_K", "BLOCK_N", "num_warps", "num_stages"),  # BLOCK_M: the plan's
     "wgrad": ("BLOCK_M", "BLOCK_C", "num_warps", "num_stages"),  # BLOCK_M must divide rows_per_split
+    # lowrank.py's `_dy_pass_kernel` (the backward's one pass over dy): "dy_pass_db" with dB fused (DO_DB): one
+    # N x r fp32 partial per program, grid cdiv(M, BLOCK_M) = the partial buffer's first dimension, so BLOCK_M is
+    # fixed (part of the key); "dy_pass" without dB tunes BLOCK_M too (its grid is a function of the config)
+    "dy_pass": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"),
+    "dy_pass_db": ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"),
 }
 TILE_RANGE = {"BLOCK_M": (16, 128), "BLOCK_K": (32, 256), "BLOCK_N": (32, 256), "BLOCK_C": (32, 256)}
 WARPS = (4, 8)
@@ -138,6 +144,25 @@ SM90_SPILLS = (  # (BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, num_warps, num_stages) o
     (32, 32, 64, 128, 4, 3),  # fp16
     (32, 128, 128, 16, 4, 3),  # fp16
 )
+# `_dy_pass_kernel` ("dy_pass", "dy_pass_db"): from static sm_90 builds (tests/kernels/sm90_static.py) of every one-step
+# neighbour of its heuristics (`lowrank._dy_pass_config`) at M = 8192, N = K = 2048, r in {16, 32, 64, 128}, with dB
+# and without: dx expanded in bf16, fp16 and fp32, in bf16 with dropout and in bf16 without dx (335 builds; spills
+# counted as STL + LDL instructions). Spilled at 2-byte operands: 256 words ((128, 32, 32, 128) on 4 warps with dB:
+# 31 to 238; every other build up to 160 words spills nothing, 234 registers at most, except those listed below); at
+# fp32: 96 words and more (16 to 24670, most r = 64 / 128 builds with dB; up to 80 words nothing spills, 251 registers
+# at most, except the two fp32 builds listed below; 7 builds of 88 to 136 words that did not spill are dropped with
+# them). Three heuristics spill too (kept, as above): with dB in fp32 at r = 64 (16) and r = 128 (11285), and without
+# dB or dx in bf16 at r = 32, (32, 128, 64, 32, 4, 3) (2 at regs = 56).
+MAX_REGISTER_WORDS.update({("dy_pass", 2): 160, ("dy_pass", 4): 80})
+SM90_DY_PASS_SPILLS = (  # (name, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages) of `_dy_pass_kernel`
+    ("dy_pass", 32, 32, 32, 128, 8, 3),  # bf16 with dx (2 spilled at regs = 64)
+    ("dy_pass", 32, 128, 32, 32, 4, 3),  # bf16 without dx (2 spilled at regs = 56, as its heuristic)
+    ("dy_pass", 32, 128, 128, 32, 4, 3),  # bf16 without dx
+    ("dy_pass", 32, 128, 64, 32, 4, 2),  # bf16 without dx
+    ("dy_pass", 32, 128, 64, 32, 4, 4),  # bf16 without dx
+    ("dy_pass", 32, 32, 64, 64, 4, 3),  # fp32 with dx (8)
+    ("dy_pass", 64, 32, 64, 128, 8, 3),  # fp32 with dx (302)
+)
 SM90_SHARED = 227 * 1024
 
 
@@ -152,7 +177,7 @@ def mode() -> str:
     if value in ("0", "off", "false", "no"):
         return "off"
     raise ValueError(f"{ENV_SWITCH}={os.environ[ENV_SWITCH]!r} is not understood: set it to 0 (heuristic configs "
-                     f"only), 1 (tune every new shape) or auto / unset (tune on CUDA).")  # fmt: skip
+                     f"only), 1 (tune every new shape) or auto / unset (the default: heuristic configs today, AUTO_ON_CUDA).")  # fmt: skip
 
 
 def _tracing() -> bool:
@@ -173,6 +198,12 @@ def register_words(name: str, cfg: dict, elem: int = 2) -> float:
     if name == "wgrad":
         m, c = cfg["BLOCK_M"], cfg["BLOCK_C"]
         words = r * c + w * (m * r + m * c)
+    elif name in ("dy_pass", "dy_pass_db"):
+        m, n, k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        loop = w * (m * n + n * r)  # the N loop: a tile of dy and one of B
+        if name == "dy_pass_db":
+            loop += w * m * r + n * r  # xa's rows (held over the loop) and the fp32 N x r partial
+        words = m * r + max(loop, m * k + w * r * k)  # the accumulator; the N loop, then the expand loop
     else:
         m, k, n = cfg["BLOCK_M"], cfg["BLOCK_K"], cfg["BLOCK_N"]
         words = m * r + max(w * (m * k + k * r), m * n + w * r * n)  # the shrink loop, then the expand loop
@@ -185,6 +216,8 @@ def shared_bytes(name: str, cfg: dict, elem: int = 2) -> int:
     r = cfg["BLOCK_R"]
     if name == "wgrad":
         tile = cfg["BLOCK_M"] * (r + cfg["BLOCK_C"])
+    elif name in ("dy_pass", "dy_pass_db"):
+        tile = max(cfg["BLOCK_M"] * cfg["BLOCK_N"] + cfg["BLOCK_N"] * r, r * cfg["BLOCK_K"])
     else:
         tile = max(cfg["BLOCK_M"] * cfg["BLOCK_K"] + cfg["BLOCK_K"] * r, r * cfg["BLOCK_N"])
     return stages * tile * elem
@@ -192,8 +225,8 @@ def shared_bytes(name: str, cfg: dict, elem: int = 2) -> int:
 
 def within_budget(name: str, cfg: dict, elem: int = 2) -> bool:
     """False for a config over its register / shared-memory budget or known to spill at sm_90 (MAX_REGISTER_WORDS,
-    SM90_SPILLS)."""
-    kind = "wgrad" if name == "wgrad" else "rowblock"
+    SM90_SPILLS, SM90_DY_PASS_SPILLS)."""
+    kind = "wgrad" if name == "wgrad" else ("dy_pass" if name in ("dy_pass", "dy_pass_db") else "rowblock")
     if register_words(name, cfg, elem) > MAX_REGISTER_WORDS[kind, 4 if elem >= 4 else 2]:
         return False
     if shared_bytes(name, cfg, elem) > SM90_SHARED:
@@ -201,6 +234,9 @@ def within_budget(name: str, cfg: dict, elem: int = 2) -> bool:
     if kind == "rowblock":
         tiles = tuple(cfg.get(k) for k in ("BLOCK_M", "BLOCK_K", "BLOCK_N", "BLOCK_R", "num_warps", "num_stages"))
         return tiles not in SM90_SPILLS
+    if kind == "dy_pass":
+        tiles = tuple(cfg.get(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "num_warps", "num_stages"))
+        return (name, *tiles) not in SM90_DY_PASS_SPILLS
     return True
 
 

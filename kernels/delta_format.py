@@ -453,9 +453,23 @@ def slot_codes_from_words(words: torch.Tensor, d: int, bands, name: str = "words
     for bits, n in bands:
         size = bits * n_words * n
         if n:
-            parts.append(pack_slots(unpack_bitplanes(words[offset : offset + size].view(bits, n_words, n), d), bits))
+            planes = words[offset : offset + size].view(bits, n_words, n)
+            step = column_chunk(bits, d)
+            parts += [pack_slots(unpack_bitplanes(planes[:, :, c : c + step], d), bits) for c in range(0, n, step)]
         offset += size
     return torch.cat(parts, dim=1).contiguous() if parts else torch.zeros(d, 0, dtype=torch.int32, device=words.device)
+
+
+# the int64 temporaries of one layout conversion step stay under this many bytes (column_chunk)
+CONVERSION_CHUNK_BYTES = 16 * 2**20
+
+
+def column_chunk(bits: int, d: int) -> int:
+    """Columns converted per step between the two layouts: a multiple of 32 (so a chunk fills whole slot words for
+    every slot width), as many as keep the unpacked bits (bits x d x 8 bytes per column, int64) under
+    CONVERSION_CHUNK_BYTES. Unchunked, a 14336-row side's 2-bit band of 1428 columns took a 327 MB temporary."""
+    per_column = max(1, bits * d * 8)
+    return max(WORD_BITS, CONVERSION_CHUNK_BYTES // per_column // WORD_BITS * WORD_BITS)
 
 
 def codes_from_slots(codes: torch.Tensor, d: int, bands) -> torch.Tensor:
@@ -471,11 +485,19 @@ def codes_from_slots(codes: torch.Tensor, d: int, bands) -> torch.Tensor:
 def words_from_slot_codes(codes: torch.Tensor, bands) -> torch.Tensor:
     """Inverse of `slot_codes_from_words`: slot codes (d, row_words) -> the flat int32 bit planes of a PackedDelta."""
     d = codes.shape[0]
-    all_codes = codes_from_slots(codes, d, bands)
-    planes, col = [], 0
+    planes, word = [], 0
     for bits, n in bands:
-        planes.append(pack_bitplanes(all_codes[:, col : col + n], bits).reshape(-1))
-        col += n
+        w = slot_words(n, bits)
+        band = codes[:, word : word + w]
+        cpw = WORD_BITS // slot_width(bits)
+        step = column_chunk(bits, d)  # a multiple of 32, so of cpw: chunks start at a word boundary
+        chunks = [
+            pack_bitplanes(unpack_slots(band[:, c // cpw : (c + step) // cpw], bits, min(step, n - c)), bits)
+            for c in range(0, n, step)
+        ]
+        if chunks:
+            planes.append(torch.cat(chunks, dim=2).reshape(-1))  # (bits, W, n): bit plane, row word, column
+        word += w
     return torch.cat(planes) if planes else torch.zeros(0, dtype=torch.int32, device=codes.device)
 
 

@@ -526,8 +526,12 @@ def dy_pass(
     part_strides = part.stride() if part is not None else (0, 0, 0)
     keep_arg = keep.view(torch.uint8) if keep is not None else dy2d
     keep_strides = keep.stride() if keep is not None else (0, 0)
+    # the partials' layout fixes BLOCK_M with dB ("dy_pass_db": the tuner keeps it); without dB the tuner may vary it
+    grid = lambda c: (cdiv(M, c["BLOCK_M"]),)  # noqa: E731
+    writes = [name for name, t in (("MID", mid), ("DX", dx), ("PART", part)) if t is not None]
+    name = "dy_pass_db" if xa is not None else "dy_pass"
     with launch_device(dy2d):
-        _dy_pass_kernel[(programs,)](
+        autotune.launch(_dy_pass_kernel, name, grid, key=dict(M=M, N=N, K=K, R=R), writes=writes)(
             dy2d, lora_b, a_arg, xa_arg, keep_arg, mid_arg, dx_arg, part_arg,
             M, N, K, R,
             dy2d.stride(0), dy2d.stride(1),

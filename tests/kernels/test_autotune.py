@@ -8,9 +8,11 @@ import os
 import pytest
 import torch
 
-from peft_ext.kernels import autotune, dispatch, lowrank_linear, lowrank_linear_gathered, plan_adapter_segments
+from peft_ext.kernels import autotune, dispatch, grouped_lowrank_linear, lowrank_linear, lowrank_linear_gathered
 from peft_ext.kernels import lowrank as lowrank_module
-from peft_ext.kernels.lowrank import lowrank_weight_grad, shrink_expand
+from peft_ext.kernels import lowrank_grouped as grouped_module
+from peft_ext.kernels import plan_adapter_segments
+from peft_ext.kernels.lowrank import dy_pass, lowrank_weight_grad, shrink_expand
 from peft_ext.kernels.reference import reference_lowrank_linear, reference_lowrank_linear_gathered
 
 from .accuracy import rel_err
@@ -165,6 +167,116 @@ def test_a_candidate_with_wrong_output_is_rejected(tuner, tmp_path, monkeypatch)
     assert [r["config"]["BLOCK_M"] for r in entry["rejected"]] == [128]
     assert "NaN positions" in entry["rejected"][0]["reason"] or "relative difference" in entry["rejected"][0]["reason"]
     assert entry["config"]["BLOCK_M"] != 128
+
+
+# ------------------------------------------------------------------------------------ the backward's dy pass
+def dy_pass_inputs(M=70, N=24, K=40, R=4, p=0.25, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    dy, b, a, xa = (torch.randn(*shape, generator=g) for shape in ((M, N), (N, R), (R, K), (M, R)))
+    return dy, b, a, xa, torch.rand(M, K, generator=g) > p
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_tuned_dy_pass_writes_the_callers_buffers_once(tuner, tmp_path, launches, monkeypatch, fused):
+    """`dy_pass` tuned ("dy_pass_db" with dB fused: BLOCK_M fixed by the partials' layout; "dy_pass" without: BLOCK_M
+    varies, the grid follows): the buffers it returns (and the partials), NaN-filled at their allocation, are written
+    by one launch, the chosen config's; M = 70: two 64-row programs on the interpreter, rows not a block multiple."""
+    real_empty, allocated = torch.empty, []
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        allocated.append(t)
+        return t.fill_(float("nan"))
+
+    monkeypatch.setattr(torch, "empty", empty)  # the tuner's scratch comes from torch.empty_strided: not recorded
+    dy, b, a, xa, keep = dy_pass_inputs()
+    inputs = [v.clone() for v in (dy, b, a, xa, keep)]
+    s, p = 0.7, 0.25
+    dx, mid, db = dy_pass(dy, b, a, xa if fused else None, s, mid_scale=1.5, keep=keep, dropout_p=p)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert len(allocated) == (3 if fused else 2)  # mid, dx (, the partials)
+    ours = [r for r in launches if r[0] == "_dy_pass_kernel"]
+    for t in allocated:
+        assert sum(t.data_ptr() in r[2] for r in ours) == 1, t.shape
+    assert len(ours) > 1 and all(torch.equal(v, o) for v, o in zip((dy, b, a, xa, keep), inputs))
+    dyb = dy.double() @ b.double()
+    assert rel_err(mid, 1.5 * dyb) <= 1e-5
+    assert rel_err(dx, s * (dyb @ a.double()) * keep.double() / (1 - p)) <= 1e-5
+    if fused:
+        assert rel_err(db, s * dy.double().t() @ xa.double()) <= 1e-5
+    else:
+        assert db is None
+    (key, entry), = entries(tmp_path).items()
+    name = "dy_pass_db" if fused else "dy_pass"
+    assert key.startswith(name + "|") and "M=128|N=24|K=40|R=4" in key and f"DO_DB={fused}" in key
+    assert ("BLOCK_M=64" in key) == fused  # with dB the row block is part of the key, not tuned
+    assert entry["candidates"][0] == entry["heuristic"] == lowrank_module._dy_pass_config(70, 4, dy.device, fused)
+    assert ({c["BLOCK_M"] for c in entry["candidates"]} == {64}) == fused and len(entry["candidates"]) == CANDIDATES
+    chosen = [r[1] for r in ours if allocated[0].data_ptr() in r[2]]
+    assert chosen == [entry["config"]] and not entry["rejected"]
+
+
+def grouped_reference_grads(t, scale=0.5):
+    leaves = {k: v.double().requires_grad_(k in ("x", "lora_a", "lora_b")) for k, v in t.items()}
+    y = reference_lowrank_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_a"], leaves["lora_b"], scale)
+    y.backward(torch.ones_like(y))
+    return {k: leaves[k].grad for k in ("x", "lora_a", "lora_b")}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_tuned_backward_dy_pass_matches_the_reference(tuner, tmp_path, monkeypatch, fused):
+    """The backward with its dy pass tuned: lowrank_linear's with dB fused ("dy_pass_db"), the grouped projections'
+    without ("dy_pass", dB by its own pass); dx / dA / dB against kernels/reference.py in float64."""
+    monkeypatch.setattr(lowrank_module, "fuse_db_saves_bytes", lambda *a: fused)
+    monkeypatch.setattr(grouped_module, "fuse_db_saves_bytes", lambda *a: fused)
+    t = layer(70)
+    if fused:
+        _, grads = forward_backward(t)
+    else:
+        leaves = {k: v.clone().requires_grad_(k in ("x", "lora_a", "lora_b")) for k, v in t.items()}
+        (y,) = grouped_lowrank_linear(leaves["x"], [leaves["weight"]], [leaves["bias"]], [leaves["lora_a"]],
+                                      [leaves["lora_b"]], [0.5])  # fmt: skip
+        y.backward(torch.ones_like(y))
+        grads = {k: leaves[k].grad for k in ("x", "lora_a", "lora_b")}
+    ref = grouped_reference_grads(t)
+    for k in ref:
+        assert rel_err(grads[k], ref[k]) <= 1e-4, k
+    names = {key.split("|")[0] for key in entries(tmp_path)}
+    assert ("dy_pass_db" if fused else "dy_pass") in names and "wgrad" in names, names
+    assert ("dy_pass" if fused else "dy_pass_db") not in names, names
+
+
+def test_dy_pass_cache_round_trip(tmp_path, monkeypatch):
+    """Both dy-pass keys written, read back by a fresh tuner (nothing timed, the same bits); a cached "dy_pass_db"
+    config with another BLOCK_M (a partial layout this call's buffer does not have) gives the heuristic."""
+    monkeypatch.setenv("PEFT_EXT_CACHE", str(tmp_path))
+    monkeypatch.setenv("PEFT_EXT_AUTOTUNE", "1")
+    dy, b, a, xa, _ = dy_pass_inputs()
+    first_calls, second_calls = [], []
+    previous = autotune.set_tuner(autotune.Autotuner(cache_dir=tmp_path, timer=counting_timer(first_calls),
+                                                     max_candidates=CANDIDATES))  # fmt: skip
+    try:
+        out1 = [dy_pass(dy, b, a, xa if fused else None, 0.7) for fused in (True, False)]
+        saved = entries(tmp_path)
+        assert sorted(k.split("|")[0] for k in saved) == ["dy_pass", "dy_pass_db"] and first_calls
+        second = autotune.Autotuner(cache_dir=tmp_path, timer=counting_timer(second_calls), max_candidates=CANDIDATES)
+        autotune.set_tuner(second)
+        out2 = [dy_pass(dy, b, a, xa if fused else None, 0.7) for fused in (True, False)]
+        assert second_calls == [] and second.stats["tuned"] == 0 and second.stats["disk_hits"] == 2
+        for o1, o2 in zip(out1, out2):
+            assert all((u is None and v is None) or torch.equal(u, v) for u, v in zip(o1, o2))
+        # a foreign BLOCK_M in the fused entry: not usable with this call's partials, the heuristic runs
+        data = json.loads(cache_file(tmp_path).read_text())
+        key = next(k for k in data["entries"] if k.startswith("dy_pass_db|"))
+        data["entries"][key]["config"]["BLOCK_M"] = 32
+        cache_file(tmp_path).write_text(json.dumps(data))
+        third = autotune.Autotuner(cache_dir=tmp_path, timer=counting_timer(second_calls), max_candidates=CANDIDATES)
+        autotune.set_tuner(third)
+        dx, mid, db = dy_pass(dy, b, a, xa, 0.7)
+        assert second_calls == [] and third.stats["disk_hits"] == 1
+        assert rel_err(db, 0.7 * dy.double().t() @ xa.double()) <= 1e-5 and rel_err(mid, dy.double() @ b.double()) <= 1e-5
+    finally:
+        autotune.set_tuner(previous)
 
 
 def test_guard_tolerance_and_comparison():

@@ -61,6 +61,27 @@ def test_slot_delta_is_the_packed_delta_relaid():
     assert sd.nbytes == packed.nbytes - packed.u_words.numel() * 4 - packed.v_words.numel() * 4 + (70 + 45) * row_words * 4
 
 
+def test_layout_conversion_in_column_chunks_is_the_same(monkeypatch):
+    """The conversion between the layouts works in chunks of columns (a multiple of 32) to bound its int64
+    temporaries (delta_format.column_chunk); with the budget so small that every band is cut into 32-column chunks
+    (a partial last one too), both directions give what one pass gives."""
+    from peft_ext.kernels import delta_format
+
+    g = torch.Generator().manual_seed(1)
+    packed = PackedDelta.random(70, 45, ((8, 40), (3, 70), (1, 33), (2, 100)), group_size=32, generator=g)
+    whole = SlotDelta.from_packed(packed)
+    assert delta_format.column_chunk(2, 70) >= 100  # the default budget: one chunk per band at this size
+    monkeypatch.setattr(delta_format, "CONVERSION_CHUNK_BYTES", 1)
+    assert delta_format.column_chunk(8, 14336) == 32 and delta_format.column_chunk(2, 70) == 32
+    chunked = SlotDelta.from_packed(packed)
+    assert all(torch.equal(getattr(chunked, k), t) for k, t in whole.tensors().items())
+    back = chunked.to_packed()
+    assert all(torch.equal(getattr(back, k), t) for k, t in packed.tensors().items())
+    # the default budget at the goal shape: 16 MiB over 2 x 14336 x 8 bytes per column of the 2-bit band
+    monkeypatch.setattr(delta_format, "CONVERSION_CHUNK_BYTES", 16 * 2**20)
+    assert delta_format.column_chunk(2, 14336) == 64
+
+
 def test_slot_delta_check_names_the_field_and_the_fix():
     sd = SlotDelta.from_packed(PackedDelta.random(40, 30, ((2, 9),), group_size=16))
     bad = SlotDelta(**{**sd.__dict__, "u_codes": sd.u_codes[:, :0]})
