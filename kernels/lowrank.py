@@ -480,8 +480,10 @@ def fuse_db_saves_bytes(M: int, N: int, R: int, dtype: torch.dtype, device: torc
     (`_db_bytes`). Roughly: partials of 8 r / BLOCK_M bytes per element of dy (written, then read by the sum)
     against the e bytes per element of dy that the second pass re-reads (plus its own split partials), i.e. fuse
     when r < BLOCK_M e / 8 or a little more: with 128-row programs at M = 8192, bf16, r <= 42 (N = 2048), r <= 35
-    (N = 5632), any r for N = 256; always when one program holds every row. A model, not a measurement."""
-    if M == 0:
+    (N = 5632), any r for N = 256; always when one program holds every row. A model, not a measurement.
+    Never for fp32 dy at a padded rank above 32: the 128-row fused tile spills at sm_90 there (static builds:
+    16 spilled registers at r = 64, 11285 at r = 128; fp32 r <= 32 and bf16 / fp16 up to r = 128 build without)."""
+    if M == 0 or (dtype == torch.float32 and block_r(R) > 32):
         return False
     return _db_bytes(M, N, R, dtype, device, True) < _db_bytes(M, N, R, dtype, device, False)
 

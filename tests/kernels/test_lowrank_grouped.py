@@ -302,6 +302,8 @@ def test_fuse_rule(h100):
     assert fuse_db_saves_bytes(M, 2048, 16, BF16, h100) and fuse_db_saves_bytes(M, 5632, 16, BF16, h100)
     assert not fuse_db_saves_bytes(M, 2048, 64, BF16, h100) and not fuse_db_saves_bytes(M, 5632, 64, BF16, h100)
     assert fuse_db_saves_bytes(M, 2048, 32, FP32, h100)
+    # fp32 dy above a padded rank of 32: the 128-row fused tile spills at sm_90 (bf16 does not, up to r = 128)
+    assert not fuse_db_saves_bytes(M, 256, 33, FP32, h100) and fuse_db_saves_bytes(M, 256, 32, FP32, h100)
     assert not fuse_db_saves_bytes(0, 2048, 16, BF16, h100)
     last = {N: max(r for r in range(1, 129) if fuse_db_saves_bytes(M, N, r, BF16, h100)) for N in (2048, 5632, 256)}
     assert last == {2048: 42, 5632: 35, 256: 128}
