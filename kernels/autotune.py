@@ -57,9 +57,11 @@ tile / launch settings is dropped; a cached config that does not fit the call (e
 not divide this M's rows per split) gives the heuristic for that call.
 
 Public API:
-  cache_info() -> dict   mode, cache file of each device seen, entries in memory and on disk, tuning / timing counts
-  clear_cache(disk=False)  forget the in-memory entries (and, with disk=True, delete this peft-ext/Triton version's
-                           files in the cache folder)
+  cache_info() -> dict   mode, the cache folder, every cache file of this peft-ext version in it with the entries it
+                         holds on disk now (whether this process used it or not), the devices this process looked up,
+                         entries in memory, tuning / timing counts (a bad PEFT_EXT_AUTOTUNE shows as mode "invalid")
+  clear_cache(disk=False) -> list  forget the in-memory entries (and, with disk=True, delete this peft-ext version's
+                         files in the cache folder, not their .lock files); returns the paths deleted
   get_tuner() / set_tuner(tuner)  the process-wide `Autotuner` (set_tuner returns the previous one; tests install
                            their own with `Autotuner(cache_dir=..., timer=..., max_candidates=...)`)
   launch(kernel, name, grid, key=..., writes=...)(*args, **kwargs)  what the kernel modules call
@@ -464,6 +466,7 @@ class _CacheFile:
                         "peft_ext": self.versions[1], "entries": merged}  # fmt: skip
                 fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=str(self.path.parent))
                 try:
+                    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: a folder shared by users stays readable
                     with os.fdopen(fd, "w") as f:
                         json.dump(data, f, indent=1, sort_keys=True)
                         f.flush()
@@ -479,6 +482,12 @@ class _CacheFile:
         except OSError as e:
             self._warn(f"cannot write the autotune cache file {self.path} ({e}); tuned configs stay in memory only "
                        f"(set {ENV_CACHE_DIR} to a writable folder: the files go to its autotune/ subfolder)")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ------------------------------------------------------------------------------------------------ the tuner
@@ -519,29 +528,44 @@ class Autotuner:
             cache = self._files[name] = _CacheFile(path, name, versions, self._warn)
         return cache
 
-    def cache_info(self) -> dict:
-        with self._lock:
-            files = {}
-            for name, cache in self._files.items():
-                cache.refresh()
-                files[name] = dict(path=str(cache.path), entries_on_disk=len(cache.entries))
-            return dict(mode=mode(), cache_dir=str(self.cache_dir or default_cache_dir()),
-                        entries_in_memory=len(self._memory), files=files, **self.stats)  # fmt: skip
+    def _disk_files(self) -> list[Path]:
+        """This peft-ext version's cache files in the cache folder (every device and Triton version)."""
+        folder = self.cache_dir or default_cache_dir()
+        return sorted(folder.glob(f"*__peft_ext-{_slug(_versions()[1])}.json"))
 
-    def clear(self, disk: bool = False) -> None:
+    def cache_info(self) -> dict:
+        """files: every cache file of this peft-ext version in the folder (whether this process used it or not),
+        by path, with the number of entries it holds on disk now; devices: the devices this process looked up."""
+        with self._lock:
+            try:
+                switch = mode()
+            except ValueError as e:  # inspecting the cache must not need a valid switch
+                switch = f"invalid ({e})"
+            files = {}
+            for path in self._disk_files():
+                probe = _CacheFile(path, "", ("", ""), self._warn)
+                files[str(path)] = dict(entries_on_disk=len(probe._read()))
+            devices = {name: str(cache.path) for name, cache in self._files.items()}
+            return dict(mode=switch, cache_dir=str(self.cache_dir or default_cache_dir()),
+                        entries_in_memory=len(self._memory), files=files, devices=devices, **self.stats)  # fmt: skip
+
+    def clear(self, disk: bool = False) -> list[str]:
+        """Forget the in-memory configs; with `disk`, also delete this peft-ext version's cache files (not their
+        .lock files: a writer may hold one). Returns the paths deleted."""
+        deleted = []
         with self._lock:
             self._memory.clear()
             self._fast.clear()
             for cache in self._files.values():
                 cache.entries, cache._stamp = {}, None
             if disk:
-                folder = self.cache_dir or default_cache_dir()
-                _, ours = _versions()
-                for path in folder.glob(f"*__peft_ext-{_slug(ours)}.json*"):
+                for path in self._disk_files():
                     with contextlib.suppress(OSError):
                         path.unlink()
+                        deleted.append(str(path))
             for k in self.stats:
                 self.stats[k] = 0
+        return deleted
 
     def lookup(self, device: torch.device, key: str) -> Optional[dict]:
         """The cached config of `key` (memory, else disk), or None."""
@@ -717,6 +741,7 @@ def cache_info() -> dict:
     return _TUNER.cache_info()
 
 
-def clear_cache(disk: bool = False) -> None:
-    """Forget the tuned configs of this process (disk=True: also delete this peft-ext version's cache files)."""
-    _TUNER.clear(disk=disk)
+def clear_cache(disk: bool = False) -> list[str]:
+    """Forget the tuned configs of this process (disk=True: also delete this peft-ext version's cache files).
+    Returns the paths deleted."""
+    return _TUNER.clear(disk=disk)

@@ -334,8 +334,44 @@ def _round_trip(tuner, tmp_path, first_calls, second_calls):
     timed = len(first_calls)
     forward_backward(t)
     assert len(first_calls) == timed and tuner.stats["disk_hits"] > 0
-    autotune.clear_cache(disk=True)
+    # cache_info lists the files on disk with what they hold (also for a fresh process that used none of them)
+    (path,) = [str(p) for p in tmp_path.glob("*.json")]
+    assert autotune.cache_info()["files"] == {path: {"entries_on_disk": len(first)}}
+    fresh = autotune.set_tuner(autotune.Autotuner(cache_dir=tmp_path))
+    try:
+        assert autotune.cache_info()["files"] == {path: {"entries_on_disk": len(first)}}
+        assert autotune.cache_info()["devices"] == {}
+    finally:
+        autotune.set_tuner(fresh)
+    mode = (os.stat(path).st_mode & 0o777)
+    assert mode & 0o044 == 0o044 & ~_umask(), oct(mode)  # readable by others (umask allowing): a shared folder
+    assert autotune.clear_cache(disk=True) == [path]
     assert not list(tmp_path.glob("*.json"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_cache_info_with_a_bad_switch_and_an_unwritable_folder(tmp_path, monkeypatch):
+    """A failed write leaves no entry reported on disk; a bad PEFT_EXT_AUTOTUNE does not stop inspection."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("PEFT_EXT_AUTOTUNE", "1")
+    tuner = autotune.Autotuner(cache_dir=blocker / "autotune", max_candidates=CANDIDATES)
+    previous = autotune.set_tuner(tuner)
+    try:
+        with pytest.warns(RuntimeWarning, match="cannot write the autotune cache file"):
+            t = layer(20)
+            shrink_expand(t["x"], t["lora_a"], t["lora_b"], 0.5)
+        info = autotune.cache_info()
+        assert info["files"] == {} and info["entries_in_memory"] >= 1 and info["tuned"] >= 1
+        monkeypatch.setenv("PEFT_EXT_AUTOTUNE", "maybe")
+        assert autotune.cache_info()["mode"].startswith("invalid (PEFT_EXT_AUTOTUNE='maybe' is not understood")
+    finally:
+        autotune.set_tuner(previous)
 
 
 def test_key_buckets_m_and_keeps_the_other_sizes_exact(tuner, tmp_path):
