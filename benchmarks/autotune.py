@@ -8,6 +8,8 @@ tuner, its cache in a temporary folder unless --cache-dir is given, so every key
     shrink/expand forward   xa = x A^T, y_low = s xa B^T (kernels/lowrank.py `shrink_expand`, forward use)
     weight grad dA          s dyb^T x   (`lowrank_weight_grad`, C = in features)
     weight grad dB          s dy^T xa   (`lowrank_weight_grad`, transposed, C = out features)
+    dy pass, dB fused       the backward's one pass over dy (`dy_pass`): dyb, dx_low and dB's per-program partials
+    dy pass, no dB          the same pass without dB (dyb, dx_low), as when fusing does not pay
     gathered, L adapters    the mixed-adapter forward (`lowrank_linear_gathered`, plan reused) at 16 x 256 tokens
                             with L = 4 and 16 adapters, fp32 stacks; the whole call, base GEMM included
 
@@ -58,7 +60,7 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def variants(args, device, dtype):
     """(label, shape text, M, fn returning the output) for every row; inputs drawn once per shape."""
     from peft_ext.kernels import lowrank_linear_gathered, plan_adapter_segments
-    from peft_ext.kernels.lowrank import lowrank_weight_grad, shrink_expand
+    from peft_ext.kernels.lowrank import dy_pass, lowrank_weight_grad, shrink_expand
 
     g = torch.Generator(device=device).manual_seed(0)
     M, r = args.tokens, args.rank
@@ -81,6 +83,9 @@ def variants(args, device, dtype):
         yield "shrink/expand forward", shape, M, forward
         yield "weight grad dA", shape, M, lambda dyb=dyb, x=x: lowrank_weight_grad(dyb, x, 2.0)
         yield "weight grad dB", shape, M, lambda xa=xa, dy=dy: lowrank_weight_grad(xa, dy, 2.0, transpose=True)
+        # the backward's one pass over dy: dyb and dx_low, and with xa the fused dB partials (the row compares dB)
+        yield "dy pass, dB fused", shape, M, lambda dy=dy, b=b, a=a, xa=xa: dy_pass(dy, b, a, xa, 2.0)[2]
+        yield "dy pass, no dB", shape, M, lambda dy=dy, b=b, a=a: dy_pass(dy, b, a, None, 2.0)[0]
         x3 = torch.randn(n_seq, args.seq, in_f, device=device, generator=g, dtype=dtype)
         w = (torch.randn(out_f, in_f, device=device, generator=g) / in_f**0.5).to(dtype)
         for n_ad in (int(v) for v in args.adapters.split(",")):
