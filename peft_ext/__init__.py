@@ -48,7 +48,7 @@ from peft_ext.tuners import load_methods  # noqa: E402
 from peft_ext.tuners.config_base import PeftExtConfig  # noqa: E402
 from peft_ext.tuners.lora_fused import FusedLoraLinear, accelerate_lora, fused_path_report, remove_lora_acceleration  # noqa: E402
 from peft_ext.compression import CompressionResult, compress_delta  # noqa: E402
-from peft_ext.tuners.recompute import RecomputeReport, SavedTensorsCounter, recompute_adapter_inputs, remove_adapter_input_recompute  # noqa: E402
+from peft_ext.tuners.recompute import LiveActivationBytes, RecomputeReport, SavedTensorsCounter, recompute_adapter_inputs, remove_adapter_input_recompute  # noqa: E402
 
 _METHOD_NAMES = []
 for _package in load_methods():
@@ -72,6 +72,7 @@ __all__ = sorted(
         "accelerate_lora",
         "compress_delta",
         "fused_path_report",
+        "LiveActivationBytes",
         "recompute_adapter_inputs",
         "RecomputeReport",
         "SavedTensorsCounter",

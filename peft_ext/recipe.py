@@ -95,6 +95,15 @@ class Recipe:
                 "recipe recompute_adapter_inputs=true needs adapter layers to hook: give a `method` (or an `adapter`), "
                 "or remove recompute_adapter_inputs for full fine-tuning"
             )
+        if self.recompute_adapter_inputs and self.trainer_args.get("gradient_checkpointing") is True:
+            # the device defaults (peft_ext.trainer_defaults) set gradient_checkpointing False under trainer_args:
+            # only an explicit true gets here; the trainer would turn it on inside train(), after the option is set
+            raise ValueError(
+                "recipe recompute_adapter_inputs=true and trainer_args gradient_checkpointing=true: under gradient "
+                "checkpointing the adapter layers step aside (a checkpointed block saves only its input), so the "
+                "option would do nothing. Remove trainer_args.gradient_checkpointing (or set it false) to use "
+                "recompute_adapter_inputs, or remove recompute_adapter_inputs to keep gradient checkpointing"
+            )
         if self.method is not None and "peft_type" not in self.method:
             raise ValueError("recipe `method` needs a peft_type, e.g. {peft_type: HFT, ratio: 0.5} or {peft_type: LORA, r: 8}")
 

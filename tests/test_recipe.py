@@ -155,3 +155,21 @@ def test_recompute_adapter_inputs_needs_an_adapter(tmp_path):
         Recipe.from_yaml(write_recipe(tmp_path, recompute_adapter_inputs=True))
     with pytest.raises(ValueError, match="recompute_adapter_inputs must be true or false, got 'yes please'"):
         Recipe.from_yaml(write_recipe(tmp_path, method={"peft_type": "LORA", "r": 4}, recompute_adapter_inputs="yes please"))
+
+
+def test_recompute_adapter_inputs_with_gradient_checkpointing_is_refused(tmp_path):
+    """The trainer turns gradient checkpointing on inside train(), where the option steps aside (saves nothing):
+    refused when the recipe is read, naming both keys and the fix. Only an explicit true counts (the device defaults
+    set it false)."""
+    lora = {"peft_type": "LORA", "r": 4}
+    args = {**TRAINER_ARGS, "gradient_checkpointing": True}
+    match = r"recompute_adapter_inputs=true and trainer_args gradient_checkpointing=true.*Remove trainer_args"
+    with pytest.raises(ValueError, match=match):
+        Recipe.from_yaml(write_recipe(tmp_path, method=lora, recompute_adapter_inputs=True, trainer_args=args))
+    with pytest.raises(ValueError, match=match):  # the same through an override
+        Recipe.from_yaml(write_recipe(tmp_path, method=lora, recompute_adapter_inputs=True),
+                         ["trainer_args.gradient_checkpointing=true"])  # fmt: skip
+    for keys in ({"recompute_adapter_inputs": False, "trainer_args": args},
+                 {"recompute_adapter_inputs": True, "trainer_args": {**TRAINER_ARGS, "gradient_checkpointing": False}},
+                 {"recompute_adapter_inputs": True}):  # fmt: skip
+        Recipe.from_yaml(write_recipe(tmp_path, method=lora, **keys))

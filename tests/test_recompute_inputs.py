@@ -7,6 +7,7 @@ A tiny Llama built in-process: hidden 32, FFN 88, 2 blocks, batch 2 x 16 tokens 
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_ext
-from peft_ext.tuners.recompute import SavedTensorsCounter
+from peft_ext.tuners.recompute import LiveActivationBytes, SavedTensorsCounter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,18 +139,25 @@ def test_triton_path_in_the_interpreter(monkeypatch, dtype):
         assert coverage["base_model.model.model.layers.1." + layer]["rebuilt"], (layer, report.summary())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("fused", [False, True], ids=["peft", "fused"])
-def test_lora_dropout_exact(fused):
-    """With lora_dropout > 0 the same mask is drawn on both runs (`step` seeds) and the gradients stay exact."""
+def test_lora_dropout_exact(fused, dtype):
+    """With lora_dropout > 0 the same mask is drawn on both runs (`step` seeds) and the gradients stay exact. In bf16
+    PEFT casts x to fp32 before multiplying by its fp32 mask: a replay casting to fp16 or to fp32 would both give fp32
+    after the mask, so the cast's dtype comes from the autograd node itself (otherwise nothing would be rebuilt)."""
     config = LoraConfig(r=R, target_modules="all-linear", lora_dropout=0.1, init_lora_weights=False)
-    model = get_peft_model(tiny_llama(torch.float32), config).train()
+    model = get_peft_model(tiny_llama(dtype), config).train()
     if fused:
         peft_ext.accelerate_lora(model, warn=False)
     off = step(model)
-    peft_ext.recompute_adapter_inputs(model)
+    report = peft_ext.recompute_adapter_inputs(model)
     on = step(model)
     assert_exact(off, on)
     assert on[2] < off[2]
+    coverage = report.coverage()
+    for layer in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"):
+        cov = coverage["base_model.model.model.layers.1." + layer]
+        assert cov["rebuilt"] and not any("ambiguous" in reason for reason in cov["kept"]), report.summary()
 
 
 # --------------------------------------------------------------------------------------------- saved bytes
@@ -218,6 +226,45 @@ def adapter_casts(kind: str, dtype: torch.dtype) -> int:
     return BLOCKS * sum(R * (i + o) * 2 for i, o in shapes)
 
 
+def live_bytes(model: nn.Module) -> int:
+    """The bytes of the storages made during a training forward that are still alive after it (LiveActivationBytes:
+    whoever keeps them, autograd or any other reference), read before the backward."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    with LiveActivationBytes() as live:
+        loss = model(input_ids=IDS, labels=IDS).loss
+    nbytes = live.bytes
+    loss.backward()
+    return nbytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["lora", "lora-fused"])
+def test_live_bytes_after_the_forward(kind, dtype):
+    """What is really still allocated after the forward, not only what autograd packs (the hooks' closure once held
+    the layers' inputs: the saved bytes dropped, the live ones did not): with the option the live bytes drop by at
+    least the rebuilt inputs' size, to the frozen base's plus the rank-r xa (and block 0's q/k/v input)."""
+    frozen_live = live_bytes(frozen(dtype))
+    model = adapted(kind, dtype)
+    lora_live = live_bytes(model)
+    peft_ext.recompute_adapter_inputs(model)
+    on_live = live_bytes(model)
+    assert lora_live - on_live >= predicted_rebuilt(kind, dtype)
+    xa = 7 * BLOCKS * TOKENS * R * (4 if kind == "lora" else torch.tensor([], dtype=dtype).element_size())
+    block0_qkv_input = TOKENS * HIDDEN * (12 if kind == "lora" and dtype == torch.bfloat16 else dtype.itemsize)
+    assert on_live <= frozen_live + xa + block0_qkv_input + adapter_casts(kind, dtype)
+
+
+def test_live_bytes_counts_new_storages_still_alive():
+    a = torch.randn(4, 8, requires_grad=True)
+    with LiveActivationBytes() as live:
+        y = a.exp()  # saved by exp (its result) and kept here
+        z = (y[:, :4] * 2).sum()  # the view makes no storage; y[:, :4] * 2 is freed by the end
+    assert (live.storages, live.bytes) == (2, 4 * 8 * 4 + 4)
+    del y, z
+    assert (live.storages, live.bytes) == (0, 0)
+
+
 def test_retain_graph_second_backward():
     """A rebuilt tensor is shared by q/k/v and dropped after their first unpacks; a second backward through the
     retained graph rebuilds it again."""
@@ -247,8 +294,12 @@ def test_gradient_checkpointing(reentrant):
     off = step(model)
     with pytest.warns(UserWarning, match="gradient checkpointing is on"):
         report = peft_ext.recompute_adapter_inputs(model)
-    on = step(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        on = step(model)
     assert_exact(off, on)
+    aside = [w for w in caught if "stepped aside" in str(w.message)]
+    assert len(aside) == (0 if reentrant else 1), [str(w.message) for w in aside]
     cov = report.coverage()["base_model.model.model.layers.1.mlp.down_proj"]
     if reentrant:  # the forward ran without grad; the recomputation in the backward used the option
         assert cov["rebuilt"] and not cov["stepped_aside"]
@@ -273,8 +324,10 @@ def test_other_saved_tensors_hooks_step_aside():
         packed.append(t.untyped_storage().data_ptr())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        on = run()
+    match = r"stepped aside .* other saved_tensors_hooks are active around it \(test_other_saved_tensors_hooks"
+    with pytest.warns(UserWarning, match=match):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            on = run()
     assert_exact(off, on)
     assert len(packed) > 7 * BLOCKS  # the user's hooks saw the adapter layers' tensors too
     assert all(cov["stepped_aside"] and not cov["rebuilt"] for cov in report.coverage().values())
@@ -282,6 +335,26 @@ def test_other_saved_tensors_hooks_step_aside():
         assert_exact(off, run())
     assert_exact(off, run())  # and the option works again once they are gone
     assert all(cov["rebuilt"] for name, cov in report.coverage().items() if "layers.1.mlp" in name)
+
+
+def test_checkpointing_turned_on_after_the_option_warns_once_at_the_forward():
+    """Trainer / TRL turn gradient checkpointing on inside train(), after the option was enabled: the enable-time
+    warning cannot see it, so the first training forward whose layers step aside warns, naming cause and fix."""
+    model = adapted("lora-fused", torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # checkpointing still off: no warning at enable time
+        report = peft_ext.recompute_adapter_inputs(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    fix = r"gradient checkpointing is on .*gradient_checkpointing=False.*remove_adapter_input_recompute"
+    with pytest.warns(UserWarning, match=fix) as caught:
+        step(model)
+    assert len([w for w in caught if "stepped aside" in str(w.message)]) == 1  # not once per layer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(model)
+    assert not [w for w in caught if "stepped aside" in str(w.message)]  # once per model
+    assert all(cov["stepped_aside"] for cov in report.coverage().values())
 
 
 def test_no_grad_and_eval_unchanged():
@@ -308,6 +381,20 @@ def test_deepcopy_keeps_the_option_and_undoes_separately():
     peft_ext.remove_adapter_input_recompute(clone)
     assert hook_counts(clone) == hooks and hook_counts(model) != hooks
     assert step(clone)[2] == off[2] and step(model)[2] == on[2]
+
+
+def test_pickling_the_model_names_the_way_out():
+    """torch.save(model) with the option on fails with a message naming the option and its undo (not "Can't pickle
+    local object"); once removed, the model pickles."""
+    import io
+    import pickle
+
+    model = adapted("lora-fused", torch.float32)
+    peft_ext.recompute_adapter_inputs(model)
+    with pytest.raises(pickle.PicklingError, match="recompute_adapter_inputs.*remove_adapter_input_recompute"):
+        torch.save(model, io.BytesIO())
+    peft_ext.remove_adapter_input_recompute(model)
+    torch.save(model, io.BytesIO())
 
 
 def test_exception_inside_a_layer_leaves_no_hooks_behind():

@@ -1,6 +1,6 @@
 """Recompute adapter inputs in the backward instead of saving them: `recompute_adapter_inputs(model)` and its inverse
 `remove_adapter_input_recompute(model)`. A memory option for the LoRA-family training step (design/perf.md: peak
-memory <= 1.10x the frozen base's; docs/memory.md has the measured saved bytes).
+memory <= 1.10x the frozen base's; docs/memory.md has the measured saved and live bytes).
 
 Why a LoRA layer costs memory. A frozen linear layer saves nothing of its input x (autograd keeps x of a matmul only
 when W needs a gradient). An adapter needs x for dA = s dyb^T x, so every adapted layer saves x (or a cast or a view
@@ -18,8 +18,9 @@ tensor's base (`t._base` for a view) has a `grad_fn`, and a small interpreter fo
 exactly from what *their own* nodes saved:
 
     MulBackward0     a * b, each factor either saved by this node (`_saved_self` / `_saved_other`) or rebuilt
-    ToCopyBackward0  a dtype cast (.to / .float); an inner cast's target dtype is the only one that gives the
-                     result's dtype (found on meta tensors; ambiguous -> not rebuilt)
+    ToCopyBackward0  a dtype cast (.to / .float) to the dtype autograd recorded for the node's output
+                     (`_input_metadata`); where that is unavailable, the only dtype that gives the known layouts
+                     (found on meta tensors; ambiguous -> not rebuilt)
     CloneBackward0   .contiguous() / .clone() (memory format found the same way)
     TransposeBackward0  .transpose(d0, d1) (its saved dims)
     View/UnsafeView/ReshapeAliasBackward0 under a cast, clone or transpose (its output shape known): .view(shape)
@@ -35,13 +36,16 @@ same view of it (`as_strided` with the saved tensor's size, strides and offset).
 bit-identical values, so gradients are exactly those of the option off (tested with `torch.equal`, fp32 and bf16).
 Holding nodes rather than tensors means the option never extends a tensor's lifetime: what the recipe reads is alive
 exactly as long as its own node keeps it, and a consumer node (the adapted layer) always runs its backward before
-the producer node releases its saved tensors. One rebuild is shared by every layer that saved the same tensor
-(q/k/v, gate/up) and dropped once each has unpacked it.
+the producer node releases its saved tensors. (This holds now: the hooks' closure once held the layer's inputs until
+the backward; tested by test_rebuilt_inputs_are_freed_after_the_forward, and `LiveActivationBytes` measures it.)
+One rebuild is shared by every layer that saved the same tensor (q/k/v, gate/up) and dropped once each has unpacked
+it.
 
 Nothing about the model's modules changes (no forward is replaced), so the option is architecture-agnostic: where a
-producer is not one of the nodes above (GELU's output, a math-path attention output, dropout's output, a layer input
-that needs no gradient -- e.g. the first block's norm output under a frozen embedding, whose norm saves nothing), the
-tensor is saved as before and `report.coverage()` says which tensors were rebuilt and which were kept, and why.
+producer is not one of the nodes above (GELU's output, a math-path attention output, native_dropout's output on CUDA,
+a layer input that needs no gradient -- e.g. the first block's norm output under a frozen embedding, whose norm saves
+nothing), the tensor is saved as before and `report.coverage()` says which tensors were rebuilt and which were
+kept, and why.
 
 Interplay:
   - No grad / `torch.no_grad` / `inference_mode`: the hooks are not pushed (nothing is saved anyway).
@@ -53,7 +57,8 @@ Interplay:
   - Gradient checkpointing: non-reentrant -> steps aside inside the checkpointed blocks; reentrant -> the forward runs
     without grad, and the recomputation inside the backward uses the option. Gradients are exact either way (tested);
     there is nothing to gain (a checkpointed block saves only its input), so enabling the option on a model with
-    checkpointing on warns.
+    checkpointing on warns, and so does (once per model) the first training forward in which a layer steps aside
+    because of other saved_tensors_hooks: Trainer / TRL turn checkpointing on inside train(), after the option.
   - `remove_adapter_input_recompute(model)` (or `recompute_adapter_inputs(model, enable=False)`) removes the hooks:
     the layers save exactly what they saved before.
 
@@ -63,7 +68,9 @@ per consumer), plus about 20 microseconds of Python per saved tensor in the forw
 
 from __future__ import annotations
 
+import gc
 import itertools
+import pickle
 import threading
 import warnings
 import weakref
@@ -72,8 +79,12 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 __all__ = [
+    "LiveActivationBytes",
     "RecomputeReport",
     "SavedTensorsCounter",
     "recompute_adapter_inputs",
@@ -182,7 +193,7 @@ def _recipe_step(node, nr: int, known: dict, depth: int, shape: Optional[tuple])
             operands.append(leaf if leaf is not None else _recipe(child, child_nr, known, depth + 1))
         return _Op("mul", node, nr, tuple(operands))
     if name == "ToCopyBackward0":
-        return _Op("cast", node, nr, (_recipe(*nexts[0], known, depth + 1, shape),))
+        return _Op("cast", node, nr, (_recipe(*nexts[0], known, depth + 1, shape),), _cast_dtype(node, nr))
     if name == "CloneBackward0":
         return _Op("clone", node, nr, (_recipe(*nexts[0], known, depth + 1, shape),))
     if name == "TransposeBackward0":
@@ -196,6 +207,17 @@ def _recipe_step(node, nr: int, known: dict, depth: int, shape: Optional[tuple])
     if name in _RESHAPES and shape is not None:
         return _Op("reshape", node, nr, (_recipe(*nexts[0], known, depth + 1),), tuple(shape))
     raise _NotRebuildable(f"produced by {name}")
+
+
+def _cast_dtype(node, nr: int) -> Optional[torch.dtype]:
+    """The dtype a cast node produced: the metadata autograd keeps of each forward output (the gradient it expects,
+    `_input_metadata[nr]`; torch 2.13 has no public equivalent). None where unavailable: the cast's dtype is then
+    searched for (and refused if ambiguous)."""
+    try:
+        dtype = node._input_metadata[nr].dtype
+    except (AttributeError, IndexError, RuntimeError, TypeError):
+        return None
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def _open_slots(op: _Op, out: Optional[list] = None) -> list:
@@ -400,6 +422,7 @@ class _State:
         self.coverage: dict[str, _LayerCoverage] = {}
         self.handles: list = []
         self.layers: list[str] = []
+        self.warned_aside = False  # the stepped-aside warning: once per model
 
     # ----------------------------------------------------------------------------------------- packing
     def plan(self, t: torch.Tensor, cov: _LayerCoverage, known: dict):
@@ -442,8 +465,9 @@ class _State:
     # ------------------------------------------------------------------------------------------- hooks
     def hooks(self, name: str) -> tuple[Callable, Callable]:
         """The forward pre-hook that pushes this layer's saved_tensors_hooks and the (always_call) forward hook that
-        pops them. Plain closures sharing one per-thread stack: `copy.deepcopy` keeps functions as they are, so a copied
-        model's hooks stay a matched pair (a bound method would be bound to a copy of this state)."""
+        pops them. Closures sharing one per-thread stack, wrapped in `_Hook`: `copy.deepcopy` keeps them as they are,
+        so a copied model's hooks stay a matched pair (a bound method would be bound to a copy of this state), and
+        pickling them (`torch.save(model)`) says how to remove them."""
         local = threading.local()
 
         def pre_hook(module, args, kwargs):
@@ -456,6 +480,9 @@ class _State:
             enabled = torch._C._autograd._saved_tensors_hooks_is_enabled()
             if not enabled or (top is not None and not getattr(top[0], "_peft_ext_composable", False)):
                 cov.stepped_aside += 1
+                if not self.warned_aside:
+                    self.warned_aside = True
+                    _warn_stepped_aside(name, None if not enabled else top[0])
                 stack.append(None)
                 return None
             outer_pack, outer_unpack = top if top is not None else (None, None)
@@ -492,7 +519,61 @@ class _State:
                 known.clear()
             return None
 
-        return pre_hook, post_hook
+        return _Hook(pre_hook), _Hook(post_hook)
+
+
+class _Hook:
+    """A forward (pre-)hook of the option: calls `fn`; deep-copied as itself (like a function); refuses to be pickled
+    with a message that names the way out (a closure would fail with "Can't pickle local object")."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __deepcopy__(self, memo) -> "_Hook":
+        return self
+
+    def __reduce__(self):
+        raise pickle.PicklingError(
+            "recompute_adapter_inputs: a model with the option on cannot be pickled whole (torch.save(model)): "
+            "its hooks hold training-time state. Call "
+            "peft_ext.remove_adapter_input_recompute(model) first (and peft_ext.recompute_adapter_inputs(model) again "
+            "afterwards), or save the state dict / save_pretrained, which the option does not affect."
+        )
+
+
+def _warn_stepped_aside(name: str, outer_pack: Optional[Callable]) -> None:
+    """Warns (once per model) that a training forward ran an adapter layer under other saved_tensors_hooks, so it
+    saved its inputs as before: Trainer / TRL turn gradient checkpointing on inside train(), after the option was
+    enabled, and the enable-time warning cannot see that."""
+    if outer_pack is not None and getattr(outer_pack, "__module__", None) == "torch.utils.checkpoint":
+        cause = (
+            "gradient checkpointing is on (non-reentrant; Trainer / TRL turn it on inside train() when the "
+            "training arguments say gradient_checkpointing=True)"
+        )
+        fix = (
+            "turn gradient checkpointing off (gradient_checkpointing=False in the trainer arguments, or "
+            "model.gradient_checkpointing_disable())"
+        )
+    else:
+        if outer_pack is None:
+            cause = "saved_tensors_hooks are disabled around it (torch.autograd.graph.disable_saved_tensors_hooks)"
+        else:
+            what = getattr(outer_pack, "__qualname__", type(outer_pack).__name__)
+            cause = f"other saved_tensors_hooks are active around it ({what}: e.g. save_on_cpu or a pair of your own)"
+        fix = "run the training forward outside those hooks"
+    warnings.warn(
+        f"recompute_adapter_inputs: adapter layer {name} stepped aside in this training forward (it saved its inputs "
+        f"as without the option: no memory saved) because {cause}. To use the option, {fix}; or drop the option "
+        f"(peft_ext.remove_adapter_input_recompute(model), or remove recompute_adapter_inputs from the recipe). "
+        f"Gradients are unaffected. Warned once per model; report.coverage() counts the layers that stepped aside.",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def _unpack(packed):
@@ -670,6 +751,53 @@ class SavedTensorsCounter(torch.autograd.graph.saved_tensors_hooks):
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
         self._seen = {k: (None, n) for k, (_, n) in self._seen.items()}
+
+
+class LiveActivationBytes(TorchDispatchMode):
+    """Live memory a forward leaves behind, measured on any device without its allocator: while active, records (by
+    weak reference) the storage of every tensor an op creates (every aten op below autograd, custom Functions'
+    internals included); `.bytes` then sums the storages still alive (each once, after `gc.collect()`), whoever keeps
+    them: autograd's saved tensors, the outputs, or any other reference (a closure, a cache). `SavedTensorsCounter`
+    sees only what autograd packs; this sees what is really still allocated. Parameters, buffers and inputs are not
+    made during the forward, so they are not counted; casts of weights made in the forward are.
+
+    Use it around a forward, read `.bytes` / `.storages` before the backward (while the graph is alive)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict = {}  # storage key -> (weak reference, bytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = None
+        for t in tree_flatten(out)[0]:
+            if _strided(t):
+                storage = t.untyped_storage()
+                key = _storage_key(t)
+                if inputs is None:  # a view or an in-place result shares an input's storage: not made here
+                    inputs = {_storage_key(a) for a in tree_flatten((args, kwargs))[0] if _strided(a)}
+                if key in inputs:
+                    continue
+                entry = self._made.get(key)
+                if entry is None or entry[0].expired():  # a new storage (a freed one's address may be reused)
+                    self._made[key] = (StorageWeakRef(storage), storage.nbytes())
+        return out
+
+    def _alive(self) -> list:
+        gc.collect()
+        return [n for ref, n in self._made.values() if not ref.expired()]
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._alive())
+
+    @property
+    def storages(self) -> int:
+        return len(self._alive())
+
+
+def _strided(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided and t.device.type != "meta"
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
