@@ -24,7 +24,7 @@ Design (x, dy of M rows; bf16/fp16/fp32 compute, fp32 accumulation everywhere):
   s * dy_blk^T xa_blk, its fp32 N x r partial of dB; one torch .sum over the programs gives dB. The rule
   (`fuse_db_saves_bytes`, a bytes model): fusing saves the second read of dy (M x N x e bytes) and costs the partials
   (programs x N x r x 4 bytes written, then read by the sum), so with 128-row programs it pays roughly when
-  r < 128 e / 8 (32 for bf16/fp16 dy, 64 for fp32), plus what the second pass's own split partials cost: the model's
+  r < 128 e / 8 (32 for bf16/fp16 dy, 64 for fp32 - but fp32 never above a padded rank of 32, where the fused tile spills), plus what the second pass's own split partials cost: the model's
   boundary at M = 8192, bf16, is r <= 42 for N = 2048, r <= 35 for N = 5632 and every r <= 128 for N = 256 (k/v);
   at larger ranks the two-pass path above is kept. At the anchor
   (M = 8192, N = 2048, r = 16, bf16) the model gives 17.2 MB for fused dB against 36.3 MB for the second pass.

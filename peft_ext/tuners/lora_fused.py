@@ -62,7 +62,7 @@ from peft_ext.kernels import (
     plan_adapter_segments,
     reference_lowrank_linear_gathered,
 )
-from peft_ext.kernels.dispatch import BACKENDS, HAS_TRITON, TRITON_DTYPES, autocast_base, choose_backend, interpret_mode
+from peft_ext.kernels.dispatch import BACKENDS, HAS_TRITON, MAX_TRITON_RANK, TRITON_DTYPES, autocast_base, choose_backend, interpret_mode
 from peft_ext.kernels.lowrank_grouped import grouped_shrink_with_input, lowrank_expand_linear
 from peft_ext.tuners.base import is_conv1d, logical_weight
 
@@ -287,7 +287,10 @@ class _SiblingGroup:
     Learning: the first shrink is computed for every eligible sibling; when autograd runs that shrink's backward
     (after any activation-checkpoint recomputation of it, so the recomputed forward computes the same set and saves
     tensors of the same shapes) the set becomes the siblings that took their slice (o_proj, called with the
-    attention output, drops out), plus any that later asked for a slice computed without them."""
+    attention output, drops out), plus any that later asked for a slice computed without them. Until then a sibling
+    computed but never called (a layer that skips k/v) gets a zero gradient for its A in that step where PEFT leaves
+    None (an optimizer with weight decay then decays it once). The concatenated rank stays within MAX_TRITON_RANK: the
+    caller and then the siblings after it that fit."""
 
     def __init__(self, members: list):
         self.members = list(members)
@@ -310,6 +313,8 @@ class _SiblingGroup:
     def learn(self, record: _Record) -> None:
         self.consumers = set(record.consumed) | self.wanted
         self.wanted = set()
+        if self.shared is not None and self.shared.record is record:
+            self.shared = None  # its backward runs: that forward is over, a slice still pending will not be taken
 
     def forward(self, member, x, args, kwargs) -> Optional[torch.Tensor]:
         """`member`'s output through the group, or None: the caller runs its own path."""
@@ -332,6 +337,10 @@ class _SiblingGroup:
                 return None
             shared.record.consumed.add(i)
             return member.expand_slice(shared.x_alias, entry[2], adapter)
+        if shared is not None and i in shared.record.consumed:
+            # it took its slice of that x already and now reads another tensor: that forward is over, and what its
+            # siblings never took (a layer that skips k/v, q called alone) must not keep x alive nor block the group
+            self.shared = shared = None
         self._give_up(i)  # called with another tensor than its siblings
         if shared is not None and i in shared.record.computed:
             return None  # a sibling that was expected on the shared x: not a leader for this other tensor
@@ -347,12 +356,19 @@ class _SiblingGroup:
             a = m.sibling_adapter(x, (), {}) if m.training else None
             if a is not None and m.lowrank_backend == member.lowrank_backend:
                 chosen[j] = a
+        # the kernels take a concatenated rank up to MAX_TRITON_RANK: the caller first, then siblings in module order
+        # while they fit (q/k/v of rank 40 group; o_proj, which reads another tensor anyway, is left out)
+        total, fitting = 0, {}
+        for j in [i] + sorted(j for j in chosen if j != i):
+            rank = self.members[j].lora_A[chosen[j]].weight.shape[0]
+            if total + rank <= MAX_TRITON_RANK:
+                total, fitting[j] = total + rank, chosen[j]
+        chosen = fitting
         if len(chosen) < 2:
             return None
         order = sorted(chosen)
         factors = [self.members[j].lora_A[chosen[j]].weight for j in order]
         x_cast, _, _ = member.fused_operands(x)
-        total = sum(f.shape[0] for f in factors)
         if choose_backend(x_cast, total, member.lowrank_backend) != "triton":
             return None  # the reference has no shared read to save
         x_alias, xas = grouped_shrink_with_input(x_cast, factors, backend="triton")

@@ -226,3 +226,55 @@ def test_group_siblings_option_and_removal():
     assert not any("_lora_siblings" in m.__dict__ for m in model.modules())
     with pytest.raises(TypeError, match="group_siblings must be True or False, got 'yes'"):
         accelerate_lora(model, group_siblings="yes")
+
+
+def test_a_group_wider_than_the_kernels_takes_the_siblings_that_fit(shrinks):
+    """q/k/v/o of rank 40 add up to 160 > MAX_TRITON_RANK: the leader and the siblings after it that fit (q, k, v:
+    120) share the shrink, even with backend="triton" forced (it raised on the concatenated rank); gradients as
+    ungrouped."""
+    config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=160, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    models = []
+    for group in (True, False):
+        torch.manual_seed(0)
+        lora = LoraConfig(r=40, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+        model = get_peft_model(LlamaForCausalLM(config), lora, autocast_adapter_dtype=False)
+        accelerate_lora(model, backend="triton", group_siblings=group, warn=False)
+        models.append(model.train())
+    want = grads_of(models[1])
+    assert_grads_close(grads_of(models[0]), want, 1e-5)
+    # step 1: q/k/v (o left out: it would not fit), then o leads its own guess (o, q, k: never consumed), gate/up
+    assert shrinks == [3, 3, 2]
+    assert_grads_close(grads_of(models[0]), want, 1e-5)
+    assert shrinks[3:] == [3, 2]  # learned: q/k/v and gate/up only
+
+
+class QOnly(torch.nn.Module):
+    """q/k/v siblings whose forward (like a layer that reuses K/V) never calls k and v."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = torch.nn.Linear(16, 16), torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.q(x).square().sum()
+
+
+def test_siblings_never_called_do_not_keep_the_input_nor_block_the_group(shrinks):
+    """The first step computes k's and v's slices too; they are never taken. The group must neither keep that
+    step's x alive (nor the graph: the model stays deep-copyable) nor refuse to lead again."""
+    model = get_peft_model(QOnly(), LoraConfig(r=4, target_modules=["q", "k", "v"]))
+    accelerate_lora(model, warn=False)
+    model.train()
+    refs = []
+    for _ in range(3):
+        x = torch.randn(64, 16, requires_grad=True, generator=torch.Generator().manual_seed(len(refs)))
+        refs.append(weakref.ref(x))
+        model(x).backward()
+        del x
+    gc.collect()
+    assert [r() is not None for r in refs] == [False, False, False]
+    group = model.base_model.model.q.__dict__["_lora_siblings"]
+    assert group.shared is None and group.consumers == {0}  # learned: q alone, so no grouped shrink after step 1
+    assert shrinks == [3]
+    copy.deepcopy(model)
