@@ -55,6 +55,7 @@ Not measured: the time of any of this (no GPU was available when it was written)
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -236,6 +237,8 @@ def reference_grouped_shrink(x: torch.Tensor, lora_as: Sequence[torch.Tensor]) -
 
 def _check_shrink_args(x, lora_as) -> list:
     check_float("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features), got a 0-d tensor.")
     if not isinstance(lora_as, (list, tuple)) or len(lora_as) == 0:
         raise TypeError(
             f"lora_as must be a non-empty list of the siblings' (r_i, in_features) factors, got {type(lora_as).__name__}"
@@ -340,6 +343,12 @@ def grouped_lowrank_linear(
             raise ValueError(f"{name} must be a list of {n} entries, one per weight (got {_length(seq)}).")
     _check_shrink_args(x, lora_as)
     for i in range(n):
+        check_float(f"weights[{i}]", weights[i])
+        if weights[i].dim() != 2:
+            raise ValueError(f"weights[{i}] must have shape (out_features, in_features), got {tuple(weights[i].shape)}.")
+        scale = check_scale(f"scales[{i}]", scales[i])
+        if not math.isfinite(scale):
+            raise ValueError(f"scales[{i}] must be a finite number, got {scale}.")
         check_float(f"lora_bs[{i}]", lora_bs[i])
         out_i = weights[i].shape[0] if isinstance(weights[i], torch.Tensor) and weights[i].dim() == 2 else None
         if lora_bs[i].dim() != 2 or tuple(lora_bs[i].shape) != (out_i, lora_as[i].shape[0]):

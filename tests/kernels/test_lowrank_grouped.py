@@ -262,6 +262,9 @@ def bad(change):
         (lambda g: g["scales"].pop(), ValueError, r"scales must be a list of 2 entries"),
         (lambda g: g.__setitem__("lora_as", []), ValueError, r"lora_as must be a list of 2 entries"),
         (lambda g: g["lora_as"].__setitem__(0, torch.randn(2, 16, device="meta")), ValueError, r"one device.*lora_as\[0\] on meta"),
+        (lambda g: g["weights"].__setitem__(0, torch.randn(16)), ValueError, r"weights\[0\] must have shape \(out_features, in_features\)"),
+        (lambda g: g["scales"].__setitem__(1, "two"), TypeError, r"scales\[1\] must be a Python number"),
+        (lambda g: g["scales"].__setitem__(0, float("nan")), ValueError, r"scales\[0\] must be a finite number"),
     ],
 )  # fmt: skip
 def test_bad_inputs_name_the_field(change, error, match):
@@ -280,6 +283,8 @@ def test_bad_expand_and_shrink_inputs():
         lowrank_expand_linear(x, torch.randn(5, 2), w, b, bb, torch.tensor(1.0))
     with pytest.raises(TypeError, match=r"lora_as must be a non-empty list"):
         grouped_shrink(x, a)
+    with pytest.raises(ValueError, match=r"x must have at least one dimension"):
+        grouped_shrink(torch.tensor(1.0), [a])
     with pytest.raises(TypeError, match=r"weights must be a non-empty list"):
         grouped_lowrank_linear(x, [], None, [a], [bb], [1.0])
 
