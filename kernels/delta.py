@@ -112,7 +112,7 @@ import torch
 import torch.nn.functional as F
 
 from .delta_format import WORD_BITS, PackedDelta, SlotDelta, slot_width, words_per_column
-from .delta_decode import DECODE_MAX_ROWS, fused_decode, slot_delta
+from .delta_decode import DECODE_MAX_ROWS, FUSED_DECODE_MIN_TRITON, fused_decode, fused_decode_supported, slot_delta
 from .delta_reference import reference_delta_linear, reference_delta_linear_gathered
 from .dispatch import (
     autocast_base,
@@ -824,15 +824,22 @@ def delta_linear(
 
 def decode_path(x2d: torch.Tensor, weight: torch.Tensor, decode: Optional[bool] = None) -> bool:
     """Whether delta_linear runs the fused decode (kernels/delta_decode.py): <= 16 rows and a weight with unit
-    column stride (the fused GEMV reads W rows directly; a transposed view would need a copy per call), unless
-    `decode=False`. `decode=True` with more rows or a strided weight raises."""
-    fits = x2d.shape[0] <= DECODE_MAX_ROWS and weight.stride(1) == 1
-    if decode and not fits:
-        raise ValueError(
-            f"decode=True needs at most {DECODE_MAX_ROWS} rows of x (got {x2d.shape[0]}) and a weight with unit "
-            f"column stride (got strides {tuple(weight.stride())}); pass decode=None to choose automatically."
-        )
-    return fits if decode is None else bool(decode)
+    column stride (the fused GEMV reads W rows directly; a transposed view would need a copy per call) and a Triton
+    that compiles the kernel (`fused_decode_supported`: 3.3 or later), unless `decode=False`. `decode=True` when one
+    of these fails raises, naming it."""
+    problems = []
+    if x2d.shape[0] > DECODE_MAX_ROWS:
+        problems.append(f"at most {DECODE_MAX_ROWS} rows of x (got {x2d.shape[0]})")
+    if weight.stride(1) != 1:
+        problems.append(f"a weight with unit column stride (got strides {tuple(weight.stride())})")
+    if not fused_decode_supported():
+        import triton
+
+        problems.append(f"Triton >= {'.'.join(map(str, FUSED_DECODE_MIN_TRITON))} (installed: {triton.__version__}; upgrade "
+                        f"triton, or let the slot kernels serve decode)")  # fmt: skip
+    if decode and problems:
+        raise ValueError(f"decode=True needs {' and '.join(problems)}; pass decode=None to choose automatically.")
+    return not problems if decode is None else bool(decode)
 
 
 def delta_linear_gathered(

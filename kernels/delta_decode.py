@@ -89,6 +89,23 @@ from .dispatch import (
 __all__ = ["fused_decode", "slot_delta", "DECODE_MAX_ROWS", "decode_config", "decode_bytes_model"]
 
 DECODE_MAX_ROWS = 16  # rows of x the fused decode serves (BLOCK_M); larger batches use kernels/delta.py
+FUSED_DECODE_MIN_TRITON = (3, 3)  # the kernel indexes its constexpr band tuples (SLOTS[b]): Triton 3.3 and later
+
+
+def fused_decode_supported() -> bool:
+    """Whether the installed Triton compiles `_fused_decode_kernel`: it indexes constexpr tuples (SLOTS[b], CPWS[b]),
+    which Triton < 3.3 rejects ("'constexpr' object is not subscriptable"; checked 2026-12-06 with Triton 3.0.0 and
+    3.2.0 for sm_90). With an older Triton, delta_linear serves decode batches with the slot kernels of
+    kernels/delta.py instead (correct, not fused)."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    try:
+        version = tuple(int(v) for v in triton.__version__.split(".")[:2])
+    except ValueError:  # a development build: assume a current one
+        return True
+    return version >= FUSED_DECODE_MIN_TRITON
 # the FMA path's exponent bits (fp32 128.0): a runtime argument, so that ptxas holds it in a register instead of
 # re-materialising it before every and-or (static sm_90: 0.5 fewer instructions per code at batch 1)
 FMA_MAGIC = 0x43000000
@@ -260,7 +277,7 @@ def _fused_decode_kernel(
                 cs = t * (WPT * CPWS[b]) + tl.arange(0, WPT * CPWS[b])
                 c_ok = cs < ncols
                 cols = col0 + cs
-                if UNIFORM_GROUP and SLOTS[b] <= 4 and not FMA_EXACT:
+                if (UNIFORM_GROUP and SLOTS[b] <= 4) and not FMA_EXACT:  # Triton < 3.3 rejects chained and/or
                     f = tl.reshape(u128, (BLOCK_O, WPT * CPWS[b]))  # 128 + code; the 128 goes into the min below
                 else:
                     q = (words[:, :, None] >> shifts[None, None, :]) & ((1 << SLOTS[b]) - 1)

@@ -212,6 +212,29 @@ def test_fp16_large_t_stays_in_range(gpu_fp16_math):
     check_close(y, x, weight, None, reference_delta_linear(f64(x), f64(weight), None, delta), FP16)
 
 
+def test_an_older_triton_serves_decode_with_the_slot_kernels(monkeypatch):
+    """The fused decode indexes constexpr tuples, which Triton < 3.3 cannot compile: with such a Triton, decode
+    batches go to the slot kernels (same results), and decode=True names the version and the fix."""
+    import triton
+
+    slot_shrink = Recorder(dm._slot_delta_shrink_kernel)
+    monkeypatch.setattr(dm, "_slot_delta_shrink_kernel", slot_shrink)
+    fused = Recorder(dd._fused_decode_kernel)
+    monkeypatch.setattr(dd, "_fused_decode_kernel", fused)
+    x, weight, b, delta = make((2,), 40, 30, ((2, 3), (3, 2)), 32, FP32)
+    sd = SlotDelta.from_packed(delta)
+    ref = reference_delta_linear(f64(x), f64(weight), f64(b), delta)
+    assert dd.fused_decode_supported()  # the installed Triton (the CI's newest) compiles it
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    assert not dd.fused_decode_supported()
+    check_close(delta_linear(x, weight, b, sd), x, weight, b, ref, FP32)
+    assert (len(fused.launches), len(slot_shrink.launches)) == (0, 1)
+    with pytest.raises(ValueError, match=r"decode=True needs Triton >= 3.3 \(installed: 3.2.0; upgrade triton"):
+        delta_linear(x, weight, b, sd, decode=True)
+    monkeypatch.setattr(triton, "__version__", "3.3.0")
+    assert dd.fused_decode_supported()
+
+
 def test_paths_and_decode_argument(monkeypatch):
     """A SlotDelta: <= 16 rows the fused decode, more rows or decode=False the slot kernels (never a conversion
     to bit planes). A PackedDelta: the bit-plane kernels at every size unless cache_relayout=True. decode=True
