@@ -22,7 +22,7 @@
 # kernels and models step 5-10 s, 45 s in all, to the ssmlora step, then the same eight steps 40 s in proportion to
 # their caps (x 295/335, 4-9 s each) to the finegates step; then 6 s each from hft, smore, ssmlora and finegates to
 # the autotune step; then 14 s from autotune, smore and finegates to the lowrank step, which gained two recompute
-# rows): the elapsed seconds of every step are listed at the end
+# rows; then 14 s from hft, ssmlora and autotune to a step of its own for the sibling-group table): the elapsed seconds of every step are listed at the end
 # ($OUT/session.log) to size the next run.
 # Output: each benchmark step appends its tables to $OUT/results_<phase>.md as soon as its script ends (the
 # steps are small so that a cut loses one table, not a phase); logs go to $OUT/<phase>.log, the GPU tests'
@@ -182,18 +182,19 @@ run_phase() {  # each step's failure is reported and the next step still runs; r
     case $phase in
         tests) step "$OUT/tests.log" "gpu-tests" 85 "$(gpu_tests_command)" || status=1 ;;
         kernels)
-            bench kernels lowrank-kernels-train 31 lowrank_kernels.py --skip-infer || status=1
-            bench kernels lowrank-kernels-infer 22 lowrank_kernels.py --skip-train || status=1
+            bench kernels lowrank-kernels-train 31 lowrank_kernels.py --skip-infer --skip-groups || status=1
+            bench kernels lowrank-kernels-groups 14 lowrank_kernels.py --skip-train --skip-infer || status=1
+            bench kernels lowrank-kernels-infer 22 lowrank_kernels.py --skip-train --skip-groups || status=1
             bench kernels delta-4096x4096 26 delta.py --shapes 4096x4096 || status=1
             bench kernels delta-14336x4096 26 delta.py --shapes 14336x4096 || status=1
             # heuristic vs tuned launch configs (tuning is opt-in until this table shows it pays: kernels/autotune.py)
-            bench kernels autotune 18 autotune.py || status=1
+            bench kernels autotune 12 autotune.py || status=1
             ;;
         models)
             bench models lowrank-step-and-forward 80 lowrank.py --variants all --ranks 16 --adapters 4,16 || status=1
-            bench models hft-step 34 hft_step.py --variants all || status=1
+            bench models hft-step 30 hft_step.py --variants all || status=1
             bench models smore-step 34 smore.py || status=1
-            bench models ssmlora-step 34 ssmlora.py || status=1
+            bench models ssmlora-step 30 ssmlora.py || status=1
             # two sparsity levels (the control and the LLM post-training target 0.3) and 3 timed repetitions, to fit
             # 30 s; its tables are written in the order training step, gated linear, inference (the longest, last)
             bench models finegates-step 30 finegates.py --levels 0,0.3 --infer-reps 3 --infer-warmup 1 || status=1

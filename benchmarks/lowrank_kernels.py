@@ -37,6 +37,7 @@ mixed 4-16 adapters <= 1.3x the no-adapter forward. The per-layer ratios printed
     .venv/bin/python benchmarks/lowrank_kernels.py                              # anchor shapes, needs a GPU
     .venv/bin/python benchmarks/lowrank_kernels.py --out benchmarks/RESULTS.md  # also append the tables there
     .venv/bin/python benchmarks/lowrank_kernels.py --tiny                       # CPU smoke test (Triton interpreter)
+--skip-train / --skip-groups / --skip-infer leave out a table (the GPU runbook runs each table as its own step).
 """
 
 from __future__ import annotations
@@ -386,7 +387,7 @@ def main(argv=None) -> None:
     parts = [env_header(device)]
     copy_bps = bench.copy_bandwidth(args.copy_mib)
     train = [] if args.skip_train else training_rows(bench, args, dtype, copy_bps)
-    grouped = [] if args.skip_train or args.skip_groups else group_rows(bench, args, dtype, copy_bps)
+    grouped = [] if args.skip_groups else group_rows(bench, args, dtype, copy_bps)  # its own table: skipped apart
     infer = [] if args.skip_infer else inference_rows(bench, args, dtype)
     if train:
         parts.append(f"Training, one layer, {args.tokens} tokens, {args.dtype} (W frozen; backward = dx, dA, dB):\n\n" + table(train, [
