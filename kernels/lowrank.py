@@ -611,24 +611,18 @@ class LowRankLinearFunction(torch.autograd.Function):
         dx = dw = db = da = dbb = None
         with torch.autocast(dy.device.type, enabled=False):
             fuse = (need_dx or need_da) and need_dbb and fuse_db_saves_bytes(*dy2d.shape, xa.shape[1], dy2d.dtype, dy2d.device)
-            if fuse:
-                # one pass over dy: dyb = dy B, dx_low = s * (dyb A) * keep / (1 - p) and dB = s * dy^T xa
-                shrink = _compute_operand(lora_b, compute_dtype(dy2d.dtype)).t()
-                expand = _compute_operand(lora_a, intermediate_compute(dy2d.dtype)).t() if need_dx else None
-                dx, dyb, dbb = shrink_expand(
-                    dy2d, shrink, expand, s,
-                    keep=keep, keep_on_output=True, dropout_p=p, store_mid=need_da, wgrad_of=xa,
-                )
-                dbb = dbb.to(ctx.b_dtype)
-            elif need_dx or need_da:
-                # dyb = dy B (kept for dA); dx_low = s * (dyb A) * keep / (1 - p)
-                shrink = _compute_operand(lora_b, compute_dtype(dy2d.dtype)).t()
-                expand = _compute_operand(lora_a, intermediate_compute(dy2d.dtype)).t() if need_dx else None
-                dx, dyb = shrink_expand(
-                    dy2d, shrink, expand, s,
-                    keep=keep, keep_on_output=True, dropout_p=p, store_mid=need_da,
-                )
             if need_dx or need_da:
+                # one pass over dy: dyb = dy B (kept for dA), dx_low = s * (dyb A) * keep / (1 - p), and when `fuse`
+                # dB = s * dy^T xa too (shrink_expand then returns it third)
+                shrink = _compute_operand(lora_b, compute_dtype(dy2d.dtype)).t()
+                expand = _compute_operand(lora_a, intermediate_compute(dy2d.dtype)).t() if need_dx else None
+                done = shrink_expand(
+                    dy2d, shrink, expand, s,
+                    keep=keep, keep_on_output=True, dropout_p=p, store_mid=need_da, wgrad_of=xa if fuse else None,
+                )
+                dx, dyb = done[:2]
+                if fuse:
+                    dbb = done[2].to(ctx.b_dtype)
                 if need_dx:
                     dx.addmm_(dy2d, weight)  # cuBLAS: dx = dy W + dx_low
                     dx = dx.view(ctx.x_shape)

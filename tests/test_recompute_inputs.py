@@ -118,6 +118,21 @@ def hook_counts(model: nn.Module) -> list:
     return [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
 
 
+def assert_exact_and_block_1_rebuilt(model: nn.Module) -> dict:
+    """One step without the option, one with: the same loss and gradients, fewer saved bytes, and block 1's q_proj,
+    gate_proj and down_proj inputs rebuilt. Returns those three layers' coverage."""
+    off = step(model)
+    report = peft_ext.recompute_adapter_inputs(model)
+    on = step(model)
+    assert_exact(off, on)
+    assert on[2] < off[2]
+    coverage = {layer: report.coverage()["base_model.model.model.layers.1." + layer]
+                for layer in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")}  # fmt: skip
+    for layer, cov in coverage.items():
+        assert cov["rebuilt"], (layer, report.summary())
+    return coverage
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_path_in_the_interpreter(monkeypatch, dtype):
     """The Triton path (`lowrank_linear`'s custom autograd Function, sibling groups included) saves x through
@@ -129,14 +144,7 @@ def test_triton_path_in_the_interpreter(monkeypatch, dtype):
     assert interpret_mode()
     config = LoraConfig(r=R, lora_alpha=2 * R, target_modules="all-linear", init_lora_weights=False)
     model = peft_ext.accelerate_lora(get_peft_model(tiny_llama(dtype), config), backend="triton", warn=False)
-    off = step(model)
-    report = peft_ext.recompute_adapter_inputs(model)
-    on = step(model)
-    assert_exact(off, on)
-    assert on[2] < off[2]
-    coverage = report.coverage()
-    for layer in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"):
-        assert coverage["base_model.model.model.layers.1." + layer]["rebuilt"], (layer, report.summary())
+    assert_exact_and_block_1_rebuilt(model)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -149,15 +157,9 @@ def test_lora_dropout_exact(fused, dtype):
     model = get_peft_model(tiny_llama(dtype), config).train()
     if fused:
         peft_ext.accelerate_lora(model, warn=False)
-    off = step(model)
-    report = peft_ext.recompute_adapter_inputs(model)
-    on = step(model)
-    assert_exact(off, on)
-    assert on[2] < off[2]
-    coverage = report.coverage()
-    for layer in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"):
-        cov = coverage["base_model.model.model.layers.1." + layer]
-        assert cov["rebuilt"] and not any("ambiguous" in reason for reason in cov["kept"]), report.summary()
+    coverage = assert_exact_and_block_1_rebuilt(model)
+    for cov in coverage.values():
+        assert not any("ambiguous" in reason for reason in cov["kept"]), cov
 
 
 # --------------------------------------------------------------------------------------------- saved bytes

@@ -344,15 +344,9 @@ def _round_trip(tuner, tmp_path, first_calls, second_calls):
     finally:
         autotune.set_tuner(fresh)
     mode = (os.stat(path).st_mode & 0o777)
-    assert mode & 0o044 == 0o044 & ~_umask(), oct(mode)  # readable by others (umask allowing): a shared folder
+    assert mode & 0o044 == 0o044 & ~autotune._umask(), oct(mode)  # readable by others (umask allowing): a shared folder
     assert autotune.clear_cache(disk=True) == [path]
     assert not list(tmp_path.glob("*.json"))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def test_cache_info_with_a_bad_switch_and_an_unwritable_folder(tmp_path, monkeypatch):
