@@ -67,6 +67,7 @@ fp16's range), as in kernels/delta.py.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import NamedTuple, Optional
 
@@ -92,6 +93,7 @@ DECODE_MAX_ROWS = 16  # rows of x the fused decode serves (BLOCK_M); larger batc
 FUSED_DECODE_MIN_TRITON = (3, 3)  # the kernel indexes its constexpr band tuples (SLOTS[b]): Triton 3.3 and later
 
 
+@functools.lru_cache(maxsize=None)  # asked on every decode call (delta_linear's decode_path): parse the version once
 def fused_decode_supported() -> bool:
     """Whether the installed Triton compiles `_fused_decode_kernel`: it indexes constexpr tuples (SLOTS[b], CPWS[b]),
     which Triton < 3.3 rejects ("'constexpr' object is not subscriptable"; checked 2026-12-06 with Triton 3.0.0 and

@@ -225,14 +225,19 @@ def test_an_older_triton_serves_decode_with_the_slot_kernels(monkeypatch):
     sd = SlotDelta.from_packed(delta)
     ref = reference_delta_linear(f64(x), f64(weight), f64(b), delta)
     assert dd.fused_decode_supported()  # the installed Triton (the CI's newest) compiles it
-    monkeypatch.setattr(triton, "__version__", "3.2.0")
-    assert not dd.fused_decode_supported()
-    check_close(delta_linear(x, weight, b, sd), x, weight, b, ref, FP32)
-    assert (len(fused.launches), len(slot_shrink.launches)) == (0, 1)
-    with pytest.raises(ValueError, match=r"decode=True needs Triton >= 3.3 \(installed: 3.2.0; upgrade triton"):
-        delta_linear(x, weight, b, sd, decode=True)
-    monkeypatch.setattr(triton, "__version__", "3.3.0")
-    assert dd.fused_decode_supported()
+    try:
+        monkeypatch.setattr(triton, "__version__", "3.2.0")
+        dd.fused_decode_supported.cache_clear()  # the answer is cached per process (asked at every decode call)
+        assert not dd.fused_decode_supported()
+        check_close(delta_linear(x, weight, b, sd), x, weight, b, ref, FP32)
+        assert (len(fused.launches), len(slot_shrink.launches)) == (0, 1)
+        with pytest.raises(ValueError, match=r"decode=True needs Triton >= 3.3 \(installed: 3.2.0; upgrade triton"):
+            delta_linear(x, weight, b, sd, decode=True)
+        monkeypatch.setattr(triton, "__version__", "3.3.0")
+        dd.fused_decode_supported.cache_clear()
+        assert dd.fused_decode_supported()
+    finally:
+        dd.fused_decode_supported.cache_clear()  # recomputed for the installed version by the tests after this one
 
 
 def test_paths_and_decode_argument(monkeypatch):
