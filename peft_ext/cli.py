@@ -289,6 +289,13 @@ def _train(args) -> int:
     if args.imports:
         recipe = dataclasses.replace(recipe, imports=[*recipe.imports, *args.imports])
     run_recipe(recipe)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # a launched rank (torchrun / accelerate launch) leaves with its process group shut down: left to interpreter
+        # exit, gloo's threads could abort the process after the files were written ("terminate called without an
+        # active exception", exit -6, seen once in CI on the 2-process S'MoRE recipe)
+        dist.destroy_process_group()
     return 0
 
 
